@@ -1,0 +1,146 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * mlsched.h - the contract between the BPF scheduler and user space.
+ *
+ * Everything both sides must agree on lives here: the candidate record pushed
+ * into the ring buffer, the decision key packing, the counter indices and the
+ * map names. loader/contract.py mirrors it; tests/host/test_contract.py parses
+ * this file and the compiled object's BTF and fails when the two drift.
+ */
+#ifndef __MLSCHED_H
+#define __MLSCHED_H
+
+#ifndef __VMLINUX_H__
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+#endif
+
+#define MLSCHED_MAX_CPUS	512	/* size of the per-CPU config arrays */
+#define MLSCHED_MAX_DOMS	64	/* scheduling domains (one DSQ each) */
+
+/*
+ * Loads are integers 0..LOAD_SCALE; the model sees q / LOAD_SCALE, so user
+ * space computes exactly the decision the kernel will apply.
+ */
+#define MLSCHED_LOAD_SCALE	16
+/* A domain is full (load 1.0) at this many runnable tasks per CPU. */
+#define MLSCHED_LOAD_FULL_PER_CPU	4
+
+/*
+ * Decision key: the quantized features of a candidate, packed in a u64.
+ *   bits 63..32  cpu            (the CPU the task last ran on)
+ *   bits 31..24  cpu_idle       (idle CPUs in the destination domain, <= 255)
+ *   bits 23..16  cpu_not_idle   (busy CPUs in the source domain, <= 255)
+ *   bits 15..8   src_load_q     (0..LOAD_SCALE)
+ *   bits  7..0   dst_load_q     (0..LOAD_SCALE)
+ */
+#define MLSCHED_KEY_CPU_SHIFT		32
+#define MLSCHED_KEY_IDLE_SHIFT		24
+#define MLSCHED_KEY_NOT_IDLE_SHIFT	16
+#define MLSCHED_KEY_SRC_SHIFT		8
+#define MLSCHED_KEY_DST_SHIFT		0
+#define MLSCHED_KEY_FIELD_MAX		255
+
+/* Decision map values. */
+enum mlsched_decision {
+	MLSCHED_KEEP = 0,
+	MLSCHED_MIGRATE = 1,
+};
+
+/* What select_cpu does with a candidate whose key has no decision yet. */
+enum mlsched_fallback {
+	MLSCHED_FALLBACK_KEEP = 0,
+	MLSCHED_FALLBACK_MIGRATE = 1,
+	MLSCHED_FALLBACK_HEURISTIC = 2, /* migrate when src - dst >= 1/4 of scale */
+};
+
+/* One migration candidate, pushed to the ring buffer on a decision miss. */
+struct mlsched_candidate {
+	__u64 key;		/* packed quantized features, see above */
+	__u64 ts_ns;		/* bpf_ktime_get_ns() when submitted */
+	__u32 pid;		/* the waking task */
+	__u32 cpu;		/* its previous CPU */
+	__u32 cpu_idle;		/* idle CPUs in the destination domain */
+	__u32 cpu_not_idle;	/* busy CPUs in the source domain */
+	__u32 src_dom;		/* the previous CPU's domain */
+	__u32 dst_dom;		/* the least loaded other domain */
+	__u32 src_load_q;	/* source domain load, 0..LOAD_SCALE */
+	__u32 dst_load_q;	/* destination domain load, 0..LOAD_SCALE */
+};
+
+/* Kernel-side counters: per-CPU array "counters", events since attach. */
+enum mlsched_counter {
+	MLSCHED_CNT_SELECT = 0,		/* select_cpu calls */
+	MLSCHED_CNT_LOCAL,		/* an idle CPU in the previous domain: stayed */
+	MLSCHED_CNT_NO_CANDIDATE,	/* no less loaded domain: stayed */
+	MLSCHED_CNT_CANDIDATES,		/* migration candidates built */
+	MLSCHED_CNT_HITS,		/* candidates whose key had a decision */
+	MLSCHED_CNT_MISSES,		/* candidates with no decision yet */
+	MLSCHED_CNT_MIGRATE,		/* hits the model said to migrate */
+	MLSCHED_CNT_KEEP,		/* hits the model said to keep */
+	MLSCHED_CNT_FALLBACK_MIGRATE,	/* misses the fallback migrated */
+	MLSCHED_CNT_FALLBACK_KEEP,	/* misses the fallback kept */
+	MLSCHED_CNT_SUBMITTED,		/* candidates pushed to the ring buffer */
+	MLSCHED_CNT_RB_DROPS,		/* ring buffer full: candidate not pushed */
+	MLSCHED_CNT_MIGRATIONS,		/* tasks sent to another domain's CPU */
+	MLSCHED_CNT_STEALS,		/* dispatches taken from another domain's DSQ */
+	MLSCHED_CNT_PINNED,		/* enqueues of tasks with restricted affinity */
+	MLSCHED_NR_COUNTERS,
+};
+
+/* Loader-side figures: array "loader_stats", written by user space. */
+enum mlsched_loader_stat {
+	MLSCHED_LS_BATCHES = 0,		/* model batches run */
+	MLSCHED_LS_RECORDS,		/* candidate records read from the ring */
+	MLSCHED_LS_DECISIONS,		/* decisions written to the map */
+	MLSCHED_LS_MODEL_ERRORS,	/* batches whose decisions were not written */
+	MLSCHED_LS_BATCH_NS_SUM,	/* model time summed over batches, ns */
+	MLSCHED_LS_BATCH_NS_MAX,	/* slowest batch, ns */
+	MLSCHED_LS_MODEL_READY,		/* 1 once the model serves, else 0 */
+	MLSCHED_LS_BACKEND,		/* enum mlsched_backend of the model */
+	MLSCHED_LS_START_NS,		/* CLOCK_MONOTONIC ns when the loader attached */
+	MLSCHED_LS_LOADER_PID,		/* pid of the loader */
+	MLSCHED_LS_EV_LAT_NS_SUM,	/* event ts -> decision in map, summed, ns */
+	MLSCHED_NR_LOADER_STATS,
+};
+
+enum mlsched_backend {
+	MLSCHED_BACKEND_NONE = 0,	/* model not loaded yet: fallback serves */
+	MLSCHED_BACKEND_TF = 1,
+	MLSCHED_BACKEND_NUMPY = 2,
+};
+
+/* Loader-set configuration: array "sched_config", written before attach. */
+enum mlsched_config {
+	MLSCHED_CFG_NR_CPUS = 0,	/* CPUs the domains cover */
+	MLSCHED_CFG_NR_DOMS,		/* scheduling domains */
+	MLSCHED_CFG_FALLBACK,		/* enum mlsched_fallback */
+	MLSCHED_CFG_SLICE_NS,		/* time slice, ns */
+	MLSCHED_NR_CONFIG,
+};
+
+/* Why the scheduler left: array "exit_info", one entry, written in ops.exit. */
+#define MLSCHED_EXIT_REASON_LEN	128
+#define MLSCHED_EXIT_MSG_LEN	1024
+struct mlsched_exit_info {
+	__s64 exit_code;	/* ei->exit_code */
+	__u32 kind;		/* enum scx_exit_kind; 0 = still running */
+	__u32 pad;
+	char reason[MLSCHED_EXIT_REASON_LEN];
+	char msg[MLSCHED_EXIT_MSG_LEN];
+};
+
+/* Per-domain live state: array "dom_stats", read by user space. */
+struct mlsched_dom_stat {
+	__u32 nr_cpus;		/* CPUs in the domain */
+	__u32 load_q;		/* last computed load, 0..LOAD_SCALE */
+	__u64 queued;		/* tasks in the domain's DSQ when last computed */
+};
+
+/* The ring buffer holding struct mlsched_candidate records. */
+#define MLSCHED_RINGBUF_DEFAULT_BYTES	(1u << 20)
+
+#endif /* __MLSCHED_H */

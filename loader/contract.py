@@ -1,0 +1,218 @@
+"""The BPF/Python contract, mirrored from bpf/mlsched.h.
+
+tests/host/test_contract.py parses bpf/mlsched.h and the compiled object's BTF and fails when
+this module and the C side drift. Change both together.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from enum import IntEnum
+
+import numpy as np
+
+MAX_CPUS = 512
+MAX_DOMS = 64
+LOAD_SCALE = 16
+LOAD_FULL_PER_CPU = 4
+
+KEY_CPU_SHIFT = 32
+KEY_IDLE_SHIFT = 24
+KEY_NOT_IDLE_SHIFT = 16
+KEY_SRC_SHIFT = 8
+KEY_DST_SHIFT = 0
+KEY_FIELD_MAX = 255
+
+RINGBUF_DEFAULT_BYTES = 1 << 20
+EXIT_REASON_LEN = 128
+EXIT_MSG_LEN = 1024
+
+# Model input: float32 [?, 10] in this order; the last five are reserved zeros.
+FEATURE_NAMES = (
+    "cpu",
+    "cpu_idle",
+    "cpu_not_idle",
+    "src_dom_load",
+    "dst_dom_load",
+    "reserved0",
+    "reserved1",
+    "reserved2",
+    "reserved3",
+    "reserved4",
+)
+NR_FEATURES = len(FEATURE_NAMES)
+MODEL_INPUT_KEY = "features"
+MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
+
+# Map names in bpf/mlsched.bpf.c.
+MAP_CANDIDATES = "candidates"  # ring buffer of struct mlsched_candidate
+MAP_DECISIONS = "decisions"  # u64 key -> u32 enum Decision
+MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
+MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
+MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
+MAP_CONFIG = "sched_config"  # u64[Config]
+MAP_CPU_DOM = "cpu_dom"  # u32 cpu -> u32 domain
+MAP_DOM_STATS = "dom_stats"  # struct mlsched_dom_stat[MAX_DOMS]
+MAP_EXIT_INFO = "exit_info"  # struct mlsched_exit_info[1]
+STRUCT_OPS_MAP = "mlsched_ops"
+SCHED_NAME = "mlsched"
+
+# Maps pinned for mlsched-stats, under PIN_DIR.
+PIN_DIR = "/sys/fs/bpf/mlsched"
+PINNED_MAPS = (MAP_COUNTERS, MAP_LOADER_STATS, MAP_CONFIG, MAP_DOM_STATS, MAP_EXIT_INFO)
+
+
+class Decision(IntEnum):
+    KEEP = 0
+    MIGRATE = 1
+
+
+class Fallback(IntEnum):
+    KEEP = 0
+    MIGRATE = 1
+    HEURISTIC = 2
+
+
+class Counter(IntEnum):
+    SELECT = 0
+    LOCAL = 1
+    NO_CANDIDATE = 2
+    CANDIDATES = 3
+    HITS = 4
+    MISSES = 5
+    MIGRATE = 6
+    KEEP = 7
+    FALLBACK_MIGRATE = 8
+    FALLBACK_KEEP = 9
+    SUBMITTED = 10
+    RB_DROPS = 11
+    MIGRATIONS = 12
+    STEALS = 13
+    PINNED = 14
+
+
+NR_COUNTERS = len(Counter)
+
+
+class LoaderStat(IntEnum):
+    BATCHES = 0
+    RECORDS = 1
+    DECISIONS = 2
+    MODEL_ERRORS = 3
+    BATCH_NS_SUM = 4
+    BATCH_NS_MAX = 5
+    MODEL_READY = 6
+    BACKEND = 7
+    START_NS = 8
+    LOADER_PID = 9
+    EV_LAT_NS_SUM = 10
+
+
+NR_LOADER_STATS = len(LoaderStat)
+
+
+class Backend(IntEnum):
+    NONE = 0
+    TF = 1
+    NUMPY = 2
+
+
+class Config(IntEnum):
+    NR_CPUS = 0
+    NR_DOMS = 1
+    FALLBACK = 2
+    SLICE_NS = 3
+
+
+NR_CONFIG = len(Config)
+
+
+class Candidate(ctypes.Structure):
+    """struct mlsched_candidate."""
+
+    _fields_ = [
+        ("key", ctypes.c_uint64),
+        ("ts_ns", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("cpu_idle", ctypes.c_uint32),
+        ("cpu_not_idle", ctypes.c_uint32),
+        ("src_dom", ctypes.c_uint32),
+        ("dst_dom", ctypes.c_uint32),
+        ("src_load_q", ctypes.c_uint32),
+        ("dst_load_q", ctypes.c_uint32),
+    ]
+
+
+class ExitInfo(ctypes.Structure):
+    """struct mlsched_exit_info."""
+
+    _fields_ = [
+        ("exit_code", ctypes.c_int64),
+        ("kind", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("reason", ctypes.c_char * EXIT_REASON_LEN),
+        ("msg", ctypes.c_char * EXIT_MSG_LEN),
+    ]
+
+
+class DomStat(ctypes.Structure):
+    """struct mlsched_dom_stat."""
+
+    _fields_ = [
+        ("nr_cpus", ctypes.c_uint32),
+        ("load_q", ctypes.c_uint32),
+        ("queued", ctypes.c_uint64),
+    ]
+
+
+CANDIDATE_DTYPE = np.dtype(
+    [(name, np.uint64 if t is ctypes.c_uint64 else np.uint32) for name, t in Candidate._fields_]
+)
+
+
+def pack_key(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int) -> int:
+    """The decision key of a candidate, as select_cpu packs it."""
+    return (
+        (cpu << KEY_CPU_SHIFT)
+        | (min(cpu_idle, KEY_FIELD_MAX) << KEY_IDLE_SHIFT)
+        | (min(cpu_not_idle, KEY_FIELD_MAX) << KEY_NOT_IDLE_SHIFT)
+        | (src_load_q << KEY_SRC_SHIFT)
+        | (dst_load_q << KEY_DST_SHIFT)
+    )
+
+
+def unpack_keys(keys: np.ndarray) -> np.ndarray:
+    """Model input [n, 10] float32 for packed keys: exactly what the kernel quantized."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    field = np.uint64(KEY_FIELD_MAX)
+    x = np.zeros((keys.shape[0], NR_FEATURES), dtype=np.float32)
+    x[:, 0] = (keys >> np.uint64(KEY_CPU_SHIFT)).astype(np.float32)
+    x[:, 1] = ((keys >> np.uint64(KEY_IDLE_SHIFT)) & field).astype(np.float32)
+    x[:, 2] = ((keys >> np.uint64(KEY_NOT_IDLE_SHIFT)) & field).astype(np.float32)
+    x[:, 3] = ((keys >> np.uint64(KEY_SRC_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
+    x[:, 4] = ((keys >> np.uint64(KEY_DST_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
+    return x
+
+
+def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:
+    """Every packed key a machine with these CPUs and domain size can produce.
+
+    Candidates have src_load_q > dst_load_q (the source domain is the busier one).
+    """
+    cpu, idle, busy, src, dst = np.meshgrid(
+        np.arange(nr_cpus, dtype=np.uint64),
+        np.arange(max_dom_cpus + 1, dtype=np.uint64),
+        np.arange(max_dom_cpus + 1, dtype=np.uint64),
+        np.arange(LOAD_SCALE + 1, dtype=np.uint64),
+        np.arange(LOAD_SCALE + 1, dtype=np.uint64),
+        indexing="ij",
+    )
+    keep = src > dst
+    return (
+        (cpu[keep] << np.uint64(KEY_CPU_SHIFT))
+        | (idle[keep] << np.uint64(KEY_IDLE_SHIFT))
+        | (busy[keep] << np.uint64(KEY_NOT_IDLE_SHIFT))
+        | (src[keep] << np.uint64(KEY_SRC_SHIFT))
+        | (dst[keep] << np.uint64(KEY_DST_SHIFT))
+    )

@@ -1,0 +1,284 @@
+"""mlsched-load: attach the mlsched sched_ext scheduler and feed it the model's decisions.
+
+Order matters: arguments and the model directory are checked first (without TensorFlow),
+then the scheduler is attached, and only then is the model loaded, in the background; until
+it is ready the kernel's fallback policy serves every candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loader import contract
+
+log = logging.getLogger("mlsched")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BPF_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
+DEFAULT_MODEL = REPO_ROOT / "model_dir" / "model_path"
+
+EXAMPLES = """\
+examples:
+  sudo mlsched-load --model model_dir/model_path            # attach with the bundled model
+  sudo mlsched-load --model DIR --domains 2 --fallback heuristic
+  sudo mlsched-load --model DIR --backend tf --batch-size 128 -v
+  mlsched-stats --once                                       # in another shell: the counters
+
+Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. If the kernel ejects the
+scheduler, the reason is printed and the exit status is 1.
+"""
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def _ringbuf_size(text: str) -> int:
+    v = _positive(text)
+    page = os.sysconf("SC_PAGE_SIZE")
+    if v < page or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two >= {page} bytes, got {v}")
+    return v
+
+
+def _max_wait(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < v <= 1000:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1000] ms, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlsched-load",
+        description="Attach the mlsched sched_ext scheduler and serve its migration decisions "
+        "from a TensorFlow SavedModel.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        metavar="DIR",
+        help="SavedModel directory, input [?,10] -> output [?,1] (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "tf", "numpy"),
+        default="auto",
+        help="inference backend; auto uses the verified numpy fast path when the "
+        "model has one, else TensorFlow (default: auto)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=64,
+        metavar="N",
+        help="candidates per model call (default: 64)",
+    )
+    p.add_argument(
+        "--max-wait-ms",
+        type=_max_wait,
+        default=2.0,
+        metavar="MS",
+        help="longest a candidate waits for its batch to fill (default: 2)",
+    )
+    p.add_argument(
+        "--domains",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="split the CPUs into N equal domains (default: one per LLC; "
+        "two halves when the machine has one LLC)",
+    )
+    p.add_argument(
+        "--fallback",
+        choices=[f.name.lower() for f in contract.Fallback],
+        default="heuristic",
+        help="policy for candidates the model has not decided yet (default: heuristic)",
+    )
+    p.add_argument(
+        "--slice-us",
+        type=_positive,
+        default=20000,
+        metavar="US",
+        help="time slice in microseconds (default: 20000)",
+    )
+    p.add_argument(
+        "--ringbuf-size",
+        type=_ringbuf_size,
+        default=contract.RINGBUF_DEFAULT_BYTES,
+        metavar="BYTES",
+        help="candidate ring buffer size, a power of two "
+        f"(default: {contract.RINGBUF_DEFAULT_BYTES})",
+    )
+    p.add_argument(
+        "--bpf-obj",
+        default=str(DEFAULT_BPF_OBJ),
+        metavar="FILE",
+        help="compiled scheduler (default: %(default)s; build with `make bpf`)",
+    )
+    p.add_argument(
+        "--pin-dir",
+        default=contract.PIN_DIR,
+        metavar="DIR",
+        help="where the stats maps are pinned (default: %(default)s)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, including libbpf's and the verifier's output",
+    )
+    return p
+
+
+class Stop:
+    """Set by SIGINT/SIGTERM; the main loop checks it between polls."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signame = ""
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        self.requested = True
+        self.signame = signal.Signals(signum).name
+
+
+def fail(msg: str, status: int = 2) -> int:
+    print(f"mlsched-load: {msg}", file=sys.stderr)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if os.geteuid() != 0:
+        return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
+
+    # Everything that can refuse the run does so before anything is attached.
+    from loader.model_check import ModelError, check_model_dir
+
+    try:
+        model_info = check_model_dir(args.model)
+    except ModelError as e:
+        return fail(str(e))
+    if not os.path.isfile(args.bpf_obj):
+        return fail(f"BPF object not found at {args.bpf_obj} (run `make bpf`)")
+
+    from loader.domains import DomainError, plan_domains
+
+    try:
+        plan = plan_domains(args.domains)
+    except DomainError as e:
+        return fail(str(e))
+    return run(args, model_info, plan)
+
+
+def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
+    from loader import libbpf
+    from loader.bpfmaps import RingBufferReader
+    from loader.pipeline import DecisionPipeline
+    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins
+    from loader.stats_publisher import StatsPublisher
+
+    stop = Stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    try:
+        clean_stale_pins(args.pin_dir)
+        sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
+    except (libbpf.LibbpfError, SchedulerError) as e:
+        return fail(str(e), 1)
+    try:
+        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000)
+        sched.attach()
+        sched.pin(args.pin_dir)
+    except (libbpf.LibbpfError, SchedulerError, OSError) as e:
+        sched.close()
+        return fail(str(e), 1)
+    log.info(
+        "attached %s: %d CPUs in %s; fallback %s until the model is ready",
+        contract.SCHED_NAME,
+        sum(len(d) for d in plan.domains),
+        plan.reason,
+        args.fallback,
+    )
+
+    pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
+    publisher = StatsPublisher(sched.loader_stats, pipeline)
+    loader_thread = threading.Thread(
+        target=load_model, args=(model_info, args.backend, pipeline, publisher), daemon=True
+    )
+    loader_thread.start()
+    reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
+
+    status = 0
+    poll_ms = max(1, int(args.max_wait_ms))
+    try:
+        while not stop.requested:
+            reader.poll(poll_ms)
+            if pipeline.due():
+                pipeline.flush()
+            publisher.maybe_publish()
+            if publisher.model_failed is not None:
+                log.error("%s", publisher.model_failed)
+                status = 2
+                break
+            kind = sched.exit_kind()
+            if kind:
+                _, text = sched.exit_report()
+                log.error("the kernel ejected mlsched: %s", text or f"exit kind {kind}")
+                status = 1
+                break
+    finally:
+        reader.close()
+        publisher.publish()
+        sched.close()
+    if stop.requested:
+        log.info("%s: detached mlsched after %d decisions", stop.signame, pipeline.stats.decisions)
+    return status
+
+
+def load_model(model_info: object, want: str, pipeline: object, publisher: object) -> None:
+    """Runs in a thread: TensorFlow may take a minute to import; the fallback serves meanwhile."""
+    from loader.backends import open_backend
+    from loader.model_check import ModelError
+
+    t0 = time.monotonic()
+    try:
+        backend, reason = open_backend(model_info, want)
+    except ModelError as e:
+        publisher.model_failed = str(e)
+        return
+    except Exception as e:  # a model that passed the checks but will not load
+        publisher.model_failed = f"model failed to load: {type(e).__name__}: {e}"
+        return
+    pipeline.set_model(backend)
+    publisher.model_ready(backend)
+    log.info("model ready in %.1f s, backend %s", time.monotonic() - t0, reason)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The attached scheduler: load, configure, attach, pin, and take it all down again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import time
+
+from loader import contract, libbpf
+from loader.bpfmaps import (
+    DecisionMap,
+    PerCpuU64Array,
+    StructArray,
+    U64Array,
+    set_u32_array,
+)
+from loader.domains import DomainPlan
+
+log = logging.getLogger("mlsched.scheduler")
+
+SCX_SYSFS = "/sys/kernel/sched_ext"
+SCX_EXIT_ERROR = 1024  # enum scx_exit_kind: kinds from here on are errors
+
+
+class SchedulerError(Exception):
+    """The scheduler could not be attached; str() is one line."""
+
+
+def scx_state() -> str:
+    """'enabled', 'disabled', ... or 'unsupported' on a kernel without sched_ext."""
+    try:
+        with open(os.path.join(SCX_SYSFS, "state")) as f:
+            return f.read().strip()
+    except OSError:
+        return "unsupported"
+
+
+def scx_ops_name() -> str:
+    try:
+        with open(os.path.join(SCX_SYSFS, "root", "ops")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def clean_stale_pins(pin_dir: str) -> None:
+    """Remove pins a loader that died hard left behind, unless that loader still runs."""
+    if not os.path.isdir(pin_dir):
+        return
+    if scx_state() == "enabled" and scx_ops_name() == contract.SCHED_NAME:
+        raise SchedulerError(f"mlsched is already attached (pins in {pin_dir})")
+    log.info("removing stale pins in %s left by a previous loader", pin_dir)
+    shutil.rmtree(pin_dir)
+
+
+class Scheduler:
+    """Owns the BPF object, its maps and the struct_ops link."""
+
+    def __init__(self, obj_path: str, ringbuf_bytes: int, verbose: bool) -> None:
+        libbpf.set_print(verbose)
+        self.obj = libbpf.BpfObject(obj_path)
+        self.link: libbpf.StructOpsLink | None = None
+        self.pin_dir: str | None = None
+        try:
+            self.obj.set_max_entries(contract.MAP_CANDIDATES, ringbuf_bytes)
+            t0 = time.monotonic()
+            self.obj.load()
+            log.debug("loaded %s in %.2f s", obj_path, time.monotonic() - t0)
+        except libbpf.LibbpfError:
+            self.obj.close()
+            raise
+        fd = self.obj.map_fd
+        self.ringbuf_fd = fd(contract.MAP_CANDIDATES)
+        self.decisions = DecisionMap(fd(contract.MAP_DECISIONS))
+        self.counters = PerCpuU64Array(fd(contract.MAP_COUNTERS), contract.NR_COUNTERS)
+        self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
+        self.config = U64Array(fd(contract.MAP_CONFIG), contract.NR_CONFIG)
+        self.exit_info = StructArray(fd(contract.MAP_EXIT_INFO), 1, contract.ExitInfo)
+
+    def configure(self, plan: DomainPlan, fallback: contract.Fallback, slice_ns: int) -> None:
+        set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())
+        self.config.set(contract.Config.NR_CPUS, plan.nr_cpus)
+        self.config.set(contract.Config.NR_DOMS, len(plan.domains))
+        self.config.set(contract.Config.FALLBACK, int(fallback))
+        self.config.set(contract.Config.SLICE_NS, slice_ns)
+
+    def attach(self) -> None:
+        state = scx_state()
+        if state == "unsupported":
+            raise SchedulerError("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT)")
+        if state != "disabled":
+            raise SchedulerError(
+                f"another sched_ext scheduler is {state}: {scx_ops_name() or 'unknown'}"
+            )
+        try:
+            self.link = self.obj.attach_struct_ops(contract.STRUCT_OPS_MAP)
+        except libbpf.LibbpfError as e:
+            raise SchedulerError(f"{e} (see dmesg)") from None
+        self.loader_stats.set(contract.LoaderStat.START_NS, time.monotonic_ns())
+        self.loader_stats.set(contract.LoaderStat.LOADER_PID, os.getpid())
+
+    def pin(self, pin_dir: str) -> None:
+        """Pin the maps mlsched-stats reads, in a directory only root can enter."""
+        os.makedirs(pin_dir, mode=0o700)
+        os.chmod(pin_dir, stat.S_IRWXU)  # makedirs' mode is filtered by the umask
+        self.pin_dir = pin_dir
+        for name in contract.PINNED_MAPS:
+            libbpf.obj_pin(self.obj.map_fd(name), os.path.join(pin_dir, name))
+
+    def exit_kind(self) -> int:
+        """enum scx_exit_kind recorded by ops.exit; 0 while the scheduler runs."""
+        return self.exit_info.get(0).kind
+
+    def exit_report(self) -> tuple[int, str]:
+        info = self.exit_info.get(0)
+        reason = info.reason.decode(errors="replace")
+        msg = info.msg.decode(errors="replace")
+        text = reason + (f": {msg}" if msg and msg != reason else "")
+        return info.kind, text
+
+    def close(self) -> None:
+        """Detach, unpin and free; safe to call twice."""
+        if self.link:
+            self.link.destroy()
+            self.link = None
+        if self.pin_dir and os.path.isdir(self.pin_dir):
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            self.pin_dir = None
+        self.obj.close()

@@ -1,0 +1,43 @@
+"""Publishes the loader's figures into the loader_stats map, so mlsched-stats reads only maps."""
+
+from __future__ import annotations
+
+import time
+
+from loader import contract
+from loader.bpfmaps import U64Array
+from loader.pipeline import DecisionPipeline, Predictor
+
+LS = contract.LoaderStat
+PUBLISH_INTERVAL_S = 0.2
+
+
+class StatsPublisher:
+    def __init__(self, loader_stats: U64Array, pipeline: DecisionPipeline) -> None:
+        self.map = loader_stats
+        self.pipeline = pipeline
+        self.model_failed: str | None = None  # set by the model thread when loading fails
+        self._last = 0.0
+
+    def model_ready(self, backend: Predictor) -> None:
+        self.map.set(LS.BACKEND, int(backend.kind))
+        self.map.set(LS.MODEL_READY, 1)
+
+    def maybe_publish(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= PUBLISH_INTERVAL_S:
+            self._last = now
+            self.publish()
+
+    def publish(self) -> None:
+        s = self.pipeline.stats
+        for index, value in (
+            (LS.BATCHES, s.batches),
+            (LS.RECORDS, s.records),
+            (LS.DECISIONS, s.decisions),
+            (LS.MODEL_ERRORS, s.model_errors),
+            (LS.BATCH_NS_SUM, s.batch_ns_sum),
+            (LS.BATCH_NS_MAX, s.batch_ns_max),
+            (LS.EV_LAT_NS_SUM, s.ev_lat_ns_sum),
+        ):
+            self.map.set(index, value)

@@ -1,0 +1,172 @@
+"""Create the dummy model: a seeded, untrained Dense stack that honours the model contract.
+
+usage: model_dir/create_dummy_model.py [--output DIR] [--seed N]
+
+The model is 10 -> 16 relu -> 8 relu -> 1 sigmoid on a keras.Input named `features`, exported
+with model.export() as a SavedModel, then given verified fast-path weights
+(loader/fastpath.py) so the loader runs it without TensorFlow. Its weights are random, but
+shaped so that it exercises both decisions: the first layer is scaled per feature and the
+output layer calibrated so that over the test VM's grid (2 CPUs, 1 per domain) and over an
+8-CPU grid (4 per domain) both "migrate" and "keep" come out in comparable numbers. It is a
+stand-in for a trained model, not a policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from loader import contract
+from loader.fastpath import DenseLayer, NumpyModel, grid_decisions, import_tensorflow
+from loader.fastpath import write_fastpath as write_fastpath_file
+from loader.model_check import ModelError, ModelInfo, check_model_dir
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger("create_dummy_model")
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "model_path"
+HIDDEN = ((16, "relu"), (8, "relu"))
+# The grids the balance is tuned for: (nr_cpus, max_dom_cpus).
+VM_GRID = (2, 1)
+WIDE_GRID = (8, 4)
+# First-layer row scales. The raw features span very different ranges (cpu id up to hundreds,
+# idle counts up to the domain size, loads 0..1); without this the cpu id alone decides and
+# the class balance changes with the machine size.
+FEATURE_SCALE = np.array([1 / 16, 1 / 8, 1 / 8, 4, 4, 1, 1, 1, 1, 1], np.float32)
+OUTPUT_LOGIT_STD = 2.0  # spread of the final logit over the VM grid: decisive probabilities
+MIN_CLASS_SHARE = 0.2  # either decision on either grid, or the seed is refused
+
+EXAMPLES = """examples:
+  model_dir/create_dummy_model.py                      # the bundled model_dir/model_path
+  model_dir/create_dummy_model.py --output /tmp/m --seed 3
+"""
+
+
+def build_model(seed: int) -> keras.Model:
+    """The random Dense stack, deterministic for a seed (every initializer is seeded)."""
+    import_tensorflow()
+    import keras
+
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    x = inputs
+    for i, (units, activation) in enumerate((*HIDDEN, (1, "sigmoid"))):
+        x = keras.layers.Dense(
+            units,
+            activation=activation,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed * 100 + i),
+            bias_initializer=keras.initializers.RandomUniform(-0.1, 0.1, seed=seed * 100 + 50 + i),
+            name=f"dense_{i}",
+        )(x)
+    return keras.Model(inputs, x, name="mlsched_dummy")
+
+
+def _logits(model: keras.Model) -> NumpyModel:
+    """The model in numpy, stopping before the final sigmoid."""
+    dense = [model.get_layer(f"dense_{i}") for i in range(len(HIDDEN) + 1)]
+    acts = [a for _, a in HIDDEN] + ["linear"]
+    return NumpyModel(
+        [DenseLayer(*d.get_weights(), act) for d, act in zip(dense, acts, strict=True)]
+    )
+
+
+def calibrate(model: keras.Model) -> None:
+    """Scale the input rows, then move and stretch the output so both grids are balanced.
+
+    The threshold is put halfway between two neighbouring logits of the grids, so no grid
+    point sits near 0.5 where float rounding could flip it.
+    """
+    first, last = model.get_layer("dense_0"), model.get_layer(f"dense_{len(HIDDEN)}")
+    kernel, bias = first.get_weights()
+    first.set_weights([kernel * FEATURE_SCALE[:, None], bias])
+
+    z_vm, z_wide = (
+        np.sort(_logits(model).predict(contract.unpack_keys(contract.feature_grid(*grid))))
+        for grid in (VM_GRID, WIDE_GRID)
+    )
+    z = np.unique(np.concatenate([z_vm, z_wide]))
+    cuts, margins = (z[1:] + z[:-1]) / 2, (z[1:] - z[:-1]) / 2
+    share_vm = 1 - np.searchsorted(z_vm, cuts) / len(z_vm)
+    share_wide = 1 - np.searchsorted(z_wide, cuts) / len(z_wide)
+    imbalance = np.maximum(np.abs(share_vm - 0.5), np.abs(share_wide - 0.5))
+    # Among the near-best balanced cuts, the one farthest from any grid point.
+    near_best = np.flatnonzero(imbalance <= imbalance.min() + 0.02)
+    cut = cuts[near_best[np.argmax(margins[near_best])]]
+
+    stretch = OUTPUT_LOGIT_STD / max(float(z_vm.std()), 1e-6)
+    kernel, bias = last.get_weights()
+    last.set_weights([kernel * stretch, (bias - cut) * stretch])
+
+
+def _remove_old(output: Path) -> None:
+    if not output.exists():
+        return
+    # Only ever delete something that is plainly an old model (or nothing at all).
+    if output.is_dir() and ((output / "saved_model.pb").exists() or not any(output.iterdir())):
+        shutil.rmtree(output)
+    else:
+        raise ModelError(f"{output} exists and is not a SavedModel; not replacing it")
+
+
+def create(output: Path, seed: int = 0) -> ModelInfo:
+    """Build, calibrate and export the dummy model, verify its fast path, and check it."""
+    log.info("building a 10 -> 16 relu -> 8 relu -> 1 sigmoid Dense stack, seed %d", seed)
+    model = build_model(seed)
+    calibrate(model)
+    _remove_old(output)
+    model.export(str(output), verbose=False)
+    log.info("exported SavedModel to %s", output)
+
+    result = write_fastpath_file(output)
+    log.info("%s", result.message)
+    if not result.written:
+        raise ModelError(f"seed {seed}: the fast path did not verify; try another --seed")
+    info = check_model_dir(output)
+    numpy_model = NumpyModel.load(output)
+    for name, grid in (("VM", VM_GRID), ("wide", WIDE_GRID)):
+        migrate, keep = grid_decisions(numpy_model.predict, *grid)
+        log.info(
+            "decisions over the %d-CPU grid (%d per domain, %s): %d migrate / %d keep",
+            grid[0],
+            grid[1],
+            name,
+            migrate,
+            keep,
+        )
+        if min(migrate, keep) < MIN_CLASS_SHARE * (migrate + keep):
+            raise ModelError(f"seed {seed} gives a lopsided model on that grid; try another --seed")
+    log.info(
+        "model ok: input %r, output %r, digest %s", info.input_key, info.output_key, info.digest[:8]
+    )
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Create mlsched's dummy model (a seeded random Dense stack) as a SavedModel.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help="SavedModel directory to (re)create"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        create(args.output, args.seed)
+    except ModelError as e:
+        log.error("error: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Run a command inside a throw-away virtme-ng VM booted on the cached sched_ext kernel.
+#
+#   scripts/vm-run.sh [--cpus N] [--memory SIZE] [--] 'COMMAND'
+#
+# The host kernel has no sched_ext, so everything that attaches a scheduler runs here: vng boots
+# the trixie-backports cloud kernel cached by scripts/setup.sh under TCG (no KVM), shares the
+# host root read-only (guest /tmp, /etc, /var... are throw-away overlays) and <repo>/build/vm-out
+# read-write. In the guest the command runs with bash from the repo, with the repo's .venv/bin
+# first on PATH and bpffs mounted; its exit status is this script's exit status.
+#
+# Exit status: COMMAND's own status; 2 for bad usage or a missing setup; 125 when the VM did not
+# boot twice in a row (about 1 boot in 20 returns nothing at all: virtiofsd is slow to start, vng
+# exits 255 after ~5 s without any guest output; such a boot is retried once, a command that ran
+# and failed is not).
+#
+# Environment: MLSCHED_CACHE (default ~/.cache/mlsched), MLSCHED_VENV (default <repo>/.venv),
+# MLSCHED_VM_BOOT_TIMEOUT (seconds to wait for the guest to come up before killing the VM and
+# counting it as a failed boot; default 180, a normal boot takes about 9 s).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
+CACHE=${MLSCHED_CACHE:-$HOME/.cache/mlsched}
+VENV=${MLSCHED_VENV:-$ROOT/.venv}
+BOOT_TIMEOUT=${MLSCHED_VM_BOOT_TIMEOUT:-180}
+OUT_DIR=$ROOT/build/vm-out
+MARKER='mlsched-vm: guest up'
+
+usage() {
+	echo "usage: $0 [--cpus N] [--memory SIZE] [--] 'COMMAND'" >&2
+	exit 2
+}
+say() { printf 'vm-run: %s\n' "$*" >&2; }
+refuse() {
+	say "$*"
+	exit 2
+}
+
+# --- arguments --------------------------------------------------------------------------------
+cpus=2
+memory=2G
+while [ $# -gt 0 ]; do
+	case $1 in
+	--cpus) [ $# -ge 2 ] || usage; cpus=$2; shift 2 ;;
+	--cpus=*) cpus=${1#--cpus=}; shift ;;
+	--memory) [ $# -ge 2 ] || usage; memory=$2; shift 2 ;;
+	--memory=*) memory=${1#--memory=}; shift ;;
+	-h | --help) usage ;;
+	--) shift; break ;;
+	-*) say "unknown option: $1"; usage ;;
+	*) break ;;
+	esac
+done
+[ $# -ge 1 ] || usage
+command=$*   # several words are joined with spaces, like ssh does
+[[ $cpus =~ ^[1-9][0-9]*$ ]] || refuse "--cpus wants a positive integer, not '$cpus'"
+
+# --- what setup.sh left behind ----------------------------------------------------------------
+[ -f "$CACHE/kernel/current" ] || refuse "no cached kernel in $CACHE/kernel: run make setup"
+kdir=$(cat "$CACHE/kernel/current")
+case $kdir in /*) ;; *) kdir=$CACHE/kernel/$kdir ;; esac
+[ -e "$kdir/vmlinuz" ] && [ -f "$kdir/kver" ] ||
+	refuse "kernel cache $kdir is incomplete (no vmlinuz or kver): run make setup"
+kver=$(cat "$kdir/kver")
+# vng derives the module directory from the image's *real* path (…/root/usr/lib/modules/<kver>/
+# vmlinuz -> …/root/usr/lib/modules/<kver>) and builds an initramfs with the modules it needs
+# (overlay is =m in this kernel and backs the guest's /tmp, /etc... overlays). Given the symlink
+# in the cache dir it finds no modules and boots without them, so resolve it.
+vmlinuz=$(readlink -f "$kdir/vmlinuz")
+[ -x "$CACHE/bin/virtiofsd" ] || refuse "no virtiofsd wrapper in $CACHE/bin: run make setup"
+VNG=$VENV/bin/vng
+[ -x "$VNG" ] || refuse "no vng in $VENV/bin: run make setup"
+
+# vng runs virtme-run from PATH, and the 7.3 cloud kernel has no 9p, so vng needs virtiofsd.
+export PATH="$CACHE/bin:$VENV/bin:$PATH"
+mkdir -p "$OUT_DIR"
+
+# --- the guest script -------------------------------------------------------------------------
+# virtme-ng-init runs it with /bin/sh (dash), so it is POSIX sh; COMMAND itself runs with bash.
+sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; } # quote for sh: 'it'\''s'
+guest_script="echo $(sq "$MARKER")
+mnt() { grep -qs \" \$2 \$1 \" /proc/mounts || mount -t \$1 \$1 \$2 ||
+	echo \"mlsched-vm: warning: cannot mount \$1 on \$2\" >&2; }
+mnt bpf /sys/fs/bpf
+mnt tracefs /sys/kernel/tracing
+mnt debugfs /sys/kernel/debug
+cd $(sq "$ROOT") || { echo 'mlsched-vm: cannot cd to the repo' >&2; exit 125; }
+PATH=$(sq "$VENV/bin"):\$PATH
+export PATH
+exec bash -c $(sq "$command")"
+
+# --- boot, with one retry when the guest never came up -----------------------------------------
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/vm-run.XXXXXX")
+vng_pid=
+tee_pid=
+
+# The VM (vng, qemu, virtiofsd) runs in its own session so a stuck boot can be killed as a group.
+kill_vm() {
+	if [ -n "$vng_pid" ] && kill -0 "$vng_pid" 2>/dev/null; then
+		kill -TERM -- "-$vng_pid" 2>/dev/null || kill -TERM "$vng_pid" 2>/dev/null || true
+		for _ in 1 2 3 4 5 6 7 8 9 10; do
+			kill -0 "$vng_pid" 2>/dev/null || break
+			sleep 0.5
+		done
+		kill -KILL -- "-$vng_pid" 2>/dev/null || kill -KILL "$vng_pid" 2>/dev/null || true
+	fi
+}
+cleanup() {
+	kill_vm
+	[ -z "$tee_pid" ] || kill "$tee_pid" 2>/dev/null || true
+	rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'say "interrupted"; exit 130' INT
+trap 'say "terminated"; exit 143' TERM HUP
+
+# Boot once; sets $rc (vng's status, which is the guest's) and $booted (1 when the marker showed).
+boot() {
+	local log=$tmp/log fifo=$tmp/out start=$SECONDS
+	rm -f "$log" "$fifo"
+	: >"$log"
+	mkfifo "$fifo"
+	# vng must write into a pipe: its qemu opens /proc/self/fd/1 itself, and on a plain file each
+	# open starts again at offset 0, so lines are lost. tee passes the output on and keeps a copy.
+	tee "$log" <"$fifo" &
+	tee_pid=$!
+	setsid "$VNG" -r "$vmlinuz" --disable-kvm --cpus "$cpus" --memory "$memory" \
+		--rwdir="$OUT_DIR" -- "$guest_script" >"$fifo" 2>&1 </dev/null &
+	vng_pid=$!
+	booted=0
+	while kill -0 "$vng_pid" 2>/dev/null; do
+		if grep -q "^$MARKER" "$log"; then
+			booted=1
+			break
+		fi
+		if [ $((SECONDS - start)) -ge "$BOOT_TIMEOUT" ]; then
+			say "no guest after ${BOOT_TIMEOUT} s, stopping the VM"
+			kill_vm
+			break
+		fi
+		sleep 0.3
+	done
+	rc=0
+	wait "$vng_pid" || rc=$?
+	vng_pid=
+	wait "$tee_pid" || true
+	tee_pid=
+	# The marker may have come in just before vng exited.
+	if [ $booted = 0 ] && grep -q "^$MARKER" "$log"; then booted=1; fi
+}
+
+say "booting $kver ($cpus cpus, TCG)..."
+boot
+if [ $booted = 0 ]; then
+	say "VM did not boot, retrying once"
+	boot
+	if [ $booted = 0 ]; then
+		say "VM did not boot twice (no guest output; vng exit status $rc); giving up"
+		exit 125
+	fi
+fi
+exit "$rc"

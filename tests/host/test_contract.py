@@ -1,0 +1,143 @@
+"""The BPF/Python contract: bpf/mlsched.h and the compiled object's BTF vs loader/contract.py.
+
+Any change to one side without the other fails here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loader import contract
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = ROOT / "bpf" / "mlsched.h"
+OBJ = ROOT / "bpf" / "mlsched.bpf.o"
+
+
+def header_defines() -> dict[str, int]:
+    out = {}
+    for m in re.finditer(r"^#define\s+MLSCHED_(\w+)\s+(.+?)\s*(?:/\*.*)?$",
+                         HEADER.read_text(), re.M):
+        expr = m.group(2).replace("u <<", " <<").replace("u)", ")")
+        try:
+            out[m.group(1)] = int(eval(expr, {}))  # plain integer expressions only
+        except (SyntaxError, NameError):
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def btf() -> dict[str, tuple[str, int, list[tuple[str, int]]]]:
+    """name -> (kind, size, [(member, offset_bits or value)]) from the object's BTF."""
+    if not OBJ.exists():
+        pytest.fail(f"{OBJ} missing: run `make bpf`")
+    raw = subprocess.run(["bpftool", "btf", "dump", "file", str(OBJ), "format", "raw"],
+                         check=True, capture_output=True, text=True).stdout
+    types: dict[str, tuple[str, int, list[tuple[str, int]]]] = {}
+    current: list[tuple[str, int]] | None = None
+    for line in raw.splitlines():
+        m = re.match(r"\[\d+\] (STRUCT|ENUM|DATASEC) '([^']*)' (?:encoding=\w+ )?size=(\d+)",
+                     line)
+        if m:
+            current = []
+            types[m.group(2)] = (m.group(1), int(m.group(3)), current)
+            continue
+        if not line.startswith("\t") or current is None:
+            if not line.startswith("\t"):
+                current = None
+            continue
+        if mm := re.match(r"\t'(\w+)' type_id=\d+ bits_offset=(\d+)", line):
+            current.append((mm.group(1), int(mm.group(2))))
+        elif mm := re.match(r"\t'(\w+)' val=(-?\d+)", line):
+            current.append((mm.group(1), int(mm.group(2))))
+        elif mm := re.match(r"\ttype_id=\d+ offset=\d+ size=\d+ \(VAR '(\w+)'\)", line):
+            current.append((mm.group(1), 0))
+    return types
+
+
+@pytest.mark.parametrize("define,value", [
+    ("MAX_CPUS", contract.MAX_CPUS),
+    ("MAX_DOMS", contract.MAX_DOMS),
+    ("LOAD_SCALE", contract.LOAD_SCALE),
+    ("LOAD_FULL_PER_CPU", contract.LOAD_FULL_PER_CPU),
+    ("KEY_CPU_SHIFT", contract.KEY_CPU_SHIFT),
+    ("KEY_IDLE_SHIFT", contract.KEY_IDLE_SHIFT),
+    ("KEY_NOT_IDLE_SHIFT", contract.KEY_NOT_IDLE_SHIFT),
+    ("KEY_SRC_SHIFT", contract.KEY_SRC_SHIFT),
+    ("KEY_DST_SHIFT", contract.KEY_DST_SHIFT),
+    ("KEY_FIELD_MAX", contract.KEY_FIELD_MAX),
+    ("EXIT_REASON_LEN", contract.EXIT_REASON_LEN),
+    ("EXIT_MSG_LEN", contract.EXIT_MSG_LEN),
+    ("RINGBUF_DEFAULT_BYTES", contract.RINGBUF_DEFAULT_BYTES),
+])
+def test_header_defines_match(define: str, value: int) -> None:
+    assert header_defines()[define] == value
+
+
+@pytest.mark.parametrize("c_struct,py_struct", [
+    ("mlsched_candidate", contract.Candidate),
+    ("mlsched_exit_info", contract.ExitInfo),
+    ("mlsched_dom_stat", contract.DomStat),
+])
+def test_struct_layout_matches_btf(btf, c_struct: str, py_struct: type[ctypes.Structure]) -> None:
+    kind, size, members = btf[c_struct]
+    assert kind == "STRUCT"
+    assert size == ctypes.sizeof(py_struct)
+    py_members = [(name, getattr(py_struct, name).offset * 8) for name, _ in py_struct._fields_]
+    assert members == py_members
+
+
+def test_candidate_dtype_matches_struct() -> None:
+    assert contract.CANDIDATE_DTYPE.itemsize == ctypes.sizeof(contract.Candidate)
+    for name, _ in contract.Candidate._fields_:
+        assert contract.CANDIDATE_DTYPE.fields[name][1] == getattr(contract.Candidate, name).offset
+
+
+@pytest.mark.parametrize("c_enum,prefix,py_enum", [
+    ("mlsched_counter", "MLSCHED_CNT_", contract.Counter),
+    ("mlsched_loader_stat", "MLSCHED_LS_", contract.LoaderStat),
+    ("mlsched_config", "MLSCHED_CFG_", contract.Config),
+    ("mlsched_backend", "MLSCHED_BACKEND_", contract.Backend),
+    ("mlsched_fallback", "MLSCHED_FALLBACK_", contract.Fallback),
+    ("mlsched_decision", "MLSCHED_", contract.Decision),
+])
+def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum]) -> None:
+    kind, _, values = btf[c_enum]
+    assert kind == "ENUM"
+    c_side = {
+        name.removeprefix(prefix): v for name, v in values if not name.startswith("MLSCHED_NR_")
+    }
+    assert c_side == {e.name: e.value for e in py_enum}
+
+
+def test_map_names_match_btf(btf) -> None:
+    _, _, variables = btf[".maps"]
+    names = {name for name, _ in variables}
+    for attr in dir(contract):
+        if attr.startswith("MAP_"):
+            assert getattr(contract, attr) in names, attr
+    assert set(contract.PINNED_MAPS) <= names
+
+
+def test_key_packing_round_trip() -> None:
+    key = contract.pack_key(cpu=3, cpu_idle=2, cpu_not_idle=5, src_load_q=12, dst_load_q=4)
+    x = contract.unpack_keys(np.array([key], dtype=np.uint64))
+    assert x.dtype == np.float32 and x.shape == (1, contract.NR_FEATURES)
+    assert x[0, :5].tolist() == [3.0, 2.0, 5.0, 12 / contract.LOAD_SCALE, 4 / contract.LOAD_SCALE]
+    assert not x[0, 5:].any()
+
+
+def test_feature_grid_holds_only_candidates() -> None:
+    keys = contract.feature_grid(nr_cpus=2, max_dom_cpus=1)
+    x = contract.unpack_keys(keys)
+    assert len(np.unique(keys)) == len(keys)
+    assert np.all(x[:, 3] > x[:, 4])  # the source is the busier domain
+    s = contract.LOAD_SCALE
+    assert len(keys) == 2 * 2 * 2 * (s + 1) * s // 2

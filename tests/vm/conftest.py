@@ -1,0 +1,105 @@
+"""In-guest fixtures: a running mlsched-load and helpers to read its pinned maps.
+
+These tests need a sched_ext kernel and root: they run inside the VM (`make vm-test`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from loader import contract
+from loader.scheduler import scx_ops_name, scx_state
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "model_dir" / "model_path"
+# Output that must survive the VM goes to the shared, writable directory.
+LOG_DIR = Path(os.environ.get("MLSCHED_VM_OUT", ROOT / "build" / "vm-out"))
+
+# Upper bounds so that a broken run fails instead of hanging; not performance targets.
+ATTACH_WAIT_S = 60
+MODEL_WAIT_S = 240
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if scx_state() == "unsupported" or os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root on a sched_ext kernel: run `make vm-test`")
+        for item in items:
+            item.add_marker(skip)
+
+
+def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> float:
+    """Poll pred() until true; returns the seconds it took; fails after timeout_s."""
+    t0 = time.monotonic()
+    while not pred():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"mlsched-load exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def attached() -> bool:
+    return scx_state() == "enabled" and scx_ops_name() == contract.SCHED_NAME
+
+
+@dataclass
+class Loader:
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        from tools.stats import Pinned, snapshot
+
+        return snapshot(Pinned(contract.PIN_DIR))
+
+    def wait_model_ready(self) -> None:
+        wait_for(lambda: self.stats()["loader_model_ready"] == 1, MODEL_WAIT_S, "the model",
+                 self.proc)
+
+    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+
+def start_loader(*extra: str, name: str = "loader") -> Loader:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"{name}.log"
+    cmd = [sys.executable, "-m", "loader.main", "--model", str(MODEL), "--domains", "2", *extra]
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    return Loader(proc, log_path)
+
+
+@pytest.fixture
+def loader() -> Iterator[Loader]:
+    ld = start_loader()
+    try:
+        wait_for(attached, ATTACH_WAIT_S, "mlsched to attach", ld.proc)
+        yield ld
+    finally:
+        if ld.proc.poll() is None:
+            ld.stop()
+        print(f"--- {ld.log_path.name} ---\n{ld.log()}")
+
+
+def stress(seconds: int, cpus: int = 2) -> subprocess.Popen:
+    """A wakeup-heavy load: CPU hogs plus pipe ping-pong, so wakeups find no idle CPU."""
+    return subprocess.Popen(
+        ["stress-ng", "--temp-path", "/tmp", "--cpu", str(cpus), "--pipe", str(cpus), "--timeout", f"{seconds}s",
+         "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
