@@ -41,7 +41,7 @@ host-test: setup bpf
 	$(PY) -m pytest -q tests/host
 
 vm-test: setup bpf
-	scripts/vm-run.sh --cpus $(VM_CPUS) -- 'python -m pytest -q -p no:cacheprovider tests/vm'
+	scripts/vm-run.sh --cpus $(VM_CPUS) -- 'python -m pytest -v -s -p no:cacheprovider tests/vm'
 
 test: host-test vm-test
 

@@ -183,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         model_info = check_model_dir(args.model)
     except ModelError as e:
         return fail(str(e))
+    if args.backend == "numpy" and not model_info.fastpath_ok:
+        return fail(f"--backend numpy: {model_info.fastpath_reason}")
     if not os.path.isfile(args.bpf_obj):
         return fail(f"BPF object not found at {args.bpf_obj} (run `make bpf`)")
 
@@ -199,13 +201,15 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     from loader import libbpf
     from loader.bpfmaps import RingBufferReader
     from loader.pipeline import DecisionPipeline
-    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins
+    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins, scx_state
     from loader.stats_publisher import StatsPublisher
 
     stop = Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
 
+    if scx_state() == "unsupported":
+        return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
     try:
         clean_stale_pins(args.pin_dir)
         sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)

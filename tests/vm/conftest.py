@@ -99,7 +99,7 @@ def loader() -> Iterator[Loader]:
 def stress(seconds: int, cpus: int = 2) -> subprocess.Popen:
     """A wakeup-heavy load: CPU hogs plus pipe ping-pong, so wakeups find no idle CPU."""
     return subprocess.Popen(
-        ["stress-ng", "--temp-path", "/tmp", "--cpu", str(cpus), "--pipe", str(cpus), "--timeout", f"{seconds}s",
-         "--quiet"],
+        ["stress-ng", "--temp-path", "/tmp", "--cpu", str(cpus), "--pipe", str(cpus),
+         "--timeout", f"{seconds}s", "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
