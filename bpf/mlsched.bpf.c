@@ -101,6 +101,14 @@ struct {
 	__type(value, u64);
 } loader_stats SEC(".maps");
 
+/* Latency histograms of the loader, see enum mlsched_hist; only user space writes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MLSCHED_NR_HISTS * MLSCHED_HIST_BUCKETS);
+	__type(key, u32);
+	__type(value, u64);
+} latency_hist SEC(".maps");
+
 /* Configuration set by the loader before attach, indexed by enum mlsched_config. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -165,6 +173,7 @@ enum mlsched_counter contract_btf_counter;
 enum mlsched_loader_stat contract_btf_loader_stat;
 enum mlsched_backend contract_btf_backend;
 enum mlsched_config contract_btf_config;
+enum mlsched_hist contract_btf_hist;
 
 /* Copied from "sched_config" at init: read on every wakeup. */
 static u32 nr_cpus;

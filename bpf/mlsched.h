@@ -104,6 +104,7 @@ enum mlsched_loader_stat {
 	MLSCHED_LS_START_NS,		/* CLOCK_MONOTONIC ns when the loader attached */
 	MLSCHED_LS_LOADER_PID,		/* pid of the loader */
 	MLSCHED_LS_EV_LAT_NS_SUM,	/* event ts -> decision in map, summed, ns */
+	MLSCHED_LS_TABLE_ENTRIES,	/* distinct keys the loader has decided */
 	MLSCHED_NR_LOADER_STATS,
 };
 
@@ -138,6 +139,19 @@ struct mlsched_dom_stat {
 	__u32 nr_cpus;		/* CPUs in the domain */
 	__u32 load_q;		/* last computed load, 0..LOAD_SCALE */
 	__u64 queued;		/* tasks in the domain's DSQ when last computed */
+};
+
+/*
+ * Latency histograms: array "latency_hist" of u64 counts, written by the
+ * loader. Row h (enum mlsched_hist) occupies indices h * HIST_BUCKETS + b;
+ * bucket b counts latencies in [2^b, 2^(b+1)) ns (bucket 0 also holds 0 ns,
+ * the last bucket everything above).
+ */
+#define MLSCHED_HIST_BUCKETS	40
+enum mlsched_hist {
+	MLSCHED_HIST_BATCH = 0,		/* model call + map update per batch */
+	MLSCHED_HIST_EVENT,		/* candidate's BPF timestamp -> decision in map */
+	MLSCHED_NR_HISTS,
 };
 
 /* The ring buffer holding struct mlsched_candidate records. */

@@ -56,6 +56,15 @@ class U64Array:
     def read_all(self) -> list[int]:
         return [self.get(i) for i in range(self.size)]
 
+    def write_all(self, values: np.ndarray) -> None:
+        """Write values[i] at every index i, in one batch update."""
+        keys = np.arange(len(values), dtype=np.uint32)
+        vals = np.ascontiguousarray(values, dtype=np.uint64)
+        count = ctypes.c_uint32(len(keys))
+        res = bcc.bpf_update_batch(self.fd, keys.ctypes.data_as(ctypes.c_void_p),
+                                   vals.ctypes.data_as(ctypes.c_void_p), ctypes.byref(count))
+        _check(res, "batch update")
+
 
 class PerCpuU64Array:
     """A PERCPU_ARRAY map of u64 counters; read() sums over CPUs."""

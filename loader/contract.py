@@ -54,12 +54,21 @@ MAP_CONFIG = "sched_config"  # u64[Config]
 MAP_CPU_DOM = "cpu_dom"  # u32 cpu -> u32 domain
 MAP_DOM_STATS = "dom_stats"  # struct mlsched_dom_stat[MAX_DOMS]
 MAP_EXIT_INFO = "exit_info"  # struct mlsched_exit_info[1]
+MAP_LATENCY_HIST = "latency_hist"  # u64[Hist * HIST_BUCKETS]
 STRUCT_OPS_MAP = "mlsched_ops"
 SCHED_NAME = "mlsched"
 
 # Maps pinned for mlsched-stats, under PIN_DIR.
 PIN_DIR = "/sys/fs/bpf/mlsched"
-PINNED_MAPS = (MAP_COUNTERS, MAP_LOADER_STATS, MAP_CONFIG, MAP_DOM_STATS, MAP_EXIT_INFO)
+PINNED_MAPS = (
+    MAP_COUNTERS,
+    MAP_LOADER_STATS,
+    MAP_CONFIG,
+    MAP_DOM_STATS,
+    MAP_EXIT_INFO,
+    MAP_LATENCY_HIST,
+    MAP_DECISIONS,
+)
 
 
 class Decision(IntEnum):
@@ -106,9 +115,29 @@ class LoaderStat(IntEnum):
     START_NS = 8
     LOADER_PID = 9
     EV_LAT_NS_SUM = 10
+    TABLE_ENTRIES = 11
 
 
 NR_LOADER_STATS = len(LoaderStat)
+
+
+HIST_BUCKETS = 40
+
+
+class Hist(IntEnum):
+    """Rows of the latency_hist map; bucket b counts latencies in [2^b, 2^(b+1)) ns."""
+
+    BATCH = 0
+    EVENT = 1
+
+
+NR_HISTS = len(Hist)
+
+
+def hist_bucket(ns: np.ndarray) -> np.ndarray:
+    """Histogram bucket of each latency in ns (log2, clamped to the last bucket)."""
+    ns = np.maximum(np.asarray(ns, dtype=np.int64), 1)
+    return np.minimum(np.floor(np.log2(ns)).astype(np.int64), HIST_BUCKETS - 1)
 
 
 class Backend(IntEnum):

@@ -231,7 +231,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     )
 
     pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
-    publisher = StatsPublisher(sched.loader_stats, pipeline)
+    publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
     loader_thread = threading.Thread(
         target=load_model, args=(model_info, args.backend, pipeline, publisher), daemon=True
     )

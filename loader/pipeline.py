@@ -37,7 +37,11 @@ class PipelineStats:
     batch_ns_sum: int = 0
     batch_ns_max: int = 0
     ev_lat_ns_sum: int = 0
-    batch_ns: list[int] = field(default_factory=list)  # recent batch latencies, for p50/p99
+    table_entries: int = 0
+    # log2 latency histograms, rows as contract.Hist (cumulative since attach)
+    hist: np.ndarray = field(
+        default_factory=lambda: np.zeros((contract.NR_HISTS, contract.HIST_BUCKETS), np.uint64)
+    )
 
 
 class DecisionPipeline:
@@ -58,6 +62,7 @@ class DecisionPipeline:
         self._waiting: dict[int, int] = {}
         self._oldest_s = 0.0
         self._errors_logged: set[str] = set()
+        self._decided: set[int] = set()  # keys written to the decision map
 
     def set_model(self, model: Predictor) -> None:
         with self._lock:
@@ -136,9 +141,12 @@ class DecisionPipeline:
         s.decisions += len(keys)
         s.batch_ns_sum += spent
         s.batch_ns_max = max(s.batch_ns_max, spent)
-        s.batch_ns.append(spent)
-        if len(s.batch_ns) > 4096:
-            del s.batch_ns[:2048]
+        s.hist[contract.Hist.BATCH, contract.hist_bucket(np.array([spent]))[0]] += 1
         # BPF timestamps are CLOCK_MONOTONIC, like time.monotonic_ns().
-        s.ev_lat_ns_sum += int(np.sum(np.int64(done) - stamps.astype(np.int64)))
+        ev_lat = np.int64(done) - stamps.astype(np.int64)
+        s.ev_lat_ns_sum += int(np.sum(ev_lat))
+        np.add.at(s.hist[contract.Hist.EVENT], contract.hist_bucket(ev_lat), 1)
+        for k in keys.tolist():
+            self._decided.add(k)
+        s.table_entries = len(self._decided)
         return len(keys)

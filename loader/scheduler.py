@@ -78,6 +78,9 @@ class Scheduler:
         self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
         self.config = U64Array(fd(contract.MAP_CONFIG), contract.NR_CONFIG)
         self.exit_info = StructArray(fd(contract.MAP_EXIT_INFO), 1, contract.ExitInfo)
+        self.latency_hist = U64Array(
+            fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
+        )
 
     def configure(self, plan: DomainPlan, fallback: contract.Fallback, slice_ns: int) -> None:
         set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())

@@ -13,8 +13,11 @@ PUBLISH_INTERVAL_S = 0.2
 
 
 class StatsPublisher:
-    def __init__(self, loader_stats: U64Array, pipeline: DecisionPipeline) -> None:
+    def __init__(
+        self, loader_stats: U64Array, latency_hist: U64Array, pipeline: DecisionPipeline
+    ) -> None:
         self.map = loader_stats
+        self.hist_map = latency_hist
         self.pipeline = pipeline
         self.model_failed: str | None = None  # set by the model thread when loading fails
         self._last = 0.0
@@ -39,5 +42,7 @@ class StatsPublisher:
             (LS.BATCH_NS_SUM, s.batch_ns_sum),
             (LS.BATCH_NS_MAX, s.batch_ns_max),
             (LS.EV_LAT_NS_SUM, s.ev_lat_ns_sum),
+            (LS.TABLE_ENTRIES, s.table_entries),
         ):
             self.map.set(index, value)
+        self.hist_map.write_all(s.hist.reshape(-1))

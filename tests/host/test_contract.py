@@ -76,6 +76,7 @@ def btf() -> dict[str, tuple[str, int, list[tuple[str, int]]]]:
     ("EXIT_REASON_LEN", contract.EXIT_REASON_LEN),
     ("EXIT_MSG_LEN", contract.EXIT_MSG_LEN),
     ("RINGBUF_DEFAULT_BYTES", contract.RINGBUF_DEFAULT_BYTES),
+    ("HIST_BUCKETS", contract.HIST_BUCKETS),
 ])
 def test_header_defines_match(define: str, value: int) -> None:
     assert header_defines()[define] == value
@@ -107,6 +108,7 @@ def test_candidate_dtype_matches_struct() -> None:
     ("mlsched_backend", "MLSCHED_BACKEND_", contract.Backend),
     ("mlsched_fallback", "MLSCHED_FALLBACK_", contract.Fallback),
     ("mlsched_decision", "MLSCHED_", contract.Decision),
+    ("mlsched_hist", "MLSCHED_HIST_", contract.Hist),
 ])
 def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum]) -> None:
     kind, _, values = btf[c_enum]
