@@ -55,8 +55,6 @@ void bpf_cpumask_set_cpu(u32 cpu, struct bpf_cpumask *cpumask) __ksym;
 
 /* Domain DSQ ids: small user ids, clear of the builtin-DSQ flag bit. */
 #define DOM_DSQ(dom)		(0x100ULL + (dom))
-/* A pending candidate is pushed again when its decision has not come by then. */
-#define PENDING_RETRY_NS	(1000ULL * 1000 * 1000)
 #define WATCHDOG_TIMEOUT_MS	5000
 
 #define EINVAL	22
@@ -180,6 +178,8 @@ static u32 nr_cpus;
 static u32 nr_doms;
 static u32 fallback_policy;
 static u64 slice_ns = SCX_SLICE_DFL;
+/* A pending candidate is pushed again when its decision has not come by then. */
+static u64 resubmit_ns = 1000ULL * 1000 * 1000;
 
 static __always_inline void cnt_inc(u32 idx)
 {
@@ -257,7 +257,7 @@ static __always_inline void submit_once(struct mlsched_candidate *c)
 	u64 *last;
 
 	last = bpf_map_lookup_elem(&pending, &c->key);
-	if (last && now - *last < PENDING_RETRY_NS)
+	if (last && now - *last < resubmit_ns)
 		return;
 	bpf_map_update_elem(&pending, &c->key, &now, BPF_ANY);
 
@@ -529,6 +529,8 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	fallback_policy = cfg_get(MLSCHED_CFG_FALLBACK);
 	if (cfg_get(MLSCHED_CFG_SLICE_NS))
 		slice_ns = cfg_get(MLSCHED_CFG_SLICE_NS);
+	if (cfg_get(MLSCHED_CFG_RESUBMIT_NS))
+		resubmit_ns = cfg_get(MLSCHED_CFG_RESUBMIT_NS);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		mlsched_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;

@@ -120,6 +120,7 @@ enum mlsched_config {
 	MLSCHED_CFG_NR_DOMS,		/* scheduling domains */
 	MLSCHED_CFG_FALLBACK,		/* enum mlsched_fallback */
 	MLSCHED_CFG_SLICE_NS,		/* time slice, ns */
+	MLSCHED_CFG_RESUBMIT_NS,	/* push an undecided key again after this, ns */
 	MLSCHED_NR_CONFIG,
 };
 

@@ -151,6 +151,7 @@ class Config(IntEnum):
     NR_DOMS = 1
     FALLBACK = 2
     SLICE_NS = 3
+    RESUBMIT_NS = 4
 
 
 NR_CONFIG = len(Config)

@@ -29,6 +29,7 @@ examples:
   sudo mlsched-load --model model_dir/model_path            # attach with the bundled model
   sudo mlsched-load --model DIR --domains 2 --fallback heuristic
   sudo mlsched-load --model DIR --backend tf --batch-size 128 -v
+  sudo mlsched-load --model DIR --stats 2                   # print the stats block every 2 s
   mlsched-stats --once                                       # in another shell: the counters
 
 Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. If the kernel ejects the
@@ -61,6 +62,16 @@ def _max_wait(text: str) -> float:
         raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
     if not 0 < v <= 1000:
         raise argparse.ArgumentTypeError(f"must be in (0, 1000] ms, got {v}")
+    return v
+
+
+def _stats_interval(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {v}")
     return v
 
 
@@ -141,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the stats maps are pinned (default: %(default)s)",
     )
     p.add_argument(
+        "--stats",
+        type=_stats_interval,
+        default=None,
+        metavar="SECS",
+        help="print the mlsched-stats block to stdout every SECS seconds",
+    )
+    p.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -216,7 +234,8 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     except (libbpf.LibbpfError, SchedulerError) as e:
         return fail(str(e), 1)
     try:
-        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000)
+        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
+                        args.resubmit_ms * 1_000_000)
         sched.attach()
         sched.pin(args.pin_dir)
     except (libbpf.LibbpfError, SchedulerError, OSError) as e:
@@ -240,12 +259,19 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
 
     status = 0
     poll_ms = max(1, int(args.max_wait_ms))
+    printer = None
     try:
+        if args.stats:
+            from tools.stats import LoaderMaps, StatsPrinter
+
+            printer = StatsPrinter(LoaderMaps(sched), os.path.abspath(args.model), args.stats)
         while not stop.requested:
             reader.poll(poll_ms)
             if pipeline.due():
                 pipeline.flush()
             publisher.maybe_publish()
+            if printer is not None:
+                printer.maybe_print()
             if publisher.model_failed is not None:
                 log.error("%s", publisher.model_failed)
                 status = 2

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loader import contract
+from loader.checkpoint_index import CheckpointError, verify_checkpoint
 
 SIGNATURE_KEY = "serving_default"
 SERVE_TAG = "serve"
@@ -355,5 +356,9 @@ def check_model_dir(path: str | Path) -> ModelInfo:
     _expect_shape(path, "output", out_spec, 1, "end with Dense(1, activation='sigmoid')")
 
     digest = model_digest(path)  # also raises "missing variables"
+    try:  # the stored checksums: TF would only find damaged variables after attach
+        verify_checkpoint(path / "variables")
+    except CheckpointError as e:
+        raise ModelError(f"corrupt variables at {path}/variables: {e} (re-export the model)") from e
     ok, reason = _fastpath_status(path, digest)
     return ModelInfo(path, input_key, output_key, digest, ok, reason)

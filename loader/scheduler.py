@@ -82,12 +82,15 @@ class Scheduler:
             fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
         )
 
-    def configure(self, plan: DomainPlan, fallback: contract.Fallback, slice_ns: int) -> None:
+    def configure(
+        self, plan: DomainPlan, fallback: contract.Fallback, slice_ns: int, resubmit_ns: int
+    ) -> None:
         set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())
         self.config.set(contract.Config.NR_CPUS, plan.nr_cpus)
         self.config.set(contract.Config.NR_DOMS, len(plan.domains))
         self.config.set(contract.Config.FALLBACK, int(fallback))
         self.config.set(contract.Config.SLICE_NS, slice_ns)
+        self.config.set(contract.Config.RESUBMIT_NS, resubmit_ns)
 
     def attach(self) -> None:
         state = scx_state()

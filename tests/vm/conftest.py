@@ -48,6 +48,20 @@ def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen | None = 
     return time.monotonic() - t0
 
 
+def read_stats() -> dict[str, int]:
+    """One snapshot of the pinned maps (opens and closes their fds)."""
+    from tools.stats import Pinned, snapshot
+
+    pinned = Pinned(contract.PIN_DIR)
+    try:
+        return snapshot(pinned)
+    finally:
+        for wrapper in vars(pinned).values():
+            fd = getattr(wrapper, "fd", None)
+            if isinstance(fd, int):
+                os.close(fd)
+
+
 def attached() -> bool:
     return scx_state() == "enabled" and scx_ops_name() == contract.SCHED_NAME
 
@@ -61,9 +75,7 @@ class Loader:
         return self.log_path.read_text(errors="replace")
 
     def stats(self) -> dict[str, int]:
-        from tools.stats import Pinned, snapshot
-
-        return snapshot(Pinned(contract.PIN_DIR))
+        return read_stats()
 
     def wait_model_ready(self) -> None:
         wait_for(lambda: self.stats()["loader_model_ready"] == 1, MODEL_WAIT_S, "the model",
