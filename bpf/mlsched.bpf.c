@@ -172,6 +172,7 @@ enum mlsched_loader_stat contract_btf_loader_stat;
 enum mlsched_backend contract_btf_backend;
 enum mlsched_config contract_btf_config;
 enum mlsched_hist contract_btf_hist;
+enum mlsched_source contract_btf_source;
 
 /* Copied from "sched_config" at init: read on every wakeup. */
 static u32 nr_cpus;
@@ -180,6 +181,13 @@ static u32 fallback_policy;
 static u64 slice_ns = SCX_SLICE_DFL;
 /* A pending candidate is pushed again when its decision has not come by then. */
 static u64 resubmit_ns = 1000ULL * 1000 * 1000;
+/*
+ * Collection mode (mlsched-collect): the decision map is ignored; the
+ * fallback decides, or a coin flip with probability explore / 65536, and
+ * every candidate is pushed with its action so that both actions are seen.
+ */
+static bool collect;
+static u32 explore;
 
 static __always_inline void cnt_inc(u32 idx)
 {
@@ -249,29 +257,36 @@ static __always_inline u64 pack_key(struct mlsched_candidate *c)
 	       ((u64)c->dst_load_q << MLSCHED_KEY_DST_SHIFT);
 }
 
+/* Push a candidate record; false when the ring buffer is full (counted). */
+static __always_inline bool push(struct mlsched_candidate *c, u64 now)
+{
+	struct mlsched_candidate *rec;
+
+	rec = bpf_ringbuf_reserve(&candidates, sizeof(*rec), 0);
+	if (!rec) {
+		cnt_inc(MLSCHED_CNT_RB_DROPS);
+		return false;
+	}
+	*rec = *c;
+	rec->ts_ns = now;
+	bpf_ringbuf_submit(rec, 0);
+	cnt_inc(MLSCHED_CNT_SUBMITTED);
+	return true;
+}
+
 /* Push a candidate for the model, once per key until its decision arrives. */
 static __always_inline void submit_once(struct mlsched_candidate *c)
 {
 	u64 now = bpf_ktime_get_ns();
-	struct mlsched_candidate *rec;
 	u64 *last;
 
 	last = bpf_map_lookup_elem(&pending, &c->key);
 	if (last && now - *last < resubmit_ns)
 		return;
 	bpf_map_update_elem(&pending, &c->key, &now, BPF_ANY);
-
-	rec = bpf_ringbuf_reserve(&candidates, sizeof(*rec), 0);
-	if (!rec) {
-		/* Forget it so that the next miss on this key tries again. */
+	/* On a drop, forget the key so that the next miss tries again. */
+	if (!push(c, now))
 		bpf_map_delete_elem(&pending, &c->key);
-		cnt_inc(MLSCHED_CNT_RB_DROPS);
-		return;
-	}
-	*rec = *c;
-	rec->ts_ns = now;
-	bpf_ringbuf_submit(rec, 0);
-	cnt_inc(MLSCHED_CNT_SUBMITTED);
 }
 
 static __always_inline bool fallback_migrate(struct mlsched_candidate *c)
@@ -385,6 +400,21 @@ s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 
 	}
 	c.key = pack_key(&c);
 
+	if (collect) {
+		if (explore && (bpf_get_prandom_u32() & 0xffff) < explore) {
+			migrate = bpf_get_prandom_u32() & 1;
+			c.source = MLSCHED_SRC_EXPLORE;
+			cnt_inc(MLSCHED_CNT_EXPLORED);
+		} else {
+			migrate = fallback_migrate(&c);
+			c.source = MLSCHED_SRC_FALLBACK;
+		}
+		cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
+		c.action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+		push(&c, bpf_ktime_get_ns());
+		goto apply;
+	}
+
 	decision = bpf_map_lookup_elem(&decisions, &c.key);
 	if (decision) {
 		cnt_inc(MLSCHED_CNT_HITS);
@@ -394,8 +424,11 @@ s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 
 		cnt_inc(MLSCHED_CNT_MISSES);
 		migrate = fallback_migrate(&c);
 		cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
+		c.action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+		c.source = MLSCHED_SRC_FALLBACK;
 		submit_once(&c);
 	}
+apply:
 	if (!migrate)
 		return prev_cpu;
 
@@ -531,6 +564,8 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 		slice_ns = cfg_get(MLSCHED_CFG_SLICE_NS);
 	if (cfg_get(MLSCHED_CFG_RESUBMIT_NS))
 		resubmit_ns = cfg_get(MLSCHED_CFG_RESUBMIT_NS);
+	collect = cfg_get(MLSCHED_CFG_COLLECT);
+	explore = cfg_get(MLSCHED_CFG_EXPLORE);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		mlsched_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;

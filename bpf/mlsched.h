@@ -69,6 +69,15 @@ struct mlsched_candidate {
 	__u32 dst_dom;		/* the least loaded other domain */
 	__u32 src_load_q;	/* source domain load, 0..LOAD_SCALE */
 	__u32 dst_load_q;	/* destination domain load, 0..LOAD_SCALE */
+	__u32 action;		/* enum mlsched_decision applied to this wakeup */
+	__u32 source;		/* enum mlsched_source: who chose the action */
+};
+
+/* Who chose a candidate's action (recorded in collection mode). */
+enum mlsched_source {
+	MLSCHED_SRC_MODEL = 0,		/* a decision-map hit */
+	MLSCHED_SRC_FALLBACK = 1,	/* the fallback policy */
+	MLSCHED_SRC_EXPLORE = 2,	/* a coin flip (collection mode) */
 };
 
 /* Kernel-side counters: per-CPU array "counters", events since attach. */
@@ -88,6 +97,7 @@ enum mlsched_counter {
 	MLSCHED_CNT_MIGRATIONS,		/* tasks sent to another domain's CPU */
 	MLSCHED_CNT_STEALS,		/* dispatches taken from another domain's DSQ */
 	MLSCHED_CNT_PINNED,		/* enqueues of tasks with restricted affinity */
+	MLSCHED_CNT_EXPLORED,		/* candidates decided by a coin flip (collection) */
 	MLSCHED_NR_COUNTERS,
 };
 
@@ -121,6 +131,8 @@ enum mlsched_config {
 	MLSCHED_CFG_FALLBACK,		/* enum mlsched_fallback */
 	MLSCHED_CFG_SLICE_NS,		/* time slice, ns */
 	MLSCHED_CFG_RESUBMIT_NS,	/* push an undecided key again after this, ns */
+	MLSCHED_CFG_COLLECT,		/* 1: collection mode, every candidate is pushed */
+	MLSCHED_CFG_EXPLORE,		/* collection: P(coin flip) in 1/65536 units */
 	MLSCHED_NR_CONFIG,
 };
 

@@ -76,6 +76,17 @@ class Decision(IntEnum):
     MIGRATE = 1
 
 
+class Source(IntEnum):
+    """Who chose a candidate's action."""
+
+    MODEL = 0
+    FALLBACK = 1
+    EXPLORE = 2
+
+
+EXPLORE_SCALE = 65536  # Config.EXPLORE is a probability in 1/EXPLORE_SCALE units
+
+
 class Fallback(IntEnum):
     KEEP = 0
     MIGRATE = 1
@@ -98,6 +109,7 @@ class Counter(IntEnum):
     MIGRATIONS = 12
     STEALS = 13
     PINNED = 14
+    EXPLORED = 15
 
 
 NR_COUNTERS = len(Counter)
@@ -152,6 +164,8 @@ class Config(IntEnum):
     FALLBACK = 2
     SLICE_NS = 3
     RESUBMIT_NS = 4
+    COLLECT = 5
+    EXPLORE = 6
 
 
 NR_CONFIG = len(Config)
@@ -171,6 +185,8 @@ class Candidate(ctypes.Structure):
         ("dst_dom", ctypes.c_uint32),
         ("src_load_q", ctypes.c_uint32),
         ("dst_load_q", ctypes.c_uint32),
+        ("action", ctypes.c_uint32),
+        ("source", ctypes.c_uint32),
     ]
 
 

@@ -109,6 +109,7 @@ def test_candidate_dtype_matches_struct() -> None:
     ("mlsched_fallback", "MLSCHED_FALLBACK_", contract.Fallback),
     ("mlsched_decision", "MLSCHED_", contract.Decision),
     ("mlsched_hist", "MLSCHED_HIST_", contract.Hist),
+    ("mlsched_source", "MLSCHED_SRC_", contract.Source),
 ])
 def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum]) -> None:
     kind, _, values = btf[c_enum]
