@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="SavedModel directory, input [?,10] -> output [?,1] (default: %(default)s)",
     )
     p.add_argument(
+        "--no-model",
+        action="store_true",
+        help="never load the model: the fallback policy serves every candidate and the "
+        "ring buffer is still drained (a baseline for benchmarks)",
+    )
+    p.add_argument(
         "--backend",
         choices=("auto", "tf", "numpy"),
         default="auto",
@@ -150,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=contract.PIN_DIR,
         metavar="DIR",
         help="where the stats maps are pinned (default: %(default)s)",
+    )
+    p.add_argument(
+        "--resubmit-ms",
+        type=_positive,
+        default=1000,
+        metavar="MS",
+        help="push a still undecided candidate key again after MS (default: 1000)",
     )
     p.add_argument(
         "--stats",
@@ -254,7 +267,8 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     loader_thread = threading.Thread(
         target=load_model, args=(model_info, args.backend, pipeline, publisher), daemon=True
     )
-    loader_thread.start()
+    if not args.no_model:
+        loader_thread.start()
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
 
     status = 0
