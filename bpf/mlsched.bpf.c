@@ -188,6 +188,13 @@ static u64 resubmit_ns = 1000ULL * 1000 * 1000;
  */
 static bool collect;
 static u32 explore;
+/*
+ * The loader turns candidates into decisions: when it wakes, it runs ahead
+ * of the queue (head of its CPU's local DSQ, preempting), or the decisions
+ * it owes wait behind a full slice of every CPU hog. Only wakeups are
+ * boosted, so a loader busy computing (importing TensorFlow) takes turns.
+ */
+static u32 loader_tgid;
 
 static __always_inline void cnt_inc(u32 idx)
 {
@@ -302,6 +309,11 @@ static __always_inline bool fallback_migrate(struct mlsched_candidate *c)
 	}
 }
 
+static __always_inline bool is_loader(struct task_struct *p)
+{
+	return loader_tgid && p->tgid == loader_tgid;
+}
+
 /* Tasks that cannot run everywhere stay with the kernel's default CPU choice. */
 static __always_inline bool is_restricted(struct task_struct *p)
 {
@@ -350,7 +362,7 @@ s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 
 
 	cnt_inc(MLSCHED_CNT_SELECT);
 
-	if (is_restricted(p)) {
+	if (is_restricted(p) || is_loader(p)) {
 		bool is_idle = false;
 
 		cpu = scx_bpf_select_cpu_dfl(p, prev_cpu, wake_flags, &is_idle);
@@ -454,6 +466,12 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 	const struct cpumask *mask;
 	u32 dom;
 
+	if (is_loader(p) && (enq_flags & SCX_ENQ_WAKEUP)) {
+		cnt_inc(MLSCHED_CNT_LOADER_WAKEUPS);
+		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags | SCX_ENQ_HEAD);
+		scx_bpf_kick_cpu(cpu, SCX_KICK_PREEMPT);
+		return;
+	}
 	if (is_restricted(p)) {
 		/* Its own CPU is always allowed; a domain queue might not be. */
 		cnt_inc(MLSCHED_CNT_PINNED);
@@ -565,6 +583,7 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	if (cfg_get(MLSCHED_CFG_RESUBMIT_NS))
 		resubmit_ns = cfg_get(MLSCHED_CFG_RESUBMIT_NS);
 	collect = cfg_get(MLSCHED_CFG_COLLECT);
+	loader_tgid = cfg_get(MLSCHED_CFG_LOADER_TGID);
 	explore = cfg_get(MLSCHED_CFG_EXPLORE);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		mlsched_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);

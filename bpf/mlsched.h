@@ -98,6 +98,7 @@ enum mlsched_counter {
 	MLSCHED_CNT_STEALS,		/* dispatches taken from another domain's DSQ */
 	MLSCHED_CNT_PINNED,		/* enqueues of tasks with restricted affinity */
 	MLSCHED_CNT_EXPLORED,		/* candidates decided by a coin flip (collection) */
+	MLSCHED_CNT_LOADER_WAKEUPS,	/* wakeups of the loader, run ahead of the queue */
 	MLSCHED_NR_COUNTERS,
 };
 
@@ -133,6 +134,7 @@ enum mlsched_config {
 	MLSCHED_CFG_RESUBMIT_NS,	/* push an undecided key again after this, ns */
 	MLSCHED_CFG_COLLECT,		/* 1: collection mode, every candidate is pushed */
 	MLSCHED_CFG_EXPLORE,		/* collection: P(coin flip) in 1/65536 units */
+	MLSCHED_CFG_LOADER_TGID,	/* the loader's process: run first when it wakes */
 	MLSCHED_NR_CONFIG,
 };
 

@@ -110,6 +110,7 @@ class Counter(IntEnum):
     STEALS = 13
     PINNED = 14
     EXPLORED = 15
+    LOADER_WAKEUPS = 16
 
 
 NR_COUNTERS = len(Counter)
@@ -166,6 +167,7 @@ class Config(IntEnum):
     RESUBMIT_NS = 4
     COLLECT = 5
     EXPLORE = 6
+    LOADER_TGID = 7
 
 
 NR_CONFIG = len(Config)

@@ -23,6 +23,7 @@ log = logging.getLogger("mlsched")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BPF_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
 DEFAULT_MODEL = REPO_ROOT / "model_dir" / "model_path"
+IDLE_POLL_MS = 100  # how often an idle loader checks for signals, ejection and stats
 
 EXAMPLES = """\
 examples:
@@ -272,7 +273,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
 
     status = 0
-    poll_ms = max(1, int(args.max_wait_ms))
+    batch_poll_ms = max(1, int(args.max_wait_ms))
     printer = None
     try:
         if args.stats:
@@ -280,7 +281,9 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
 
             printer = StatsPrinter(LoaderMaps(sched), os.path.abspath(args.model), args.stats)
         while not stop.requested:
-            reader.poll(poll_ms)
+            # Sleep long when no batch is filling: every wakeup of the loader costs the
+            # workload a preemption (the scheduler runs the loader first).
+            reader.poll(batch_poll_ms if pipeline.filling() else IDLE_POLL_MS)
             if pipeline.due():
                 pipeline.flush()
             publisher.maybe_publish()

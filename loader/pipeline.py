@@ -83,6 +83,10 @@ class DecisionPipeline:
             self._oldest_s = time.monotonic()
         self._waiting[rec.key] = rec.ts_ns
 
+    def filling(self) -> bool:
+        """A batch is being filled: keys wait and a model is there to decide them."""
+        return self._model is not None and bool(self._waiting)
+
     def due(self) -> bool:
         """A batch is due when it is full or its oldest key waited max_wait_s."""
         if self._model is None or not self._waiting:

@@ -91,6 +91,7 @@ class Scheduler:
         self.config.set(contract.Config.FALLBACK, int(fallback))
         self.config.set(contract.Config.SLICE_NS, slice_ns)
         self.config.set(contract.Config.RESUBMIT_NS, resubmit_ns)
+        self.config.set(contract.Config.LOADER_TGID, os.getpid())
 
     def attach(self) -> None:
         state = scx_state()

@@ -56,14 +56,17 @@ def read_stats() -> dict[str, int]:
     try:
         return snapshot(pinned)
     finally:
-        for wrapper in vars(pinned).values():
-            fd = getattr(wrapper, "fd", None)
-            if isinstance(fd, int):
-                os.close(fd)
+        pinned.close()
 
 
 def attached() -> bool:
-    return scx_state() == "enabled" and scx_ops_name() == contract.SCHED_NAME
+    """mlsched is the running scheduler and its loader has pinned its maps."""
+    return (
+        scx_state() == "enabled"
+        and scx_ops_name() == contract.SCHED_NAME
+        and os.path.isdir(contract.PIN_DIR)
+        and len(os.listdir(contract.PIN_DIR)) == len(contract.PINNED_MAPS)
+    )
 
 
 @dataclass

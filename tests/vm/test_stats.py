@@ -28,7 +28,7 @@ from tests.vm.conftest import (
     wait_for,
 )
 
-STRESS_S = 12
+STRESS_S = 120  # an upper bound: the load is stopped once the samples are taken
 TIMEOUT_S = 120  # a broken run fails instead of hanging; not a performance bound
 
 
@@ -59,21 +59,33 @@ def loader_with_stats() -> Iterator[Loader]:
 def test_live_rates_under_stress(loader_with_stats: Loader) -> None:
     ld = loader_with_stats
     ld.wait_model_ready()
-    load = stress(STRESS_S)
+    # The watcher runs before the load starts: under TCG a Python start competing with
+    # stress-ng takes many seconds. Its first line proves it runs; the two after the one that
+    # saw the load begin are one second apart, both under load.
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "tools.stats", "--json", "--interval", "1"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    load = None
     try:
-        # Two --json samples one second apart, from the looping mode.
-        watcher = subprocess.Popen(
-            [sys.executable, "-m", "tools.stats", "--json", "--interval", "1"], cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            lines = [watcher.stdout.readline() for _ in range(2)]  # type: ignore[union-attr]
-        finally:
-            watcher.send_signal(signal.SIGINT)
-            assert watcher.wait(timeout=TIMEOUT_S) == 0, watcher.stderr.read()  # type: ignore[union-attr]
-        text = stats("--once")
-        om = stats("--once", "--openmetrics")
+        assert watcher.stdout.readline(), watcher.stderr.read()  # type: ignore[union-attr]
+        load = stress(STRESS_S)
+        once = {fmt: subprocess.Popen([sys.executable, "-m", "tools.stats", "--once", *fmt],
+                                      cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+                for fmt in ((), ("--openmetrics",))}
+        lines = [watcher.stdout.readline() for _ in range(3)][1:]  # type: ignore[union-attr]
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(timeout=TIMEOUT_S) == 0, watcher.stderr.read()  # type: ignore[union-attr]
+        out = {fmt: p.communicate(timeout=TIMEOUT_S) + (p.returncode,)
+               for fmt, p in once.items()}
     finally:
-        load.wait(timeout=STRESS_S * 10)
+        if watcher.poll() is None:
+            watcher.kill()
+        if load is not None:
+            load.terminate()
+            load.wait(timeout=TIMEOUT_S)
+    text_out, text_err, text_rc = out[()]
+    om_out, om_err, om_rc = out[("--openmetrics",)]
 
     assert all(lines), f"mlsched-stats --json printed {lines!r}"
     first, second = (json.loads(line) for line in lines)
@@ -94,12 +106,13 @@ def test_live_rates_under_stress(loader_with_stats: Loader) -> None:
     assert second["decisions_total"] >= first["decisions_total"] > 0
     assert second["batches_total"] > 0 and second["batch_latency_max_us"] > 0
 
-    assert text.returncode == 0, text.stderr
-    save("stats-once.txt", text.stdout)
-    assert "model ready" in text.stdout and "decide     cand" in text.stdout
+    assert text_rc == 0, text_err
+    save("stats-once.txt", text_out)
+    assert "model ready" in text_out and "decide     cand" in text_out
 
-    assert om.returncode == 0, om.stderr
-    families = {f.name: f for f in text_string_to_metric_families(om.stdout)}
+    assert om_rc == 0, om_err
+    save("stats-once.om", om_out)
+    families = {f.name: f for f in text_string_to_metric_families(om_out)}
     assert families["mlsched_candidates"].type == "counter"
     assert families["mlsched_candidates"].samples[0].value > 0
     assert families["mlsched_info"].samples[0].labels["ops"] == contract.SCHED_NAME

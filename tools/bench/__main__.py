@@ -1,0 +1,177 @@
+"""make bench: the decision pipeline and the scheduling outcome, measured in one run.
+
+usage: python -m tools.bench [--repeats N] [--scale X] [--quick] [--skip-host] [--skip-vm]
+
+Steps (progress on stdout; about 20 min on a 2-core machine):
+  1. the C code base of the build workload (generated, deterministic) in build/bench/cbase
+  2. the trained model for configuration (d): model_dir/model_export.py --output
+     build/bench-models/trained (trained again when model_export.py is newer)
+  3. pipeline on the host: python -m tools.bench.pipeline (numpy, TF and the naive TF path)
+  4. one VM boot (4 vCPUs, 2 mlsched domains): python -m tools.bench.guest (pipeline with
+     mlsched attached, then every outcome run)
+  5. bench-results/<date>.json, <date>.md and <date>-*.png (python -m tools.bench.report)
+
+Needs root, `make setup` and `make bpf`; `make bench` also builds
+build/bench/ringbuf_producer.bpf.o.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tools.bench import report
+from tools.bench.workloads import generate_codebase
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD = REPO_ROOT / "build" / "bench"
+CODEBASE = BUILD / "cbase"
+CODEBASE_UNITS, CODEBASE_FUNCS = 10, 2  # ~15-20 s of make -j4 in the TCG guest
+TRAINED = REPO_ROOT / "build" / "bench-models" / "trained"
+MODEL_EXPORT = REPO_ROOT / "model_dir" / "model_export.py"
+VM_OUT = REPO_ROOT / "build" / "vm-out" / "bench"
+PRODUCER_OBJ = BUILD / "ringbuf_producer.bpf.o"
+SCHED_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
+
+EXAMPLES = """examples:
+  make bench                                   # everything, 3 rounds (about 20 min)
+  python -m tools.bench --quick                # 1 round, smaller loads: a smoke run
+  python -m tools.bench --skip-vm              # the host pipeline only
+  python -m tools.bench.report bench-results/2026-11-24-0730.json   # redo the tables/plots
+"""
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", flush=True)
+
+
+def run_streamed(cmd: list[str], what: str) -> int:
+    say(f"{what}: {shlex.join(cmd)}")
+    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def trained_model(retrain: bool) -> Path:
+    stamp = TRAINED / "saved_model.pb"
+    fresh = stamp.is_file() and stamp.stat().st_mtime >= MODEL_EXPORT.stat().st_mtime
+    if fresh and not retrain:
+        say(f"trained model: {TRAINED.relative_to(REPO_ROOT)} is up to date")
+        return TRAINED
+    TRAINED.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    rc = run_streamed([sys.executable, str(MODEL_EXPORT), "--output", str(TRAINED)],
+                      "training the model for (d)")
+    if rc != 0 or not stamp.is_file():
+        raise SystemExit(f"bench: model_export.py failed ({rc})")
+    say(f"trained model ready in {time.monotonic() - t0:.0f} s")
+    return TRAINED
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.bench",
+        description="Benchmark mlsched: the decision pipeline (host and VM) and the scheduling "
+        "outcome against the kernel's default scheduler (VM).",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3, help="outcome rounds (default: 3)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="messaging and mixed workload size factor (default: 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round, half-size workloads, short pipeline windows")
+    ap.add_argument("--skip-host", action="store_true", help="no host pipeline run")
+    ap.add_argument("--skip-vm", action="store_true", help="no VM boot")
+    ap.add_argument("--retrain", action="store_true", help="train the (d) model again")
+    ap.add_argument("--vm-cpus", type=int, default=4, help="vCPUs (default: 4)")
+    ap.add_argument("--vm-memory", default="3G", help="VM memory (default: 3G)")
+    ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench-results",
+                    help="results directory (default: bench-results/)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: must run as root (BPF on the host, the VM)", file=sys.stderr)
+        return 2
+    for f in (PRODUCER_OBJ, SCHED_OBJ):
+        if not f.is_file():
+            print(f"bench: {f.relative_to(REPO_ROOT)} missing: run `make bench`",
+                  file=sys.stderr)
+            return 2
+    repeats, scale, seconds = args.repeats, args.scale, 2.0
+    if args.quick:
+        repeats, scale, seconds = 1, scale / 2, 1.0
+
+    t0 = time.monotonic()
+    stem = time.strftime("%Y-%m-%d-%H%M")
+    res: dict[str, Any] = {"meta": {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "make bench"
+        + (" (" + " ".join(argv or sys.argv[1:]) + ")" if (argv or sys.argv[1:]) else ""),
+        "host": platform.node(), "host_kernel": platform.release(), "host_cpus": os.cpu_count(),
+        "commit": git_commit(), "repeats": repeats, "scale": scale}}
+    out_json = args.out_dir / f"{stem}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        res["meta"]["wall_s"] = round(time.monotonic() - t0, 1)
+        out_json.write_text(json.dumps(res, indent=1) + "\n")
+
+    generate_codebase(CODEBASE, CODEBASE_UNITS, CODEBASE_FUNCS)
+    say(f"C code base: {CODEBASE.relative_to(REPO_ROOT)} ({CODEBASE_UNITS} units)")
+    trained = trained_model(args.retrain) if not args.skip_vm else TRAINED
+
+    if not args.skip_host:
+        host_json = BUILD / "host-pipeline.json"
+        host_json.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "tools.bench.pipeline", "--where", "host",
+               "--seconds", str(seconds), "--json", str(host_json)]
+        if args.quick:
+            cmd += ["--rates", "1000,100000,1000000"]
+        if run_streamed(cmd, "pipeline on the host") == 0 and host_json.is_file():
+            res["host_pipeline"] = json.loads(host_json.read_text())
+        else:
+            say("pipeline on the host failed; continuing")
+        save()
+
+    if not args.skip_vm:
+        VM_OUT.mkdir(parents=True, exist_ok=True)
+        guest_json = VM_OUT / "guest.json"
+        guest_json.unlink(missing_ok=True)
+        guest = ["python", "-m", "tools.bench.guest", "--out", str(guest_json),
+                 "--codebase", str(CODEBASE), "--trained", str(trained),
+                 "--repeats", str(repeats), "--scale", str(scale), "--seconds", str(seconds)]
+        rc = run_streamed([str(REPO_ROOT / "scripts" / "vm-run.sh"), "--cpus",
+                           str(args.vm_cpus), "--memory", args.vm_memory, "--",
+                           shlex.join(guest)], "the VM part")
+        if guest_json.is_file():
+            res["vm"] = json.loads(guest_json.read_text())
+        if rc != 0:
+            say(f"the VM part exited {rc}" + ("; keeping its partial results"
+                                              if "vm" in res else ""))
+        save()
+
+    save()
+    md, pngs = report.write(res, args.out_dir, stem)
+    say(f"done in {(time.monotonic() - t0) / 60:.1f} min: {out_json}, {md}"
+        + "".join(f", {p}" for p in pngs))
+    print()
+    print("\n".join(report.summary_table(res)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
