@@ -10,7 +10,7 @@ BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
 	-Wno-microsoft-anon-tag -Wall -Wno-unused-function
 VM_CPUS ?= 2
 
-.PHONY: all setup bpf model test host-test vm-test vm-models demo soak lint clean
+.PHONY: all setup bpf model test host-test vm-test vm-models demo soak lint clean bench-model train
 
 all: bpf
 
@@ -56,6 +56,36 @@ demo: setup bpf
 soak: setup bpf
 	scripts/vm-run.sh --cpus $(VM_CPUS) -- 'bash scripts/soak-guest.sh'
 
+# The learning loop (tools/collect.md): mlsched-collect in the VM under the benchmark's kinds of
+# load (scripts/train-guest.sh), model_export.py --data on the host, then the model checked as the
+# loader will run it and compared with the heuristic. About 5 min; not part of `make test`.
+TRAIN_CPUS ?= 4
+TRAIN_SECONDS ?= 120
+TRAIN_DATA := build/vm-out/train/candidates.csv
+TRAINED_MODEL ?= model_dir/model_path_trained
+train: setup bpf
+	rm -f $(TRAIN_DATA)
+	scripts/vm-run.sh --cpus $(TRAIN_CPUS) -- 'TRAIN_SECONDS=$(TRAIN_SECONDS) bash scripts/train-guest.sh'
+	$(PY) model_dir/model_export.py --data $(TRAIN_DATA) --output $(TRAINED_MODEL)
+	$(PY) -m tools.trainreport --model $(TRAINED_MODEL) --data $(TRAIN_DATA)
+
 clean:
 	rm -f bpf/*.o bpf/vmlinux.h
 	rm -rf build
+
+# Model backends side by side on one core (CPU 0): a table, and JSON in bench-results/.
+bench-model: setup
+	taskset -c 0 $(PY) tools/bench_model.py --cpu 0
+
+# Benchmarks (docs/BENCHMARKS.md): the decision pipeline on the host and in the VM, and the
+# scheduling outcome in one VM boot; results in bench-results/. About 20 minutes.
+.PHONY: bench
+BENCH_PRODUCER := build/bench/ringbuf_producer.bpf.o
+
+$(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/vmlinux.h Makefile
+	@mkdir -p $(dir $@)
+	@echo "bpf: compiling $@"
+	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
+
+bench: setup bpf $(BENCH_PRODUCER)
+	$(PY) -m tools.bench $(BENCH_ARGS)

@@ -1,0 +1,94 @@
+"""Export a Keras model as a SavedModel the loader accepts, verified, all or nothing.
+
+Used by model_dir/model_export.py and model_dir/transfer.py. The model is exported next to
+the output directory, checked there exactly as the loader checks it (check_model_dir, no TF),
+given verified fast-path weights when it is a plain Dense stack (write_fastpath, TF), and only
+then moved into place. A model that fails the contract leaves nothing behind, and an existing
+output is only ever replaced when it is plainly an old SavedModel (or an empty directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from loader import contract
+from loader.fastpath import FastpathResult, write_fastpath
+from loader.model_check import ModelError, ModelInfo, check_model_dir
+
+if TYPE_CHECKING:
+    import keras
+
+
+def check_replaceable(output: Path) -> None:
+    """ModelError unless output is absent, an empty directory, or an old SavedModel."""
+    if not output.exists():
+        return
+    if output.is_dir() and ((output / "saved_model.pb").exists() or not any(output.iterdir())):
+        return
+    raise ModelError(f"{output} exists and is not a SavedModel; not replacing it")
+
+
+def with_contract_input(model: keras.Model) -> keras.Model:
+    """The model, called on a keras.Input named `features` when its own input has another name.
+
+    model.export() names the signature's input after the Input layer; a file from elsewhere
+    often has `input_1` or `dense_input`. Only a single [?, 10] float32 input is wrapped: any
+    other shape is left for check_model_dir to refuse with its own message.
+    """
+    import keras
+
+    if len(model.inputs) != 1:
+        return model
+    spec = model.inputs[0]
+    name = getattr(spec, "name", "")
+    if name == contract.MODEL_INPUT_KEY:
+        return model
+    if tuple(spec.shape) != (None, contract.NR_FEATURES) or str(spec.dtype) != "float32":
+        return model
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    return keras.Model(inputs, model(inputs), name=f"{model.name}_features")
+
+
+def export_verified(model: keras.Model, output: Path) -> tuple[ModelInfo, FastpathResult]:
+    """Export, check, verify the fast path, then put the directory at output.
+
+    Raises ModelError when the exported model breaks the contract (nothing is written then).
+    """
+    output = Path(output)
+    check_replaceable(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    try:
+        model.export(str(tmp), verbose=False)
+        info = check_model_dir(tmp)
+        if info.input_key != contract.MODEL_INPUT_KEY:
+            raise ModelError(
+                f"exported input key is {info.input_key!r}, not {contract.MODEL_INPUT_KEY!r} "
+                f"(name the keras.Input {contract.MODEL_INPUT_KEY!r})"
+            )
+        result = write_fastpath(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the model is shipped and read by others
+        # The fast-path digest covers paths relative to the directory: a rename keeps it valid.
+        old = None
+        if output.exists():
+            check_replaceable(output)
+            old = output.with_name(f".{output.name}.old-{os.getpid()}")
+            output.rename(old)
+        tmp.rename(output)
+        if old is not None:
+            shutil.rmtree(old)
+    except ModelError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Name the directory the user asked for, not the scratch one.
+        raise ModelError(str(e).replace(str(tmp), str(output))) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info = check_model_dir(output)  # what the loader will see
+    if info.fastpath_ok != result.written:
+        raise ModelError(f"{output}: the fast-path status changed when the directory was moved")
+    return info, result

@@ -1,0 +1,518 @@
+"""The model tools: the dataset format, model_export.py, transfer.py, and tools/bench_model.py.
+
+Real TensorFlow and Keras, small models in temp dirs; no mocks. The Keras 2 files under
+tests/host/data were written by tf_keras (see make_keras2_h5.py there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from loader import contract
+from loader.backends import NumpyBackend, TFBackend, open_backend
+from loader.fastpath import MAX_ABS_DIFF, NumpyModel
+from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
+from model_dir import dataset, model_export, transfer
+from tests.host.conftest import _copy
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parent / "data"
+KERAS2_DENSE = DATA / "keras2_dense.h5"
+KERAS2_LAMBDA = DATA / "keras2_lambda.h5"
+GRIDS = [(2, 1), (8, 4)]
+
+
+def run_tool(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_refused(res: subprocess.CompletedProcess[str], pattern: str) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert lines[0].startswith("error: ") and pattern in lines[0], lines[0]
+    return lines[0]
+
+
+# --- models, built once -------------------------------------------------------------------
+
+
+def _keras3_model(kind: str, seed: int = 3):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    if kind == "sequential":  # the Input gets Keras' own name, not `features`
+        return keras.Sequential(
+            [
+                keras.Input(shape=(contract.NR_FEATURES,)),
+                keras.layers.Dense(8, activation="relu"),
+                keras.layers.Dense(1, activation="sigmoid"),
+            ]
+        )
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    x = keras.layers.Dense(12, activation="relu")(inputs)
+    x = keras.layers.Dense(6, activation="tanh")(x)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+
+
+def _probe() -> np.ndarray:
+    return contract.unpack_keys(contract.feature_grid(4, 2))
+
+
+@pytest.fixture(scope="session")
+def trained(models) -> Path:
+    """model_export on synthetic data, small enough for a test run."""
+    path = models / "trained"
+    accuracy = model_export.run(path, None, epochs=20, seed=0, samples=12000)
+    assert accuracy >= 0.9
+    return path
+
+
+@pytest.fixture(scope="session")
+def keras3_h5(models, tf) -> tuple[Path, np.ndarray]:
+    """A Keras 3 .h5 Dense stack, and its own outputs on _probe()."""
+    model = _keras3_model("functional")
+    path = models / "keras3.h5"
+    model.save(path)
+    return path, model.predict(_probe(), verbose=0).ravel()
+
+
+@pytest.fixture(scope="session")
+def keras3_converted(models, keras3_h5) -> Path:
+    transfer.transfer(keras3_h5[0], models / "keras3_out")
+    return models / "keras3_out"
+
+
+@pytest.fixture(scope="session")
+def keras2_converted(models, tf) -> Path:
+    transfer.transfer(KERAS2_DENSE, models / "keras2_out")
+    return models / "keras2_out"
+
+
+# --- the dataset format (no TensorFlow) ---------------------------------------------------
+
+
+def test_dataset_columns_follow_the_candidate_record():
+    """The file is struct mlsched_candidate without its key, then the label."""
+    record = [name for name, _ in contract.Candidate._fields_ if name != "key"]
+    assert list(dataset.COLUMN_NAMES) == [*record, "label"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_dataset_roundtrip(tmp_path, suffix):
+    data = model_export.synthetic_dataset(500, seed=4)
+    data.columns["ts_ns"][0] = dataset.U64_MAX
+    path = tmp_path / f"d{suffix}"
+    dataset.write_dataset(path, data.columns, comments=("written by a test",))
+    back = dataset.read_dataset(path)
+    for name, dtype, _, _ in dataset.COLUMNS:
+        assert back.columns[name].dtype == dtype
+        assert np.array_equal(back.columns[name], data.columns[name]), name
+    # The model sees what the loader computes from the kernel's key.
+    c = back.columns
+    keys = [
+        contract.pack_key(
+            *(int(c[k][i]) for k in ("cpu", "cpu_idle", "cpu_not_idle", "src_load_q", "dst_load_q"))
+        )
+        for i in range(len(back))
+    ]
+    x = back.features()
+    assert np.array_equal(x, contract.unpack_keys(np.array(keys, np.uint64)))
+    assert np.array_equal(x[:, 3], c["src_load_q"] / np.float32(contract.LOAD_SCALE))
+    assert np.array_equal(x[:, 1], c["cpu_idle"].astype(np.float32))
+
+
+ROW = "5,100,3,2,4,0,1,12,3,1,1,1"  # cpu 3, idle 2, busy 4, dom 0 -> 1, loads 12 -> 3
+
+
+def _csv(row: str) -> str:
+    return f"{dataset.HEADER}\n{row}"
+
+
+@pytest.mark.parametrize(
+    "text,pattern",
+    [
+        ("", "empty file, expected the header ts_ns,pid,"),
+        ("ts,pid\n" + ROW, ":1: header is 'ts,pid', expected"),
+        (dataset.HEADER, "a header but no rows"),
+        (_csv(ROW) + "\n5,100,3", ":3: 3 fields, expected 12"),
+        (_csv(ROW[:-1] + "x"), ":2: label is 'x', not an integer"),
+        (_csv(ROW.replace("12,3", "17,3")), ":2: src_load_q is 17, expected 0..16"),
+        (_csv(ROW[:-1] + "2"), ":2: label is 2, expected 0..1"),
+        (_csv(ROW.replace(",1,1,1", ",1,3,1")), ":2: source is 3, expected 0..2"),
+        (_csv(ROW.replace("5,100,3,", "5,100,-1,")), ":2: cpu is -1, expected 0..511"),
+        (_csv(ROW.replace("12,3", "3,12")), ":2: src_load_q 3 <= dst_load_q 12"),
+        (_csv(ROW.replace(",0,1,12", ",1,1,12")), ":2: src_dom and dst_dom are both 1"),
+        (f"# comment\n{dataset.HEADER}\n\n{ROW}\n{ROW}0", ":5: label is 10, expected 0..1"),
+    ],
+    ids=[
+        "empty", "header", "no-rows", "short-row", "not-int", "load-range", "label", "source",
+        "negative", "src-not-busier", "same-domain", "line-numbers-count-comments",
+    ],
+)  # fmt: skip
+def test_dataset_malformed(tmp_path, text, pattern):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(dataset.DatasetError) as exc:
+        dataset.read_dataset(path)
+    message = str(exc.value)
+    assert "\n" not in message and pattern in message, message
+
+
+def test_dataset_not_text(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(dataset.DatasetError, match="not a UTF-8 text file"):
+        dataset.read_dataset(path)
+
+
+# --- model_export.py ----------------------------------------------------------------------
+
+
+def test_synthetic_labels_follow_the_rule():
+    data = model_export.synthetic_dataset(4000, seed=1)
+    x = data.features()
+    gap = x[:, 3] - x[:, 4]
+    want = ((x[:, 1] >= 1) & (gap >= 0.25)) | (gap >= 0.5)
+    assert np.array_equal(data.labels.astype(bool), want)
+    assert 0.3 <= data.labels.mean() <= 0.7  # both decisions, in comparable numbers
+    assert (data.columns["src_load_q"] > data.columns["dst_load_q"]).all()
+
+
+def test_model_export_synthetic(trained):
+    info = check_model_dir(trained)
+    assert info.input_key == contract.MODEL_INPUT_KEY and info.fastpath_ok
+    backend, reason = open_backend(info, "auto")
+    assert isinstance(backend, NumpyBackend) and reason.startswith("numpy: verified")
+    assert NumpyModel.load(trained).describe() == "10 -> 32 relu -> 16 relu -> 1 sigmoid"
+    # It learned the rule, on the grid of a machine it never saw as such.
+    x = contract.unpack_keys(contract.feature_grid(8, 4))
+    agree = np.mean((backend.predict(x) > 0.5) == model_export.rule_from_features(x))
+    assert agree >= 0.9
+
+
+def test_model_export_prints_its_report(tmp_path, tf, caplog):
+    data = tmp_path / "d.csv"
+    dataset.write_dataset(data, model_export.synthetic_dataset(1500, seed=5).columns)
+    out = tmp_path / "m"
+    caplog.set_level(logging.INFO)
+    args = ["--data", str(data), "--output", str(out), "--epochs", "2", "--seed", "1"]
+    assert model_export.main(args) == 0
+    text = caplog.text
+    for expected in (
+        f"dataset {data}: 1500 candidates",
+        "training on 1200 candidates, validating on 300",
+        "best epoch",
+        "restored from its checkpoint",
+        "validation accuracy: ",
+        "confusion matrix (rows: label, columns: model):",
+        "model vs the rule: differs on ",
+        "the dataset's labels vs the rule: differ on 0 of 1500",
+        "loader backend (auto): numpy: verified fast-path weights",
+    ):
+        assert expected in text, expected
+    assert check_model_dir(out).fastpath_ok
+
+
+def _write_csv(path: Path, labels: list[int]) -> Path:
+    rows = [ROW[:-1] + str(label) for label in labels]
+    path.write_text("\n".join([dataset.HEADER, *rows]) + "\n")
+    return path
+
+
+def test_model_export_refuses_bad_input(tmp_path):
+    out = tmp_path / "m"
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{dataset.HEADER}\n{ROW}\n{ROW[:-1]}2\n")
+    assert_refused(
+        run_tool("model_dir/model_export.py", "--data", str(bad), "--output", str(out)),
+        f"{bad}:3: label is 2, expected 0..1",
+    )
+    missing = str(tmp_path / "no.csv")
+    assert_refused(
+        run_tool("model_dir/model_export.py", "--data", missing, "--output", str(out)),
+        "dataset not found at",
+    )
+    one_label = _write_csv(tmp_path / "one.csv", [0] * 60)
+    assert_refused(
+        run_tool("model_dir/model_export.py", "--data", str(one_label), "--output", str(out)),
+        "every row is labeled keep; training needs both labels",
+    )
+    few = _write_csv(tmp_path / "few.csv", [0, 1] * 5)
+    assert_refused(
+        run_tool("model_dir/model_export.py", "--data", str(few), "--output", str(out)),
+        "10 rows, need at least 50",
+    )
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    assert_refused(
+        run_tool("model_dir/model_export.py", "--output", str(tmp_path / "notes")),
+        "notes exists and is not a SavedModel; not replacing it",
+    )
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    assert not out.exists()
+
+
+# --- transfer.py --------------------------------------------------------------------------
+
+
+def _assert_same_model(path: Path, want: np.ndarray) -> None:
+    got = TFBackend(path).predict(_probe())
+    assert np.max(np.abs(got - want)) <= 1e-6
+
+
+def test_transfer_keras3_h5(keras3_h5, keras3_converted):
+    info = check_model_dir(keras3_converted)
+    assert info.input_key == "features" and info.fastpath_ok
+    assert isinstance(open_backend(info, "auto")[0], NumpyBackend)
+    _assert_same_model(keras3_converted, keras3_h5[1])
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_transfer_renames_the_input(tmp_path, tf, suffix):
+    """A Sequential model's Input is not called `features`: the export's key still is."""
+    model = _keras3_model("sequential")
+    assert model.inputs[0].name != "features"
+    src = tmp_path / f"seq{suffix}"
+    model.save(src)
+    assert transfer.main(["--input", str(src), "--output", str(tmp_path / "m")]) == 0
+    info = check_model_dir(tmp_path / "m")
+    assert info.input_key == "features" and info.fastpath_ok
+    _assert_same_model(tmp_path / "m", model.predict(_probe(), verbose=0).ravel())
+
+
+def test_transfer_keras2_h5(keras2_converted):
+    """A file written by Keras 2 (tf_keras 2.21), converted by Keras 3."""
+    with h5py.File(KERAS2_DENSE, "r") as f:
+        assert f.attrs["keras_version"].startswith("2.")
+        x, want = np.asarray(f.attrs["probe_x"]), np.asarray(f.attrs["probe_y"]).ravel()
+    info = check_model_dir(keras2_converted)
+    assert info.input_key == "features" and info.fastpath_ok  # it was `dense_input`
+    assert NumpyModel.load(keras2_converted).describe() == "10 -> 8 relu -> 4 tanh -> 1 sigmoid"
+    for backend in (TFBackend(keras2_converted), NumpyBackend(keras2_converted)):
+        assert np.max(np.abs(backend.predict(x) - want)) <= 1e-6  # tf_keras' own outputs
+
+
+def _lambda_model(marker: Path, monkeypatch: pytest.MonkeyPatch):
+    """A model whose Lambda creates marker whenever its code runs (building it included)."""
+    import keras
+
+    monkeypatch.setenv("MLSCHED_TEST_MARKER", str(marker))
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    # Loaded back, the lambda runs with Keras' globals: it reaches nothing of ours.
+    x = keras.layers.Lambda(
+        lambda t: (open(__import__("os").environ["MLSCHED_TEST_MARKER"], "w").close(), t)[1]
+    )(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
+    marker.unlink()
+    return model
+
+
+def _custom_layer_model():
+    import keras
+
+    @keras.saving.register_keras_serializable(package="mlsched_test")
+    class Twice(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(Twice()(inputs)))
+
+
+def _custom_activation_model():
+    import keras
+
+    def cube(x):
+        return x * x * x
+
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    return keras.Model(inputs, keras.layers.Dense(1, activation=cube)(inputs))
+
+
+@pytest.mark.parametrize(
+    "kind,pattern",
+    [
+        ("lambda.h5", "a Lambda layer"),
+        ("lambda.keras", "a Lambda layer"),
+        ("keras2-lambda.h5", "a Lambda layer 'doubled'"),
+        ("custom-layer.h5", "a custom object mlsched_test>Twice"),
+        ("custom-activation.keras", "a Python function 'cube'"),
+    ],
+)
+def test_transfer_refuses_code(tmp_path, tf, monkeypatch, kind, pattern):
+    marker = tmp_path / "code-ran"
+    src = tmp_path / kind
+    if kind.startswith("keras2"):
+        shutil.copy(KERAS2_LAMBDA, src)
+    elif kind.startswith("lambda"):
+        _lambda_model(marker, monkeypatch).save(src)
+    elif kind.startswith("custom-layer"):
+        _custom_layer_model().save(src)
+    else:
+        _custom_activation_model().save(src)
+    out = tmp_path / "m"
+    with pytest.raises(ModelError) as exc:
+        transfer.transfer(src, out)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert f"{src}: refused: it holds {pattern}" in message
+    assert "which would run code from the model file" in message
+    assert not out.exists() and not marker.exists()
+
+
+def test_keras_safe_mode_refuses_lambda_too(tmp_path, tf, monkeypatch):
+    """Without our scan, Keras' safe mode alone refuses it; unsafe, its code really runs."""
+    import keras
+
+    marker = tmp_path / "code-ran"
+    src = tmp_path / "lambda.h5"
+    _lambda_model(marker, monkeypatch).save(src)
+    with pytest.raises(ModelError, match=r"Keras refused it in safe mode: .*Lambda"):
+        transfer.load_safely(src)
+    assert not marker.exists()
+    keras.models.load_model(src, compile=False, safe_mode=False)  # our own file: harmless
+    assert marker.exists()
+
+
+def test_transfer_refusals_cli(tmp_path):
+    """Refused before TensorFlow is imported: one line, exit 2, nothing written."""
+    out = tmp_path / "m"
+    text = tmp_path / "text.h5"
+    text.write_text("not HDF5")
+    weights = tmp_path / "weights.h5"
+    with h5py.File(weights, "w") as f:
+        f.create_dataset("dense/kernel", data=np.zeros((10, 1), np.float32))
+    bad_zip = tmp_path / "m.keras"
+    with zipfile.ZipFile(bad_zip, "w") as z:
+        z.writestr("model.weights.h5", b"")
+    cases = [
+        (tmp_path / "nope.h5", "input not found at"),
+        (text, "text.h5: not an HDF5 file"),
+        (weights, "holds no model config (a weights-only file?)"),
+        (bad_zip, "not a .keras archive with a config.json"),
+        (tmp_path / "saved_model.pb", "expected a Keras file (.h5, .hdf5, .keras)"),
+        (KERAS2_LAMBDA, "refused: it holds a Lambda layer 'doubled'"),
+    ]
+    (tmp_path / "saved_model.pb").write_bytes(b"x")
+    for src, pattern in cases:
+        res = run_tool("model_dir/transfer.py", "--input", str(src), "--output", str(out))
+        assert_refused(res, pattern)
+    assert not out.exists()
+
+
+def _contract_breaker(kind: str):
+    import keras
+
+    dtype = "int32" if kind == "int32" else "float32"
+    width = 5 if kind == "width5" else contract.NR_FEATURES
+    inputs = keras.Input(shape=(width,), name="features", dtype=dtype)
+    x = keras.layers.Dense(4, activation="relu")(inputs)
+    if kind == "two-outputs":
+        outs = [keras.layers.Dense(1, activation="sigmoid")(x), keras.layers.Dense(1)(x)]
+        return keras.Model(inputs, outs)
+    units = 2 if kind == "output2" else 1
+    return keras.Model(inputs, keras.layers.Dense(units, activation="sigmoid")(x))
+
+
+@pytest.mark.parametrize(
+    "kind,pattern",
+    [
+        ("width5", "expected input shape [?, 10], got [?, 5] (pad with zeros)"),
+        ("int32", "expected float32 input, got int32"),
+        ("output2", "expected output shape [?, 1], got [?, 2]"),
+        ("two-outputs", "expected 1 input and 1 output, got 1 and 2"),
+    ],
+)
+def test_transfer_contract_failures(tmp_path, tf, kind, pattern):
+    """check_model_dir's refusal reaches the user, about DIR, and nothing is left behind."""
+    src = tmp_path / "bad.h5"
+    _contract_breaker(kind).save(src)
+    out = tmp_path / "out" / "m"
+    with pytest.raises(ModelError) as exc:
+        transfer.transfer(src, out)
+    assert str(exc.value).startswith(f"{out}: {pattern}")
+    assert list((tmp_path / "out").iterdir()) == []  # no model, no scratch directory
+
+
+def test_transfer_replaces_only_a_model(tmp_path, keras3_h5, dummy):
+    out = _copy(dummy, tmp_path / "m")
+    old = check_model_dir(out).digest
+    assert transfer.main(["--input", str(keras3_h5[0]), "--output", str(out)]) == 0
+    info = check_model_dir(out)
+    assert info.digest != old and info.fastpath_ok
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_non_dense_model_falls_back_to_tf(tmp_path, tf):
+    """A model with a swish layer converts, gets no fast path, and `auto` picks TF."""
+    import keras
+
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    x = keras.layers.Dense(8, activation="swish")(inputs)
+    src = tmp_path / "swish.h5"
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)).save(src)
+    out = tmp_path / "m"
+    info, result = transfer.transfer(src, out)
+    assert not result.written and result.message.startswith("not a plain Dense stack: op ")
+    assert not (out / FASTPATH_FILE).exists() and not info.fastpath_ok
+    backend, reason = open_backend(check_model_dir(out), "auto")
+    assert isinstance(backend, TFBackend) and reason.startswith("tf: no verified fast-path")
+    assert transfer.main(["--input", str(src), "--output", str(out), "--strict"]) == 1
+
+
+# --- TF and numpy agree on every key of the grid --------------------------------------------
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}cpus")
+@pytest.mark.parametrize("model", ["trained", "keras3_converted", "keras2_converted"])
+def test_backends_agree_on_grid(request, model, grid):
+    path = request.getfixturevalue(model)
+    info = check_model_dir(path)
+    x = contract.unpack_keys(contract.feature_grid(*grid))
+    want = open_backend(info, "tf")[0].predict(x)
+    got = open_backend(info, "numpy")[0].predict(x)
+    assert np.array_equal(want > contract.MIGRATE_THRESHOLD, got > contract.MIGRATE_THRESHOLD)
+    assert np.max(np.abs(want - got)) <= MAX_ABS_DIFF
+
+
+# --- command lines and the benchmark ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script", ["model_dir/model_export.py", "model_dir/transfer.py", "tools/bench_model.py"]
+)
+def test_help_has_examples(script):
+    res = run_tool(script, "--help")
+    assert res.returncode == 0 and "examples:" in res.stdout
+
+
+def test_bench_runs(tmp_path, dummy):
+    """A tiny run of the numpy backend: the table, the JSON, and no TensorFlow in the child."""
+    out = tmp_path / "bench.json"
+    res = run_tool(
+        "tools/bench_model.py", "--model", str(dummy), "--backends", "numpy", "--batches",
+        "1,8", "--seconds", "0.02", "--grid", "2x1", "--cpu", "-1", "--json", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "decisions/s" in res.stdout and "numpy backend RSS <= 64 MB" in res.stdout
+    summary = json.loads(out.read_text())
+    numpy_result = summary["backends"]["numpy"]
+    assert set(numpy_result["batches"]) == {"1", "8"}
+    assert numpy_result["tensorflow_imported"] is False
+    assert numpy_result["rss_mb"] > 0 and numpy_result["load_ms"] > 0
+    res = run_tool("tools/bench_model.py", "--batches", "0")
+    assert res.returncode == 2 and "batch sizes must be >= 1" in res.stderr
