@@ -4,8 +4,8 @@
  * neural network run in user space.
  *
  * CPUs are split into domains (LLCs, or equal slices set by the loader); each
- * domain has one FIFO dispatch queue, and a CPU whose domain queue is empty
- * steals from the busiest other domain. On wakeup, a task whose previous
+ * domain has one dispatch queue ordered by weighted virtual time, and a CPU
+ * whose domain queue is empty steals from the busiest other domain. On wakeup, a task whose previous
  * domain has an idle CPU stays there. Otherwise, when another domain is less
  * loaded, the wakeup is a migration candidate: its features are quantized into
  * a key and looked up in the "decisions" map that user space fills. A hit is
@@ -15,8 +15,9 @@
  *
  * The kernel never waits for user space: misses use the fallback and a full
  * ring buffer only counts a drop. Good for experimenting with learned
- * migration policies on machines with a few domains; the FIFO queues make no
- * attempt at fairness between tasks of different weights.
+ * migration policies on machines with a few domains; there is no load
+ * balancing beyond wakeup placement and idle stealing, and vtime is only
+ * roughly fair across domains.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -29,6 +30,9 @@ char _license[] SEC("license") = "GPL";
 s32 scx_bpf_create_dsq(u64 dsq_id, s32 node) __ksym;
 void scx_bpf_dsq_insert(struct task_struct *p, u64 dsq_id, u64 slice, u64 enq_flags) __ksym;
 bool scx_bpf_dsq_move_to_local(u64 dsq_id) __ksym;
+/* 7.x passes the vtime insert's arguments in a struct (kfuncs take at most 5). */
+bool __scx_bpf_dsq_insert_vtime(struct task_struct *p,
+				struct scx_bpf_dsq_insert_vtime_args *args) __ksym;
 s32 scx_bpf_dsq_nr_queued(u64 dsq_id) __ksym;
 s32 scx_bpf_pick_idle_cpu(const struct cpumask *cpus_allowed, u64 flags) __ksym;
 s32 scx_bpf_pick_any_cpu(const struct cpumask *cpus_allowed, u64 flags) __ksym;
@@ -195,6 +199,12 @@ static u32 explore;
  * boosted, so a loader busy computing (importing TensorFlow) takes turns.
  */
 static u32 loader_tgid;
+/*
+ * Domain queues are ordered by weighted virtual time, as in scx_simple: a
+ * task that slept comes back ahead of the CPU hogs, which a FIFO would queue
+ * it behind. One clock for all domains, so a migrated task keeps its place.
+ */
+static u64 vtime_now;
 
 static __always_inline void cnt_inc(u32 idx)
 {
@@ -481,7 +491,19 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 	}
 
 	dom = dom_of(cpu);
-	scx_bpf_dsq_insert(p, DOM_DSQ(dom), slice_ns, enq_flags);
+	{
+		struct scx_bpf_dsq_insert_vtime_args args = {
+			.dsq_id = DOM_DSQ(dom),
+			.slice = slice_ns,
+			.vtime = p->scx.dsq_vtime,
+			.enq_flags = enq_flags,
+		};
+
+		/* A sleeper may bank at most one slice of credit. */
+		if ((s64)(args.vtime - (vtime_now - slice_ns)) < 0)
+			args.vtime = vtime_now - slice_ns;
+		__scx_bpf_dsq_insert_vtime(p, &args);
+	}
 
 	/* Wake an idle CPU of the domain, or any idle CPU: it will steal. */
 	mask = dom_cpus(dom);
@@ -525,6 +547,24 @@ void BPF_STRUCT_OPS(mlsched_dispatch, s32 cpu, struct task_struct *prev)
 	bpf_loop(nr_doms, find_victim_cb, &search, 0);
 	if (search.most > 0 && scx_bpf_dsq_move_to_local(DOM_DSQ(search.victim)))
 		cnt_inc(MLSCHED_CNT_STEALS);
+}
+
+void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
+{
+	/* Racy but contained: vtime_now only moves forward, roughly. */
+	if ((s64)(vtime_now - p->scx.dsq_vtime) < 0)
+		vtime_now = p->scx.dsq_vtime;
+}
+
+void BPF_STRUCT_OPS(mlsched_stopping, struct task_struct *p, bool runnable)
+{
+	/* Charge the slice used, scaled by the inverse of the task's weight. */
+	p->scx.dsq_vtime += (slice_ns - p->scx.slice) * 100 / p->scx.weight;
+}
+
+void BPF_STRUCT_OPS(mlsched_enable, struct task_struct *p)
+{
+	p->scx.dsq_vtime = vtime_now;
 }
 
 void BPF_STRUCT_OPS(mlsched_update_idle, s32 cpu, bool idle)
@@ -628,6 +668,9 @@ struct sched_ext_ops mlsched_ops = {
 	.select_cpu	= (void *)mlsched_select_cpu,
 	.enqueue	= (void *)mlsched_enqueue,
 	.dispatch	= (void *)mlsched_dispatch,
+	.running	= (void *)mlsched_running,
+	.stopping	= (void *)mlsched_stopping,
+	.enable		= (void *)mlsched_enable,
 	.update_idle	= (void *)mlsched_update_idle,
 	.init		= (void *)mlsched_init,
 	.exit		= (void *)mlsched_exit,
