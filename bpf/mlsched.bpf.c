@@ -57,9 +57,13 @@ void bpf_cpumask_set_cpu(u32 cpu, struct bpf_cpumask *cpumask) __ksym;
 #define BPF_STRUCT_OPS(name, args...) SEC("struct_ops/" #name) BPF_PROG(name, ##args)
 #define BPF_STRUCT_OPS_SLEEPABLE(name, args...) SEC("struct_ops.s/" #name) BPF_PROG(name, ##args)
 
-/* Domain DSQ ids: small user ids, clear of the builtin-DSQ flag bit. */
+/* Custom DSQ ids: small user ids, clear of the builtin-DSQ flag bit. */
 #define DOM_DSQ(dom)		(0x100ULL + (dom))
+/* Tasks that may not run on every CPU of a domain wait in their CPU's own DSQ. */
+#define CPU_DSQ(cpu)		(0x10000ULL + (cpu))
 #define WATCHDOG_TIMEOUT_MS	5000
+/* How far ahead of the vtime clock a task may be queued, in slices. */
+#define VTIME_MAX_LAG_SLICES	4
 
 #define EINVAL	22
 #define ENOENT	2
@@ -156,13 +160,18 @@ struct {
 	__type(value, struct dom_ctx);
 } dom_ctxs SEC(".maps");
 
-/* Per-CPU idle flag as last reported by ops.update_idle (1 = idle). */
+/* Kernel-private per-CPU state. */
+struct cpu_ctx {
+	u64 idle;		/* 1 = idle, as last reported by ops.update_idle */
+	u64 dispatches;		/* ops.dispatch calls: alternates the queue served first */
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, u32);
-	__type(value, u64);
-} cpu_idle_flag SEC(".maps");
+	__type(value, struct cpu_ctx);
+} cpu_ctxs SEC(".maps");
 
 /*
  * Never used: these make the contract types appear in the object's BTF, where
@@ -470,6 +479,27 @@ apply:
 	return cpu;
 }
 
+static __always_inline void insert_vtime(struct task_struct *p, u64 dsq_id, u64 enq_flags)
+{
+	struct scx_bpf_dsq_insert_vtime_args args = {
+		.dsq_id = dsq_id,
+		.slice = slice_ns,
+		.vtime = p->scx.dsq_vtime,
+		.enq_flags = enq_flags,
+	};
+
+	/*
+	 * A sleeper may bank at most one slice of credit, and a task of low
+	 * weight may be queued at most VTIME_MAX_LAG_SLICES ahead: its wait
+	 * stays far below the watchdog's timeout whatever its nice value.
+	 */
+	if ((s64)(args.vtime - (vtime_now - slice_ns)) < 0)
+		args.vtime = vtime_now - slice_ns;
+	else if ((s64)(args.vtime - (vtime_now + VTIME_MAX_LAG_SLICES * slice_ns)) > 0)
+		args.vtime = vtime_now + VTIME_MAX_LAG_SLICES * slice_ns;
+	__scx_bpf_dsq_insert_vtime(p, &args);
+}
+
 void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 {
 	s32 cpu = scx_bpf_task_cpu(p), idle;
@@ -483,27 +513,19 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 		return;
 	}
 	if (is_restricted(p)) {
-		/* Its own CPU is always allowed; a domain queue might not be. */
+		/*
+		 * Its own CPU is always allowed; a domain queue might not be.
+		 * Not the local DSQ: a CPU whose local DSQ never empties (a
+		 * pinned hog) would never serve its domain queue again.
+		 */
 		cnt_inc(MLSCHED_CNT_PINNED);
-		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL_ON | cpu, slice_ns, enq_flags);
+		insert_vtime(p, CPU_DSQ(cpu), enq_flags);
 		scx_bpf_kick_cpu(cpu, SCX_KICK_IDLE);
 		return;
 	}
 
 	dom = dom_of(cpu);
-	{
-		struct scx_bpf_dsq_insert_vtime_args args = {
-			.dsq_id = DOM_DSQ(dom),
-			.slice = slice_ns,
-			.vtime = p->scx.dsq_vtime,
-			.enq_flags = enq_flags,
-		};
-
-		/* A sleeper may bank at most one slice of credit. */
-		if ((s64)(args.vtime - (vtime_now - slice_ns)) < 0)
-			args.vtime = vtime_now - slice_ns;
-		__scx_bpf_dsq_insert_vtime(p, &args);
-	}
+	insert_vtime(p, DOM_DSQ(dom), enq_flags);
 
 	/* Wake an idle CPU of the domain, or any idle CPU: it will steal. */
 	mask = dom_cpus(dom);
@@ -539,8 +561,16 @@ static long find_victim_cb(u64 d, void *data)
 void BPF_STRUCT_OPS(mlsched_dispatch, s32 cpu, struct task_struct *prev)
 {
 	struct victim_search search = { .home = dom_of(cpu) };
+	u64 first = DOM_DSQ(search.home), second = CPU_DSQ(cpu);
+	u32 zero = 0;
+	struct cpu_ctx *cc = bpf_map_lookup_elem(&cpu_ctxs, &zero);
 
-	if (scx_bpf_dsq_move_to_local(DOM_DSQ(search.home)))
+	/* Serve the CPU's own queue and its domain's in turn: neither starves. */
+	if (cc && (cc->dispatches++ & 1)) {
+		first = CPU_DSQ(cpu);
+		second = DOM_DSQ(search.home);
+	}
+	if (scx_bpf_dsq_move_to_local(first) || scx_bpf_dsq_move_to_local(second))
 		return;
 
 	/* Home queue empty: steal from the busiest other domain. */
@@ -551,6 +581,9 @@ void BPF_STRUCT_OPS(mlsched_dispatch, s32 cpu, struct task_struct *prev)
 
 void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
 {
+	/* The loader jumps the queue on wakeup: it must not drive the clock. */
+	if (is_loader(p))
+		return;
 	/* Racy but contained: vtime_now only moves forward, roughly. */
 	if ((s64)(vtime_now - p->scx.dsq_vtime) < 0)
 		vtime_now = p->scx.dsq_vtime;
@@ -571,14 +604,14 @@ void BPF_STRUCT_OPS(mlsched_update_idle, s32 cpu, bool idle)
 {
 	u32 zero = 0, dom = dom_of(cpu);
 	struct dom_ctx *dc;
-	u64 *flag;
+	struct cpu_ctx *cc;
 
 	/* Each CPU reports only itself, so its own flag has a single writer. */
-	flag = bpf_map_lookup_elem(&cpu_idle_flag, &zero);
+	cc = bpf_map_lookup_elem(&cpu_ctxs, &zero);
 	dc = bpf_map_lookup_elem(&dom_ctxs, &dom);
-	if (!flag || !dc || *flag == idle)
+	if (!cc || !dc || cc->idle == idle)
 		return;
-	*flag = idle;
+	cc->idle = idle;
 	if (idle)
 		__sync_fetch_and_add(&dc->nr_idle, 1);
 	else
@@ -593,6 +626,8 @@ static long add_cpu_cb(u64 cpu, void *data)
 	struct dom_ctx *dc;
 	u32 d = dom_of(cpu);
 
+	if (scx_bpf_create_dsq(CPU_DSQ(cpu), -1))
+		return 1;
 	dc = bpf_map_lookup_elem(&dom_ctxs, &d);
 	ds = bpf_map_lookup_elem(&dom_stats, &d);
 	if (!dc || !ds)
