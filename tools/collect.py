@@ -60,7 +60,7 @@ DEFAULT_EXPLORE = 0.25
 DEFAULT_WINDOW_MS = 100.0
 DEFAULT_MAX_FOLLOW = 200  # candidates followed per second
 DEFAULT_RINGBUF = 4 << 20  # every candidate is pushed in collection mode: a deeper ring
-POLL_MS = 5
+POLL_MS = 20  # longest ring poll; windows close up to this late (window_ns says by how much)
 PROGRESS_S = 5.0
 EXIT_CHECK_S = 0.1
 DELAYACCT = "kernel.task_delayacct"
@@ -406,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
 def _open_outcome_source(want: str, delayacct: Sysctl) -> Sampler:
     """The sampler; delay accounting is on while taskstats is the source."""
     if want != "schedstat" and delayacct.available():
-        old = delayacct.set("1")
-        log.info("%s = 1 for the run (was %s)", DELAYACCT, old)
+        try:
+            old = delayacct.set("1")
+            log.info("%s = 1 for the run (was %s)", DELAYACCT, old)
+        except OSError as e:
+            log.warning("cannot set %s (%s); taskstats delays read as they are", DELAYACCT,
+                        e.strerror)
     try:
         sampler, why = open_sampler(want)
     except SamplerError:
@@ -426,13 +430,20 @@ def _open_outcome_source(want: str, delayacct: Sysctl) -> Sampler:
 
 
 def run(args: argparse.Namespace, plan: DomainPlan) -> int:
+    # From here on a signal must not leave anything behind: the sysctl, the scheduler, pins.
+    stop = Stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     delayacct = Sysctl(DELAYACCT)
     try:
         sampler = _open_outcome_source(args.outcome_source, delayacct)
     except (SamplerError, OSError) as e:
         return fail(f"--outcome-source {args.outcome_source}: {e}", 1)
     try:
-        return _collect(args, plan, sampler, delayacct)
+        if stop.requested:
+            log.info("%s before attaching: nothing collected", stop.signame)
+            return 0
+        return _collect(args, plan, sampler, delayacct, stop)
     finally:
         sampler.close()
         if delayacct.saved is not None:
@@ -441,14 +452,11 @@ def run(args: argparse.Namespace, plan: DomainPlan) -> int:
 
 
 def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
-             delayacct: Sysctl) -> int:
+             delayacct: Sysctl, stop: Stop) -> int:
     from loader.bpfmaps import RingBufferReader
     from loader.libbpf import LibbpfError
     from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins
 
-    stop = Stop()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     try:
         clean_stale_pins(args.pin_dir)
         sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
@@ -493,8 +501,9 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
                 break
             due = follower.next_due_ns()
             wait_ms = POLL_MS
-            if due is not None:
-                wait_ms = max(0, min(POLL_MS, (due - time.monotonic_ns()) // 1_000_000))
+            if due is not None:  # wake for the next window to close, rounded up to a ms
+                left_ns = due - time.monotonic_ns()
+                wait_ms = 0 if left_ns <= 0 else min(POLL_MS, -(-left_ns // 1_000_000))
             reader.poll(int(wait_ms))
             follower.close_due(time.monotonic_ns())
             now = time.monotonic()
@@ -525,14 +534,18 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
     log.info("detached %s after %.1f s", contract.SCHED_NAME, elapsed)
     if status:
         return fail("the run failed; no dataset written", status)
-    return _finish(args, follower, sampler, counters, elapsed, plan, delayacct)
+    status = _finish(args, follower, sampler, counters, elapsed, plan, delayacct)
+    if stop.requested:
+        log.info("%s: stopped as asked", stop.signame)
+        return 0  # an interrupted run is not a failed one, even with nothing to write
+    return status
 
 
 def _finish(args: argparse.Namespace, follower: Follower, sampler: Sampler, counters: list[int],
             elapsed: float, plan: DomainPlan, delayacct: Sysctl) -> int:
     st = follower.stats
     c = contract.Counter
-    cand = counters[c.CANDIDATES] if counters else 0
+    k = counters or [0] * contract.NR_COUNTERS
     lag = np.array(st.lag_ns or [0], dtype=np.float64) / 1e6
     lines = [
         f"collected {elapsed:.1f} s: {len(plan.domains)} domains of {plan.reason}; fallback "
@@ -541,10 +554,8 @@ def _finish(args: argparse.Namespace, follower: Follower, sampler: Sampler, coun
         f"outcome source: {sampler.detail}; {DELAYACCT} "
         + ("1 for the run" if sampler.name == "taskstats" and delayacct.saved is not None
            else "untouched"),
-        f"kernel: {cand} candidates, {counters[c.EXPLORED] if counters else 0} explored, "
-        f"actions migrate {counters[c.FALLBACK_MIGRATE] if counters else 0} / keep "
-        f"{counters[c.FALLBACK_KEEP] if counters else 0}, ring drops "
-        f"{counters[c.RB_DROPS] if counters else 0}",
+        f"kernel: {k[c.CANDIDATES]} candidates, {k[c.EXPLORED]} explored, actions migrate "
+        f"{k[c.FALLBACK_MIGRATE]} / keep {k[c.FALLBACK_KEEP]}, ring drops {k[c.RB_DROPS]}",
         f"collector: {st.records} records read, {st.followed} followed, {st.completed} "
         f"completed; skipped {st.rate_limited} over the rate limit, {st.pid_busy} with the "
         f"task's window open, {st.own} own, {st.late} after the end; dropped {st.exited} "

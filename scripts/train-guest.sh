@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The collection half of `make train`, run inside the VM: mlsched-collect for TRAIN_SECONDS
+# (default 120) while the benchmark's kinds of load run one after the other, a quarter of the
+# time each:
+#   uneven      one more CPU hog than CPUs beside pipe and context-switch pairs: one domain
+#               holds more hogs, its wakeups find no idle CPU while the other is less loaded
+#               (no --taskset: a CPU kept busy by a pinned hog starves its domain's queue)
+#   mixed       the benchmark's mixed load: more stress-ng CPU hogs (fft) than CPUs, pipe pairs
+#   messaging   `perf bench sched messaging` in a loop (wakeup-heavy groups over sockets)
+#   build       `make -j<cpus>` of the benchmark's generated C code base, in a loop
+# Writes $OUT/candidates.csv (+ .outcomes.csv) and $OUT/collect.log; exit status: the
+# collector's. Environment: TRAIN_SECONDS, TRAIN_EXPLORE (default 0.3), TRAIN_DOMAINS (passed
+# as --domains when set), MLSCHED_VM_OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOTAL=${TRAIN_SECONDS:-120}
+EXPLORE=${TRAIN_EXPLORE:-0.3}
+OUT=${MLSCHED_VM_OUT:-build/vm-out}/train
+mkdir -p "$OUT"
+ncpu=$(nproc)
+phase=$((TOTAL / 4))
+say() { echo "train-guest: $*"; }
+
+# The benchmark's code base, generated before the clock runs (tools/bench/workloads.py).
+codebase=/tmp/train-codebase
+have_build=0
+if python -c "from pathlib import Path; from tools.bench.workloads import generate_codebase
+generate_codebase(Path('$codebase'), 24, 6)" 2>/dev/null; then have_build=1; fi
+
+domains=()
+[ -z "${TRAIN_DOMAINS:-}" ] || domains=(--domains "$TRAIN_DOMAINS")
+python -m tools.collect --output "$OUT/candidates.csv" --duration "$TOTAL" \
+	--explore "$EXPLORE" "${domains[@]}" >"$OUT/collect.log" 2>&1 &
+collector=$!
+load_pids=()
+stop_load() {
+	for p in "${load_pids[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
+	load_pids=()
+}
+trap 'stop_load; kill -INT $collector 2>/dev/null || true' EXIT
+
+for _ in $(seq 900); do
+	grep -q 'attached mlsched' "$OUT/collect.log" 2>/dev/null && break
+	kill -0 $collector 2>/dev/null || break
+	sleep 0.1
+done
+if ! grep -q 'attached mlsched' "$OUT/collect.log"; then
+	say "the collector did not attach"; cat "$OUT/collect.log"; exit 1
+fi
+say "collector attached ($ncpu CPUs); $TOTAL s of load in four phases of $phase s"
+
+# Each phase runs in its own process group so that stop_load takes all of it down.
+run_phase() { # name, command...
+	local name=$1
+	shift
+	say "phase $name"
+	setsid "$@" >/dev/null 2>&1 &
+	load_pids+=($!)
+	sleep "$phase"
+	stop_load
+}
+sng=(stress-ng --temp-path /tmp --timeout "${phase}s" --quiet)
+run_phase uneven "${sng[@]}" --cpu $((ncpu + 1)) --pipe 2 --switch 1
+run_phase mixed "${sng[@]}" --cpu $((ncpu + 2)) --cpu-method fft --pipe 2
+if command -v perf >/dev/null; then
+	run_phase messaging bash -c 'while :; do perf bench sched messaging -g 4 -l 60; done'
+else
+	run_phase messaging "${sng[@]}" --sock 2 --switch 2
+fi
+if [ $have_build = 1 ]; then
+	run_phase build bash -c "while :; do rm -rf /tmp/train-build
+		make -s -f $codebase/Makefile SRC=$codebase OUT=/tmp/train-build -j$ncpu; done"
+else
+	run_phase build "${sng[@]}" --fork 2 --exec 1
+fi
+
+status=0
+wait $collector || status=$?
+trap - EXIT
+say "collector exited with $status"
+cat "$OUT/collect.log"
+exit $status
