@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
 from loader import contract
+from loader.cli import Stop, interval_s, number_in, positive_int, ringbuf_size
 
 log = logging.getLogger("mlsched")
 
@@ -38,42 +38,8 @@ scheduler, the reason is printed and the exit status is 1.
 """
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _ringbuf_size(text: str) -> int:
-    v = _positive(text)
-    page = os.sysconf("SC_PAGE_SIZE")
-    if v < page or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two >= {page} bytes, got {v}")
-    return v
-
-
 def _max_wait(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0 < v <= 1000:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1000] ms, got {v}")
-    return v
-
-
-def _stats_interval(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {v}")
-    return v
+    return number_in(text, 0, 1000, "ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size",
-        type=_positive,
+        type=positive_int,
         default=64,
         metavar="N",
         help="candidates per model call (default: 64)",
@@ -119,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--domains",
-        type=_positive,
+        type=positive_int,
         default=None,
         metavar="N",
         help="split the CPUs into N equal domains (default: one per LLC; "
@@ -133,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--slice-us",
-        type=_positive,
+        type=positive_int,
         default=20000,
         metavar="US",
         help="time slice in microseconds (default: 20000)",
     )
     p.add_argument(
         "--ringbuf-size",
-        type=_ringbuf_size,
+        type=ringbuf_size,
         default=contract.RINGBUF_DEFAULT_BYTES,
         metavar="BYTES",
         help="candidate ring buffer size, a power of two "
@@ -160,14 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resubmit-ms",
-        type=_positive,
+        type=positive_int,
         default=1000,
         metavar="MS",
         help="push a still undecided candidate key again after MS (default: 1000)",
     )
     p.add_argument(
         "--stats",
-        type=_stats_interval,
+        type=interval_s,
         default=None,
         metavar="SECS",
         help="print the mlsched-stats block to stdout every SECS seconds",
@@ -179,18 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug logging, including libbpf's and the verifier's output",
     )
     return p
-
-
-class Stop:
-    """Set by SIGINT/SIGTERM; the main loop checks it between polls."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signame = ""
-
-    def __call__(self, signum: int, _frame: object) -> None:
-        self.requested = True
-        self.signame = signal.Signals(signum).name
 
 
 def fail(msg: str, status: int = 2) -> int:
@@ -237,8 +191,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     from loader.stats_publisher import StatsPublisher
 
     stop = Stop()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop.install()
 
     if scx_state() == "unsupported":
         return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)

@@ -21,7 +21,6 @@ import argparse
 import heapq
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loader import contract
+from loader.cli import Stop, number_in, positive_int, ringbuf_size
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -82,36 +82,6 @@ Besides FILE it writes FILE's .outcomes.csv (the raw measurements; see --outcome
 # --- arguments ------------------------------------------------------------------------------
 
 
-def _number(text: str, lo: float, hi: float, what: str, lo_open: bool = False) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not (lo < v if lo_open else lo <= v) or not v <= hi:
-        bracket = "(" if lo_open else "["
-        unit = f" {what}" if what else ""
-        raise argparse.ArgumentTypeError(f"must be in {bracket}{lo:g}, {hi:g}]{unit}, got {v:g}")
-    return v
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
-
-
-def _ringbuf_size(text: str) -> int:
-    v = _positive(text)
-    page = os.sysconf("SC_PAGE_SIZE")
-    if v < page or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two >= {page} bytes, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlsched-collect",
@@ -124,17 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, type=Path, metavar="FILE",
                    help="dataset to write (CSV, format v1; .csv.gz compresses)")
-    p.add_argument("--duration", type=lambda t: _number(t, 0, 86400, "seconds", True),
+    p.add_argument("--duration", type=lambda t: number_in(t, 0, 86400, "seconds"),
                    default=DEFAULT_DURATION_S, metavar="S",
                    help=f"seconds to collect (default: {DEFAULT_DURATION_S:g})")
-    p.add_argument("--explore", type=lambda t: _number(t, 0, 1, ""), default=DEFAULT_EXPLORE,
-                   metavar="P",
+    p.add_argument("--explore", type=lambda t: number_in(t, 0, 1, lo_open=False),
+                   default=DEFAULT_EXPLORE, metavar="P",
                    help="probability that a candidate's action is a coin flip instead of the "
                    f"fallback's (default: {DEFAULT_EXPLORE})")
-    p.add_argument("--window-ms", type=lambda t: _number(t, 0, 10000, "ms", True),
+    p.add_argument("--window-ms", type=lambda t: number_in(t, 0, 10000, "ms"),
                    default=DEFAULT_WINDOW_MS, metavar="MS",
                    help=f"outcome window after a record is read (default: {DEFAULT_WINDOW_MS:g})")
-    p.add_argument("--max-follow", type=_positive, default=DEFAULT_MAX_FOLLOW, metavar="N",
+    p.add_argument("--max-follow", type=positive_int, default=DEFAULT_MAX_FOLLOW, metavar="N",
                    help="most candidates followed per second; the others are counted as "
                    f"skipped (default: {DEFAULT_MAX_FOLLOW})")
     p.add_argument("--outcome-source", choices=("auto", "taskstats", "schedstat"),
@@ -142,22 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how outcomes are read: taskstats (genetlink, delay accounting on for "
                    "the run), /proc/<pid>/schedstat, or auto: taskstats when it works "
                    "(default: auto)")
-    p.add_argument("--min-other", type=_positive, default=MIN_OTHER, metavar="N",
+    p.add_argument("--min-other", type=positive_int, default=MIN_OTHER, metavar="N",
                    help="rows of the other action a bucket needs for its median to label "
                    f"with (default: {MIN_OTHER})")
     p.add_argument("--outcomes", type=Path, metavar="FILE",
                    help="where the raw outcomes go (default: FILE with .outcomes.csv)")
     p.add_argument("--relabel", type=Path, metavar="OUTCOMES",
                    help="attach nothing: label an outcomes file again and write --output")
-    p.add_argument("--domains", type=_positive, default=None, metavar="N",
+    p.add_argument("--domains", type=positive_int, default=None, metavar="N",
                    help="split the CPUs into N equal domains (default: as mlsched-load)")
     p.add_argument("--fallback", choices=[f.name.lower() for f in contract.Fallback],
                    default="heuristic",
                    help="the policy that decides when the coin is not flipped "
                    "(default: heuristic)")
-    p.add_argument("--slice-us", type=_positive, default=20000, metavar="US",
+    p.add_argument("--slice-us", type=positive_int, default=20000, metavar="US",
                    help="time slice in microseconds (default: 20000)")
-    p.add_argument("--ringbuf-size", type=_ringbuf_size, default=DEFAULT_RINGBUF,
+    p.add_argument("--ringbuf-size", type=ringbuf_size, default=DEFAULT_RINGBUF,
                    metavar="BYTES", help=f"candidate ring buffer size (default: {DEFAULT_RINGBUF})")
     p.add_argument("--bpf-obj", default=str(DEFAULT_BPF_OBJ), metavar="FILE",
                    help="compiled scheduler (default: %(default)s)")
@@ -171,18 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 def fail(msg: str, status: int = 2) -> int:
     print(f"mlsched-collect: {msg}", file=sys.stderr)
     return status
-
-
-class Stop:
-    """Set by SIGINT/SIGTERM; the main loop checks it between polls."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signame = ""
-
-    def __call__(self, signum: int, _frame: object) -> None:
-        self.requested = True
-        self.signame = signal.Signals(signum).name
 
 
 # --- following candidates -------------------------------------------------------------------
@@ -432,8 +390,7 @@ def _open_outcome_source(want: str, delayacct: Sysctl) -> Sampler:
 def run(args: argparse.Namespace, plan: DomainPlan) -> int:
     # From here on a signal must not leave anything behind: the sysctl, the scheduler, pins.
     stop = Stop()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop.install()
     delayacct = Sysctl(DELAYACCT)
     try:
         sampler = _open_outcome_source(args.outcome_source, delayacct)

@@ -22,6 +22,7 @@ import time
 from typing import Protocol, TextIO
 
 from loader import contract
+from loader.cli import interval_s
 from loader.scheduler import scx_ops_name, scx_state
 from tools.statsmodel import Sample, compute, render_json, render_openmetrics, render_text
 
@@ -322,16 +323,6 @@ def watch(pinned: Pinned, interval_s: float, once: bool, fmt: str) -> int:
         prev = cur
 
 
-def _interval(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {v}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="mlsched-stats",
@@ -340,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--interval", type=_interval, default=1.0, metavar="SECS",
+    ap.add_argument("--interval", type=interval_s, default=1.0, metavar="SECS",
                     help="seconds each block's rates cover (default: 1)")
     ap.add_argument("--once", action="store_true",
                     help="print one block (two samples --interval apart) and exit")
