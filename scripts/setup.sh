@@ -66,6 +66,12 @@ else
 fi
 
 # --- 2. virtualenv ----------------------------------------------------------------------------
+# pip's status survives the filter (pipefail); the filter drops warnings about local indexes
+# that this machine's pip config names but that may not exist.
+pip_install() {
+	"$VENV/bin/pip" install -q --disable-pip-version-check "$@" 2>&1 |
+		{ grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
 PY_STAMP="$VENV/.mlsched-deps"
 REQS="$ROOT/requirements.txt"
 if [ ! -x "$VENV/bin/python" ] || [ ! -f "$PY_STAMP" ] || ! cmp -s "$REQS" "$PY_STAMP"; then
@@ -75,8 +81,8 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$PY_STAMP" ] || ! cmp -s "$REQS" "$PY_
 		/usr/bin/python3 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 	fi
 	say "installing Python packages (tensorflow-cpu is ~1.6 GB; a few minutes)"
-	"$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQS"
-	"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps -e "$ROOT"
+	pip_install -r "$REQS"
+	pip_install --no-deps -e "$ROOT"
 	cp "$REQS" "$PY_STAMP"
 else
 	say "virtualenv: up to date"
