@@ -10,8 +10,9 @@ mkdir -p "$(dirname "$LOG")"
 
 state() { cat /sys/kernel/sched_ext/state; }
 echo "demo: sched_ext state before: $(state)"
-echo "demo: starting mlsched-load --model $MODEL --domains 2 (log: $LOG)"
-python -m loader.main --model "$MODEL" --domains 2 >"$LOG" 2>&1 &
+echo "demo: starting mlsched-load --model $MODEL --domains 2 --stats 5 (log: $LOG)"
+# --stats: the loader prints a stats block every 5 s, during the workload too (in its log).
+python -m loader.main --model "$MODEL" --domains 2 --stats 5 >"$LOG" 2>&1 &
 loader=$!
 cleanup() { kill -INT "$loader" 2>/dev/null || true; wait "$loader" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -27,21 +28,36 @@ for _ in $(seq 2400); do
 	python -m tools.stats --once | grep -q 'model ready' && break
 	sleep 0.1
 done
+totals() { python -m tools.stats --once --json --interval 0.2; }
 echo
 echo "=== mlsched-stats --once, before the workload ==="
 python -m tools.stats --once
+before=$(totals)
 echo
 echo "demo: running stress-ng (2 CPU hogs + 2 pipe ping-pong pairs) for ${WORKLOAD_S} s"
-stress-ng --temp-path /tmp --cpu 2 --pipe 2 --timeout "${WORKLOAD_S}s" --metrics-brief 2>&1 | sed 's/^/  /'
+stress-ng --temp-path /tmp --cpu 2 --pipe 2 --timeout "${WORKLOAD_S}s" --metrics-brief \
+	>"$(dirname "$LOG")/demo-stress.log" 2>&1 &
+wait $!
+grep -E 'metrc: .* (cpu|pipe) |successful' "$(dirname "$LOG")/demo-stress.log" | sed 's/^/  /'
 echo
 echo "=== mlsched-stats --once, after the workload ==="
 python -m tools.stats --once
+after=$(totals)
+echo
+echo "=== counters over the workload (after - before) ==="
+python - "$before" "$after" <<'PY'
+import json, sys
+a, b = (json.loads(x) for x in sys.argv[1:3])
+keys = ("candidates", "hits", "misses", "migrate", "keep", "fallback_migrate", "fallback_keep",
+        "submitted", "rb_drops", "decisions", "migrations")
+print("  " + "  ".join(f"{k}={b[k + '_total'] - a[k + '_total']}" for k in keys))
+PY
 echo
 kill -INT "$loader"
 status=0
 wait "$loader" || status=$?
 trap - EXIT
 echo "demo: loader exited with $status; sched_ext state after: $(state)"
-echo "--- loader log ---"
+echo "--- loader log (with its --stats blocks) ---"
 cat "$LOG"
 [ "$status" = 0 ] && [ "$(state)" = disabled ]
