@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from loader.protowire import read_varint
+
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # 2 * BlockHandle::kMaxEncodedLength (2 * 10 * 2) + 8 bytes of magic
 BLOCK_TRAILER_SIZE = 5
@@ -115,18 +117,7 @@ def unmask(masked: int) -> int:
 
 
 def _varint(buf: memoryview, pos: int, what: str) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise CheckpointError(f"truncated varint in {what}")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift >= 70:
-            raise CheckpointError(f"varint longer than 10 bytes in {what}")
+    return read_varint(buf, pos, CheckpointError, what)
 
 
 def _fields(buf: memoryview, what: str) -> Iterator[tuple[int, int, int | memoryview]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from loader import contract
 from loader.checkpoint_index import CheckpointError, verify_checkpoint
+from loader.protowire import read_varint
 
 SIGNATURE_KEY = "serving_default"
 SERVE_TAG = "serve"
@@ -98,18 +99,7 @@ class DecodeError(ValueError):
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise DecodeError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift >= 70:
-            raise DecodeError("varint longer than 10 bytes")
+    return read_varint(buf, pos, DecodeError)
 
 
 def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
