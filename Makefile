@@ -78,7 +78,7 @@ bench-model: setup
 	taskset -c 0 $(PY) tools/bench_model.py --cpu 0
 
 # Benchmarks (docs/BENCHMARKS.md): the decision pipeline on the host and in the VM, and the
-# scheduling outcome in one VM boot; results in bench-results/. About 20 minutes.
+# scheduling outcome in the VM; results in bench-results/. 10-15 minutes.
 .PHONY: bench
 BENCH_PRODUCER := build/bench/ringbuf_producer.bpf.o
 

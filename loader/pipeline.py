@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -100,7 +101,8 @@ class DecisionPipeline:
         """Decide every waiting key, batch_size at a time; returns decisions written."""
         written = 0
         while self._model is not None and self._waiting:
-            items = list(self._waiting.items())[: self.batch_size]
+            # islice: copying the whole backlog per batch made a deep backlog quadratic.
+            items = list(itertools.islice(self._waiting.items(), self.batch_size))
             for k, _ in items:
                 del self._waiting[k]
             keys = np.fromiter((k for k, _ in items), dtype=np.uint64, count=len(items))

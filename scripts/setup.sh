@@ -26,7 +26,7 @@ mkdir -p "$CACHE"
 # --- 1. Debian packages -----------------------------------------------------------------------
 BOOKWORM_PKGS=(clang-19 llvm-19 make qemu-system-x86 udev kmod busybox-static python3-bpfcc
 	bpfcc-tools stress-ng zstd xz-utils binutils ca-certificates procps python3-venv
-	util-linux)
+	util-linux gcc linux-perf)
 BACKPORTS_PKGS=(libbpf1 libbpf-dev bpftool)
 BACKPORTS_LIST=/etc/apt/sources.list.d/mlsched-bookworm-backports.list
 

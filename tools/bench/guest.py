@@ -11,10 +11,11 @@ usage (inside the sched_ext VM, as root; tools/bench/__main__.py boots it):
 3. Outcome: the workloads (tools/bench/workloads.py) under (a) the kernel's default scheduler,
    (b) mlsched with its fallback heuristic only (--no-model), (c) mlsched + the dummy model,
    (d) mlsched + the model model_export.py trained. One untimed warm-up pass under (a), then
-   `repeats` rounds; each round visits the four configurations in a seeded random order and,
-   within one, the workloads in a seeded random order. One loader per round and configuration
-   (a loader start costs 5-15 s of Python imports under TCG). For every run: completion time,
-   the workload's own figures, sched_migrate_task events, and mlsched's counters.
+   `repeats` rounds; each round takes the workloads in a seeded random order and runs each
+   under the four configurations in a seeded random order. Every mlsched run has a loader of
+   its own (attached before, detached after: each starts with an empty decision table). For
+   every run: completion time, the workload's own figures, sched_migrate_task events, and
+   for mlsched its counters and the loader's CPU time.
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ STEADY_WARM_S = 10  # the hit rate is read after this much steady load...
 STEADY_MEASURE_S = 10  # ...over this window
 
 
+_T0 = time.monotonic()
+
+
 def say(msg: str) -> None:
-    print(f"bench-vm: {msg}", flush=True)
+    t = int(time.monotonic() - _T0)
+    print(f"bench-vm [{t // 60:02d}:{t % 60:02d}]: {msg}", flush=True)
 
 
 @dataclass(frozen=True)
@@ -238,95 +243,133 @@ def steady_hit_rate(ld: LoaderRun) -> dict[str, Any]:
 # --- 3. outcome --------------------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one(wl: Workload, cfg: SchedConfig, rep: int, counter: MigrationCounter,
             ld: LoaderRun | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"config": cfg.key, "workload": wl.name, "rep": rep}
     before = ld.pinned.snapshot() if ld else None
-    m0 = counter.read()
+    cpu0 = cpu_seconds(ld.proc.pid) if ld else 0.0
+    m0, x0 = counter.read()
     try:
         rec.update(wl.run(RUN_TIMEOUT_S))
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         rec["error"] = str(e)
-    rec["migrations"] = counter.read() - m0
+    m1, x1 = counter.read()
+    rec["migrations"], rec["cross_migrations"] = m1 - m0, x1 - x0
     if ld is not None and before is not None:
         if not ld.alive():
             rec["error"] = rec.get("error") or f"mlsched left during the run: {ld.tail()}"
         else:
             rec["mlsched"] = delta(ld.pinned.snapshot(), before)
+            rec["loader_cpu_s"] = round(cpu_seconds(ld.proc.pid) - cpu0, 2)
     return rec
 
 
+def describe(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"ERROR {r['error']}"
+    text = (f"{r['seconds']:6.1f} s, {r['migrations']:6d} migrations "
+            f"({r['cross_migrations']} across domains)")
+    if "mlsched" in r:
+        m = r["mlsched"]
+        looked = m["hits"] + m["misses"]
+        text += (f"; mlsched: {m['candidates']} candidates, hit "
+                 f"{100 * m['hits'] / looked if looked else 0:.0f} %, {m['migrations']} sent, "
+                 f"loader CPU {r['loader_cpu_s']:.1f} s")
+    return text
+
+
+def outcome_plan(wls: list[Workload], cfgs: list[SchedConfig], repeats: int,
+                 seed: int) -> list[tuple[int, Workload, SchedConfig]]:
+    """(round, workload, configuration) in run order: the same for the same seed."""
+    rng = random.Random(seed)
+    plan = []
+    for rep in range(repeats):
+        wl_order = wls[:]
+        rng.shuffle(wl_order)
+        for wl in wl_order:
+            order = cfgs[:]
+            rng.shuffle(order)
+            plan += [(rep, wl, cfg) for cfg in order]
+    return plan
+
+
 def outcome_phase(out_dir: Path, codebase: Path, trained: Path, repeats: int, scale: float,
-                  seed: int, counter: MigrationCounter, only: set[str]) -> dict[str, Any]:
+                  seed: int, counter: MigrationCounter, only: set[str],
+                  previous: dict[str, Any] | None, save: Any) -> dict[str, Any]:
+    """Every (round, workload, configuration), configurations interleaved in a seeded order.
+
+    Each mlsched run gets a loader of its own, started before the run and stopped after it,
+    so every run starts from the same state (an empty decision table). The results are saved
+    after every run; with `previous` (the partial results of a VM that died) the runs already
+    done are kept and the plan goes on from there, after a new warm-up pass.
+    """
     ncpu = os.cpu_count() or 1
     wls = [w for w in workloads(codebase, ncpu, scale) if not only or w.name in only]
     cfgs = configs(trained)
-    rng = random.Random(seed)
-    runs: list[dict[str, Any]] = []
-    loaders: list[dict[str, Any]] = []
-    say("outcome: warm-up pass under (a), not counted: "
-        + ", ".join(w.name for w in wls))
-    warmup = []
-    for wl in wls:
-        r = run_one(wl, cfgs[0], -1, counter, None)
-        warmup.append(r)
-        say(f"outcome: warm-up {wl.name}: {r.get('seconds', 0):.1f} s"
-            + (f" ERROR {r['error']}" if "error" in r else ""))
-    total = repeats * len(cfgs) * len(wls)
-    n = 0
-    t_start = time.monotonic()
-    for rep in range(repeats):
-        order = cfgs[:]
-        rng.shuffle(order)
-        say(f"outcome: round {rep + 1}/{repeats}, order "
-            + " ".join(f"({c.key})" for c in order))
-        for cfg in order:
-            ld = None
-            wl_order = wls[:]
-            rng.shuffle(wl_order)
-            if cfg.loader_args is not None:
-                try:
-                    ld = LoaderRun(loader_cmd(cfg.loader_args),
-                                   out_dir / f"loader-{cfg.key}-{rep}.log", cfg.wait_model)
-                except RuntimeError as e:
-                    say(f"outcome: ({cfg.key}) loader failed: {e}")
-                    for wl in wl_order:
-                        n += 1
-                        runs.append({"config": cfg.key, "workload": wl.name, "rep": rep,
-                                     "error": f"loader: {e}"})
-                    continue
-            for wl in wl_order:
-                n += 1
-                r = run_one(wl, cfg, rep, counter, ld)
-                r["seq"] = n
-                runs.append(r)
-                eta = (time.monotonic() - t_start) / n * (total - n)
-                extra = ""
-                if "mlsched" in r:
-                    m = r["mlsched"]
-                    looked = m["hits"] + m["misses"]
-                    extra = (f", mlsched: {m['candidates']} candidates, hit "
-                             f"{100 * m['hits'] / looked if looked else 0:.0f} %, "
-                             f"{m['migrations']} sent")
-                say(f"outcome: [{n}/{total}] ({cfg.key}) {cfg.name:8s} {wl.name:9s} "
-                    + (f"ERROR {r['error']}" if "error" in r else
-                       f"{r['seconds']:6.1f} s, {r['migrations']} migrations{extra}")
-                    + f"  (eta {eta / 60:.0f} min)")
-            if ld is not None:
-                status = ld.stop()
-                loaders.append({"config": cfg.key, "rep": rep, "status": status,
-                                "attach_s": round(ld.attach_s, 2),
-                                "model_s": round(ld.model_s, 2)})
-                if status != 0:
-                    say(f"outcome: ({cfg.key}) loader exited {status}: {ld.tail()}")
-    return {
+    plan = outcome_plan(wls, cfgs, repeats, seed)
+    out: dict[str, Any] = {
         "configs": [{"key": c.key, "name": c.name, "what": c.what,
                      "loader_args": list(c.loader_args) if c.loader_args else None}
                     for c in cfgs],
         "workloads": [{"name": w.name, "what": w.what, "command": w.command()} for w in wls],
-        "repeats": repeats, "scale": scale, "seed": seed, "warmup": warmup, "runs": runs,
-        "loaders": loaders,
+        "repeats": repeats, "scale": scale, "seed": seed, "warmup": [], "runs": [],
+        "loaders": [], "boots": 1, "complete": False,
     }
+    if previous:
+        out["runs"] = list(previous.get("runs", []))
+        out["loaders"] = list(previous.get("loaders", []))
+        out["warmup"] = list(previous.get("warmup", []))
+        out["boots"] = int(previous.get("boots", 1)) + 1
+        say(f"outcome: resuming after {len(out['runs'])} of {len(plan)} runs (boot "
+            f"{out['boots']})")
+    say("outcome: warm-up pass under (a), not counted: " + ", ".join(w.name for w in wls))
+    for wl in wls:
+        r = run_one(wl, cfgs[0], -1, counter, None)
+        r["boot"] = out["boots"]
+        out["warmup"].append(r)
+        say(f"outcome: warm-up {wl.name:9s} {describe(r)}")
+    t_start = time.monotonic()
+    first = len(out["runs"])
+    for n, (rep, wl, cfg) in enumerate(plan[first:], start=first + 1):
+        if n == first + 1 or plan[n - 2][1] is not wl:
+            say(f"outcome: round {rep + 1}/{repeats}, {wl.name}: "
+                + " ".join(f"({c.key})" for r_, w_, c in plan if r_ == rep and w_ is wl))
+        ld = None
+        r: dict[str, Any] = {"config": cfg.key, "workload": wl.name, "rep": rep}
+        if cfg.loader_args is not None:
+            try:
+                ld = LoaderRun(loader_cmd(cfg.loader_args),
+                               out_dir / f"loader-{rep}-{wl.name}-{cfg.key}-boot{out['boots']}.log",
+                               cfg.wait_model)
+            except RuntimeError as e:
+                r["error"] = f"loader: {e}"
+        if "error" not in r:
+            r = run_one(wl, cfg, rep, counter, ld)
+        r["seq"], r["boot"] = n, out["boots"]
+        if ld is not None:
+            status = ld.stop()
+            out["loaders"].append({"config": cfg.key, "workload": wl.name, "rep": rep,
+                                   "status": status, "attach_s": round(ld.attach_s, 2),
+                                   "model_s": round(ld.model_s, 2)})
+            if status != 0:
+                r["loader_status"] = status
+                say(f"outcome: ({cfg.key}) loader exited {status}: {ld.tail()}")
+        out["runs"].append(r)
+        save(out)
+        done = n - first
+        eta = (time.monotonic() - t_start) / done * (len(plan) - n)
+        say(f"outcome: [{n}/{len(plan)}] ({cfg.key}) {cfg.name:8s} {wl.name:9s} "
+            f"{describe(r)}  (eta {eta / 60:.0f} min)")
+    out["complete"] = True
+    save(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,10 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="outcome rounds (default: 3)")
     ap.add_argument("--scale", type=float, default=1.0, help="workload size factor")
     ap.add_argument("--seed", type=int, default=1, help="seed of the run order")
-    ap.add_argument("--rates", default="1000,10000,100000",
-                    help="pipeline offered loads, records/s")
-    ap.add_argument("--low-wait-rates", default="1000,10000",
-                    help="loads also run at --max-wait-ms 0.2")
+    ap.add_argument("--rates", default="1000,3000,10000",
+                    help="pipeline offered loads, records/s (default: %(default)s)")
+    ap.add_argument("--low-wait-rates", default="1000",
+                    help="loads also run at --max-wait-ms 0.2 (default: %(default)s)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results already in --out and run only what is missing")
     ap.add_argument("--seconds", type=float, default=2.0, help="pipeline window per load")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--skip-outcome", action="store_true")
@@ -356,30 +401,53 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"kernel": os.uname().release, "cpus": os.cpu_count()}
-    t0 = time.monotonic()
+    if args.resume and args.out.is_file():
+        result = json.loads(args.out.read_text())
+    result.pop("done", None)
+    t0 = time.monotonic() - result.get("elapsed_s", 0)
     say(f"kernel {result['kernel']}, {result['cpus']} CPUs; compiling the bcc migration "
         "counter (sched:sched_migrate_task)")
-    counter = MigrationCounter()
+    from loader.domains import plan_domains
+
+    cpu_to_dom = plan_domains(2).cpu_to_dom()  # as mlsched-load --domains 2
+    result["cpu_to_dom"] = cpu_to_dom
+    # Kernel messages go to the shared directory as they come: if the VM dies, they remain.
+    boot = int((result.get("outcome") or {}).get("boots", 0)) + 1
+    dmesg_out = open(out_dir / f"dmesg-boot{boot}.log", "w")  # noqa: SIM115 (lives with us)
+    dmesg = subprocess.Popen(["dmesg", "--follow", "--time-format", "iso"], stdout=dmesg_out,
+                             stderr=subprocess.STDOUT)
+    counter = MigrationCounter(cpu_to_dom)
     result["bcc_compile_s"] = round(counter.compile_s, 1)
     say(f"bcc counter ready in {counter.compile_s:.1f} s")
 
     def save() -> None:
         result["elapsed_s"] = round(time.monotonic() - t0, 1)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        tmp = args.out.with_suffix(".tmp")  # then rename: a VM that dies leaves a whole file
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, args.out)
+
+    def save_outcome(outcome: dict[str, Any]) -> None:
+        result["outcome"] = outcome
+        save()
 
     try:
-        if not args.skip_pipeline:
+        if not args.skip_pipeline and "pipeline" not in result:
             result["pipeline"] = pipeline_phase(
                 out_dir, [int(x) for x in args.rates.split(",") if x],
                 [int(x) for x in args.low_wait_rates.split(",") if x], args.seconds)
             save()
         if not args.skip_outcome:
             only = {w for w in args.workloads.split(",") if w}
-            result["outcome"] = outcome_phase(out_dir, args.codebase, args.trained, args.repeats,
-                                              args.scale, args.seed, counter, only)
+            previous = result.get("outcome") if args.resume else None
+            outcome_phase(out_dir, args.codebase, args.trained, args.repeats, args.scale,
+                          args.seed, counter, only, previous, save_outcome)
+        result["done"] = True
     finally:
         save()
         counter.close()
+        dmesg.terminate()
+        dmesg.wait()
+        dmesg_out.close()
     say(f"done in {time.monotonic() - t0:.0f} s")
     return 0
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from loader import contract
 from loader.bpfmaps import DecisionMap, RingBufferReader
+from loader.main import IDLE_POLL_MS
 from loader.pipeline import DecisionPipeline, Predictor
 from tools.bench.producer import DEFAULT_OBJ, ProducerChild, RingProducer
 
@@ -247,7 +248,9 @@ class Bench:
         in_window: int | None = None
         window_s = seconds
         while True:
-            reader.poll(poll_ms)
+            # As loader/main.py's loop: a short poll while a batch fills, else a long one.
+            filling = pipeline is not None and pipeline.filling()
+            reader.poll(poll_ms if filling or naive else IDLE_POLL_MS)
             if pipeline is not None and pipeline.due():
                 pipeline.flush()
             elapsed = time.monotonic() - t0
@@ -281,7 +284,8 @@ class Bench:
 def run(backends: list[str], rates: list[int], seconds: float, batch_size: int,
         decide_batches: tuple[int, ...], max_wait_ms: float, naive_rates: list[int],
         obj: Path, model_dir: Path, where: str,
-        low_wait_rates: list[int] | None = None) -> dict[str, Any]:
+        low_wait_rates: list[int] | None = None,
+        tf_rates: list[int] | None = None) -> dict[str, Any]:
     """All three measurements; low_wait_rates are also run at LOW_WAIT_MS (numpy)."""
     bench = Bench(obj, model_dir)
     out: dict[str, Any] = {"where": where, "kernel": platform.release(),
@@ -299,8 +303,8 @@ def run(backends: list[str], rates: list[int], seconds: float, batch_size: int,
                 out["stages"]["decide"].append(r)
                 log.info("bench: [%s] stage: decide %-5s batch %4d: %s decisions/s", where,
                          backend, r["batch_size"], f"{r['decisions_per_s']:,}")
-        plan = [(b, r, max_wait_ms) for b in backends
-                for r in (naive_rates if b == "naive" else rates)]
+        per_backend = {"naive": naive_rates, "tf": tf_rates if tf_rates is not None else rates}
+        plan = [(b, r, max_wait_ms) for b in backends for r in per_backend.get(b, rates)]
         if "numpy" in backends:
             plan += [("numpy", r, LOW_WAIT_MS) for r in low_wait_rates or []]
         for backend, rate, wait_ms in plan:
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: numpy, tf, naive (default: %(default)s)")
     ap.add_argument("--rates", type=_int_list, default=[1000, 10_000, 100_000, 300_000, 1_000_000],
                     help="offered loads, records/s (default: 1e3,1e4,1e5,3e5,1e6)")
+    ap.add_argument("--tf-rates", type=_int_list, default=[1000, 10_000, 100_000],
+                    help="offered loads for the tf backend (default: 1e3,1e4,1e5)")
     ap.add_argument("--naive-rates", type=_int_list, default=[1000, 10_000],
                     help="offered loads for the naive path (default: 1e3,1e4)")
     ap.add_argument("--low-wait-rates", type=_int_list, default=[1000, 10_000],
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = run(backends, args.rates, args.seconds, args.batch_size, DECIDE_BATCHES,
               args.max_wait_ms, args.naive_rates, args.obj, args.model, args.where,
-              args.low_wait_rates)
+              args.low_wait_rates, args.tf_rates)
     text = json.dumps(out, indent=1)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

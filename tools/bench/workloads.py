@@ -204,7 +204,7 @@ def workloads(codebase: Path, cpus: int, scale: float) -> list[Workload]:
               src=codebase, jobs=cpus),
         Messaging("messaging", "perf bench sched messaging (sockets, 20 senders and 20 "
                   "receivers per group)", groups=max(1, round(4 * scale)),
-                  loops=max(1, round(60 * scale))),
+                  loops=max(1, round(100 * scale))),
         Mixed("mixed", "stress-ng: 6 FFT CPU hogs (fixed ops) + 2 pipe ping-pong pairs",
-              cpu_ops=max(1, round(150 * scale)), pipe_ops=max(1, round(20000 * scale))),
+              cpu_ops=max(1, round(600 * scale)), pipe_ops=max(1, round(45000 * scale))),
     ]
