@@ -124,7 +124,11 @@ boot() {
 	# open starts again at offset 0, so lines are lost. tee passes the output on and keeps a copy.
 	tee "$log" <"$fifo" &
 	tee_pid=$!
+	# Single-threaded TCG: with one host thread per vCPU, a kernel text patch (static keys
+	# flip on every sched_ext attach/detach) can leave a stale int3 in another vCPU's
+	# translated code, and the guest panics ("Oops: int3", vng exits 255 with no output).
 	setsid "$VNG" -r "$vmlinuz" --disable-kvm --cpus "$cpus" --memory "$memory" \
+		--qemu-opts="-accel tcg,thread=single" \
 		--rwdir="$OUT_DIR" -- "$guest_script" >"$fifo" 2>&1 </dev/null &
 	vng_pid=$!
 	booted=0
