@@ -5,6 +5,7 @@ These tests need a sched_ext kernel and root: they run inside the VM (`make vm-t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -99,9 +100,10 @@ def start_loader(*extra: str, name: str = "loader") -> Loader:
     return Loader(proc, log_path)
 
 
-@pytest.fixture
-def loader() -> Iterator[Loader]:
-    ld = start_loader()
+@contextlib.contextmanager
+def running_loader(*extra: str, name: str = "loader") -> Iterator[Loader]:
+    """A loader attached for the block; stopped (SIGINT) and its log printed after."""
+    ld = start_loader(*extra, name=name)
     try:
         wait_for(attached, ATTACH_WAIT_S, "mlsched to attach", ld.proc)
         yield ld
@@ -109,6 +111,12 @@ def loader() -> Iterator[Loader]:
         if ld.proc.poll() is None:
             ld.stop()
         print(f"--- {ld.log_path.name} ---\n{ld.log()}")
+
+
+@pytest.fixture
+def loader() -> Iterator[Loader]:
+    with running_loader() as ld:
+        yield ld
 
 
 def stress(seconds: int, cpus: int = 2) -> subprocess.Popen:

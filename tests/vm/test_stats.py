@@ -23,6 +23,7 @@ from tests.vm.conftest import (
     ROOT,
     Loader,
     attached,
+    running_loader,
     start_loader,
     stress,
     wait_for,
@@ -46,14 +47,8 @@ def save(name: str, text: str) -> None:
 
 @pytest.fixture
 def loader_with_stats() -> Iterator[Loader]:
-    ld = start_loader("--stats", "2", name="loader-stats")
-    try:
-        wait_for(attached, ATTACH_WAIT_S, "mlsched to attach", ld.proc)
+    with running_loader("--stats", "2", name="loader-stats") as ld:
         yield ld
-    finally:
-        if ld.proc.poll() is None:
-            ld.stop()
-        print(f"--- {ld.log_path.name} ---\n{ld.log()}")
 
 
 def test_live_rates_under_stress(loader_with_stats: Loader) -> None:
