@@ -10,12 +10,8 @@
 #ifndef __MLSCHED_H
 #define __MLSCHED_H
 
-#ifndef __VMLINUX_H__
-typedef unsigned char __u8;
-typedef unsigned short __u16;
-typedef unsigned int __u32;
-typedef unsigned long long __u64;
-typedef long long __s64;
+#if !defined(__VMLINUX_H__) && !defined(__KERNEL__)
+#include <linux/types.h>	/* host side: the harness and the contract parser */
 #endif
 
 #define MLSCHED_MAX_CPUS	512	/* size of the per-CPU config arrays */
@@ -28,6 +24,10 @@ typedef long long __s64;
 #define MLSCHED_LOAD_SCALE	16
 /* A domain is full (load 1.0) at this many runnable tasks per CPU. */
 #define MLSCHED_LOAD_FULL_PER_CPU	4
+/* How far ahead of the vtime clock a task may be queued, in slices. */
+#define MLSCHED_VTIME_MAX_LAG_SLICES	4
+/* Config.EXPLORE and candidate.prob_q16 are probabilities in 1/EXPLORE_SCALE units. */
+#define MLSCHED_EXPLORE_SCALE		65536
 
 /*
  * Decision key: the quantized features of a candidate, packed in a u64.
@@ -57,20 +57,32 @@ enum mlsched_fallback {
 	MLSCHED_FALLBACK_HEURISTIC = 2, /* migrate when src - dst >= 1/4 of scale */
 };
 
-/* One migration candidate, pushed to the ring buffer on a decision miss. */
+/* Where a candidate was built. */
+enum mlsched_path {
+	MLSCHED_PATH_WAKEUP = 0,	/* select_cpu: no idle CPU in the task's domain */
+	MLSCHED_PATH_STEAL = 1,		/* dispatch: an idle CPU eyes another domain's queue */
+};
+
+/*
+ * One migration candidate: the task on its current CPU (source domain) and
+ * a destination domain. Pushed to the ring buffer on a decision miss, and
+ * every time in collection mode.
+ */
 struct mlsched_candidate {
 	__u64 key;		/* packed quantized features, see above */
 	__u64 ts_ns;		/* bpf_ktime_get_ns() when submitted */
-	__u32 pid;		/* the waking task */
-	__u32 cpu;		/* its previous CPU */
+	__u32 pid;		/* the task */
+	__u32 cpu;		/* the CPU it is on (wakeup: last ran on) */
 	__u32 cpu_idle;		/* idle CPUs in the destination domain */
 	__u32 cpu_not_idle;	/* busy CPUs in the source domain */
 	__u32 src_dom;		/* the previous CPU's domain */
-	__u32 dst_dom;		/* the least loaded other domain */
+	__u32 dst_dom;		/* wakeup: least loaded other domain; steal: the taker's */
 	__u32 src_load_q;	/* source domain load, 0..LOAD_SCALE */
 	__u32 dst_load_q;	/* destination domain load, 0..LOAD_SCALE */
 	__u32 action;		/* enum mlsched_decision applied to this wakeup */
 	__u32 source;		/* enum mlsched_source: who chose the action */
+	__u32 path;		/* enum mlsched_path */
+	__u32 prob_q16;		/* P(logging policy took action), 1/65536 units */
 };
 
 /* Who chose a candidate's action (recorded in collection mode). */
@@ -80,12 +92,17 @@ enum mlsched_source {
 	MLSCHED_SRC_EXPLORE = 2,	/* a coin flip (collection mode) */
 };
 
-/* Kernel-side counters: per-CPU array "counters", events since attach. */
+/*
+ * Kernel-side counters: per-CPU array "counters", events since attach.
+ * Migrations are counted twice: by the decision that caused them (MIGR_*)
+ * and as seen when the task next runs on another CPU (RAN_*), so user space
+ * can tell how many cross-domain moves a decision made.
+ */
 enum mlsched_counter {
-	MLSCHED_CNT_SELECT = 0,		/* select_cpu calls */
-	MLSCHED_CNT_LOCAL,		/* an idle CPU in the previous domain: stayed */
-	MLSCHED_CNT_NO_CANDIDATE,	/* no less loaded domain: stayed */
-	MLSCHED_CNT_CANDIDATES,		/* migration candidates built */
+	MLSCHED_CNT_SELECT = 0,		/* select_cpu calls (wakeups) */
+	MLSCHED_CNT_LOCAL,		/* wakeups that found their previous CPU idle */
+	MLSCHED_CNT_NO_CANDIDATE,	/* wakeups with no idle CPU and no less loaded domain */
+	MLSCHED_CNT_CANDIDATES,		/* migration candidates built, wakeup and steal */
 	MLSCHED_CNT_HITS,		/* candidates whose key had a decision */
 	MLSCHED_CNT_MISSES,		/* candidates with no decision yet */
 	MLSCHED_CNT_MIGRATE,		/* hits the model said to migrate */
@@ -94,11 +111,17 @@ enum mlsched_counter {
 	MLSCHED_CNT_FALLBACK_KEEP,	/* misses the fallback kept */
 	MLSCHED_CNT_SUBMITTED,		/* candidates pushed to the ring buffer */
 	MLSCHED_CNT_RB_DROPS,		/* ring buffer full: candidate not pushed */
-	MLSCHED_CNT_MIGRATIONS,		/* tasks sent to another domain's CPU */
-	MLSCHED_CNT_STEALS,		/* dispatches taken from another domain's DSQ */
-	MLSCHED_CNT_PINNED,		/* enqueues of tasks with restricted affinity */
+	MLSCHED_CNT_STEAL_CANDIDATES,	/* candidates built on the steal path */
+	MLSCHED_CNT_MIGR_MODEL,		/* cross-domain moves a model decision made */
+	MLSCHED_CNT_MIGR_FALLBACK,	/* cross-domain moves the fallback (or a coin) made */
+	MLSCHED_CNT_MIGR_FORCED,	/* steals of a task queued past the starvation guard */
+	MLSCHED_CNT_MIGR_DOMAIN,	/* moves inside a domain: idle sibling on wakeup, or a pull */
+	MLSCHED_CNT_RAN_CROSS,		/* task ran on a CPU of another domain than last time */
+	MLSCHED_CNT_RAN_DOMAIN,		/* task ran on another CPU of the same domain */
+	MLSCHED_CNT_PREEMPTS,		/* woken tasks that preempted a task far ahead in vtime */
+	MLSCHED_CNT_RESTRICTED,		/* wakeups of tasks that may not use all of their domain */
 	MLSCHED_CNT_EXPLORED,		/* candidates decided by a coin flip (collection) */
-	MLSCHED_CNT_LOADER_WAKEUPS,	/* wakeups of the loader, run ahead of the queue */
+	MLSCHED_CNT_LOADER_WAKEUPS,	/* wakeups of the loader's reader, run ahead of the queue */
 	MLSCHED_NR_COUNTERS,
 };
 
@@ -116,6 +139,7 @@ enum mlsched_loader_stat {
 	MLSCHED_LS_LOADER_PID,		/* pid of the loader */
 	MLSCHED_LS_EV_LAT_NS_SUM,	/* event ts -> decision in map, summed, ns */
 	MLSCHED_LS_TABLE_ENTRIES,	/* distinct keys the loader has decided */
+	MLSCHED_LS_RESTARTS,		/* re-attaches after a CPU hotplug exit */
 	MLSCHED_NR_LOADER_STATS,
 };
 
@@ -134,7 +158,9 @@ enum mlsched_config {
 	MLSCHED_CFG_RESUBMIT_NS,	/* push an undecided key again after this, ns */
 	MLSCHED_CFG_COLLECT,		/* 1: collection mode, every candidate is pushed */
 	MLSCHED_CFG_EXPLORE,		/* collection: P(coin flip) in 1/65536 units */
-	MLSCHED_CFG_LOADER_TGID,	/* the loader's process: run first when it wakes */
+	MLSCHED_CFG_LOADER_TID,		/* the loader's ring reader thread: run first when it wakes */
+	MLSCHED_CFG_SLICE_MIN_NS,	/* shortest slice when a CPU's queue is deep, ns */
+	MLSCHED_CFG_STARVE_NS,		/* a queued task waiting longer is stolen regardless, ns */
 	MLSCHED_NR_CONFIG,
 };
 
@@ -152,8 +178,8 @@ struct mlsched_exit_info {
 /* Per-domain live state: array "dom_stats", read by user space. */
 struct mlsched_dom_stat {
 	__u32 nr_cpus;		/* CPUs in the domain */
-	__u32 load_q;		/* last computed load, 0..LOAD_SCALE */
-	__u64 queued;		/* tasks in the domain's DSQ when last computed */
+	__u32 load_q;		/* load at the last refresh, 0..LOAD_SCALE */
+	__u64 queued;		/* tasks queued on the domain's CPUs at the last refresh */
 };
 
 /*

@@ -84,7 +84,15 @@ class Source(IntEnum):
     EXPLORE = 2
 
 
-EXPLORE_SCALE = 65536  # Config.EXPLORE is a probability in 1/EXPLORE_SCALE units
+EXPLORE_SCALE = 65536  # Config.EXPLORE, Candidate.prob_q16: probabilities in 1/EXPLORE_SCALE
+VTIME_MAX_LAG_SLICES = 4
+
+
+class Path(IntEnum):
+    """Where a candidate was built."""
+
+    WAKEUP = 0
+    STEAL = 1
 
 
 class Fallback(IntEnum):
@@ -106,11 +114,17 @@ class Counter(IntEnum):
     FALLBACK_KEEP = 9
     SUBMITTED = 10
     RB_DROPS = 11
-    MIGRATIONS = 12
-    STEALS = 13
-    PINNED = 14
-    EXPLORED = 15
-    LOADER_WAKEUPS = 16
+    STEAL_CANDIDATES = 12
+    MIGR_MODEL = 13
+    MIGR_FALLBACK = 14
+    MIGR_FORCED = 15
+    MIGR_DOMAIN = 16
+    RAN_CROSS = 17
+    RAN_DOMAIN = 18
+    PREEMPTS = 19
+    RESTRICTED = 20
+    EXPLORED = 21
+    LOADER_WAKEUPS = 22
 
 
 NR_COUNTERS = len(Counter)
@@ -129,6 +143,7 @@ class LoaderStat(IntEnum):
     LOADER_PID = 9
     EV_LAT_NS_SUM = 10
     TABLE_ENTRIES = 11
+    RESTARTS = 12
 
 
 NR_LOADER_STATS = len(LoaderStat)
@@ -167,7 +182,9 @@ class Config(IntEnum):
     RESUBMIT_NS = 4
     COLLECT = 5
     EXPLORE = 6
-    LOADER_TGID = 7
+    LOADER_TID = 7
+    SLICE_MIN_NS = 8
+    STARVE_NS = 9
 
 
 NR_CONFIG = len(Config)
@@ -189,6 +206,8 @@ class Candidate(ctypes.Structure):
         ("dst_load_q", ctypes.c_uint32),
         ("action", ctypes.c_uint32),
         ("source", ctypes.c_uint32),
+        ("path", ctypes.c_uint32),
+        ("prob_q16", ctypes.c_uint32),
     ]
 
 

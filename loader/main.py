@@ -105,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="time slice in microseconds (default: 20000)",
     )
     p.add_argument(
+        "--slice-min-us",
+        type=positive_int,
+        default=1000,
+        metavar="US",
+        help="shortest slice, given when a CPU's queue is deep: the slice is "
+        "slice-us / (1 + tasks waiting), at least this (default: 1000)",
+    )
+    p.add_argument(
+        "--starve-ms",
+        type=positive_int,
+        default=80,
+        metavar="MS",
+        help="starvation guard: a task queued longer than this is stolen by an idle CPU of "
+        "another domain whatever the decision, counted as forced (default: 80)",
+    )
+    p.add_argument(
         "--ringbuf-size",
         type=ringbuf_size,
         default=contract.RINGBUF_DEFAULT_BYTES,
@@ -183,49 +199,84 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, model_info, plan)
 
 
+def attach(args: argparse.Namespace, plan: object) -> object:
+    """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
+    from loader.scheduler import Scheduler, clean_stale_pins
+
+    clean_stale_pins(args.pin_dir)
+    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
+    try:
+        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
+                        args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
+                        starve_ns=args.starve_ms * 1_000_000)
+        sched.attach()
+        sched.pin(args.pin_dir)
+    except BaseException:
+        sched.close()
+        raise
+    return sched
+
+
 def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
+    """Attach, serve, detach; again after a CPU hotplug exit (scx's restart loop)."""
     from loader import libbpf
-    from loader.bpfmaps import RingBufferReader
+    from loader.domains import DomainError, plan_domains
     from loader.pipeline import DecisionPipeline
-    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins, scx_state
+    from loader.scheduler import SchedulerError, scx_state
     from loader.stats_publisher import StatsPublisher
 
     stop = Stop()
     stop.install()
-
     if scx_state() == "unsupported":
         return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
-    try:
-        clean_stale_pins(args.pin_dir)
-        sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
-    except (libbpf.LibbpfError, SchedulerError) as e:
-        return fail(str(e), 1)
-    try:
-        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
-                        args.resubmit_ms * 1_000_000)
-        sched.attach()
-        sched.pin(args.pin_dir)
-    except (libbpf.LibbpfError, SchedulerError, OSError) as e:
-        sched.close()
-        return fail(str(e), 1)
-    log.info(
-        "attached %s: %d CPUs in %s; fallback %s until the model is ready",
-        contract.SCHED_NAME,
-        sum(len(d) for d in plan.domains),
-        plan.reason,
-        args.fallback,
-    )
 
-    pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
-    publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
-    loader_thread = threading.Thread(
-        target=load_model, args=(model_info, args.backend, pipeline, publisher), daemon=True
-    )
-    if not args.no_model:
-        loader_thread.start()
+    pipeline = publisher = None
+    while True:
+        try:
+            sched = attach(args, plan)
+        except (libbpf.LibbpfError, SchedulerError, OSError) as e:
+            return fail(str(e), 1)
+        log.info(
+            "attached %s: %d CPUs in %s; %s",
+            contract.SCHED_NAME,
+            sum(len(d) for d in plan.domains),
+            plan.reason,
+            "model serving" if pipeline and pipeline.model else
+            f"fallback {args.fallback} until the model is ready",
+        )
+        if pipeline is None:
+            pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
+            publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
+            if not args.no_model:
+                threading.Thread(target=load_model, daemon=True,
+                                 args=(model_info, args.backend, pipeline, publisher)).start()
+        else:
+            pipeline.rebind(sched.decisions)
+            publisher.rebind(sched.loader_stats, sched.latency_hist)
+        status, restart = serve(args, sched, pipeline, publisher, stop)
+        if not restart:
+            break
+        # A CPU came or went: the kernel asked for a re-attach. Plan the domains again for
+        # the CPUs online now; the model stays loaded.
+        publisher.restarts += 1
+        try:
+            plan = plan_domains(args.domains)
+        except DomainError as e:
+            return fail(f"re-planning the domains after CPU hotplug: {e}", 1)
+        log.info("restarting after CPU hotplug (restart %d): CPUs now %s", publisher.restarts,
+                 ",".join(str(c) for d in plan.domains for c in d))
+    if stop.requested:
+        log.info("%s: detached mlsched after %d decisions", stop.signame, pipeline.stats.decisions)
+    return status
+
+
+def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: object,
+          stop: Stop) -> tuple[int, bool]:
+    """Feed decisions until a signal or an exit; returns (status, re-attach?)."""
+    from loader.bpfmaps import RingBufferReader
+
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
-
-    status = 0
+    status, restart = 0, False
     batch_poll_ms = max(1, int(args.max_wait_ms))
     printer = None
     try:
@@ -249,16 +300,18 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
             kind = sched.exit_kind()
             if kind:
                 _, text = sched.exit_report()
-                log.error("the kernel ejected mlsched: %s", text or f"exit kind {kind}")
-                status = 1
+                if sched.should_restart():
+                    log.info("the kernel ended mlsched for a re-attach: %s", text)
+                    restart = True
+                else:
+                    log.error("the kernel ejected mlsched: %s", text or f"exit kind {kind}")
+                    status = 1
                 break
     finally:
         reader.close()
         publisher.publish()
         sched.close()
-    if stop.requested:
-        log.info("%s: detached mlsched after %d decisions", stop.signame, pipeline.stats.decisions)
-    return status
+    return status, restart
 
 
 def load_model(model_info: object, want: str, pipeline: object, publisher: object) -> None:

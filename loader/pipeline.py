@@ -65,6 +65,14 @@ class DecisionPipeline:
         self._errors_logged: set[str] = set()
         self._decided: set[int] = set()  # keys written to the decision map
 
+    def rebind(self, decisions: DecisionMap) -> None:
+        """A new attach (after a hotplug restart): a new, empty table; the model stays."""
+        with self._lock:
+            self.decisions = decisions
+            self._waiting.clear()
+            self._decided.clear()
+            self.stats.table_entries = 0
+
     def set_model(self, model: Predictor) -> None:
         with self._lock:
             self._model = model

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 
 from loader import contract, libbpf
@@ -22,6 +23,9 @@ log = logging.getLogger("mlsched.scheduler")
 
 SCX_SYSFS = "/sys/kernel/sched_ext"
 SCX_EXIT_ERROR = 1024  # enum scx_exit_kind: kinds from here on are errors
+# enum scx_exit_code: the kernel asks the scheduler to re-attach (CPU hotplug); read from the
+# kernel's BTF, this is only the value used when the kernel does not name it.
+SCX_ECODE_ACT_RESTART_DFL = 1 << 48
 
 
 class SchedulerError(Exception):
@@ -45,6 +49,29 @@ def scx_ops_name() -> str:
         return ""
 
 
+def hotplug_seq() -> int:
+    """The kernel's CPU hotplug sequence number: attach fails if it moved since."""
+    try:
+        with open(os.path.join(SCX_SYSFS, "hotplug_seq")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def enums_path(obj_path: str) -> str:
+    """The list of scx enum constants `make bpf` writes beside the object."""
+    return os.path.splitext(obj_path)[0] + ".enums"
+
+
+def read_enum_list(path: str) -> list[tuple[str, str]]:
+    """Lines "NAME enum-type" -> [(NAME, type)]."""
+    try:
+        with open(path) as f:
+            return [tuple(line.split()[:2]) for line in f if len(line.split()) >= 2]
+    except OSError as e:
+        raise SchedulerError(f"cannot read {path} ({e.strerror}): run `make bpf`") from None
+
+
 def clean_stale_pins(pin_dir: str) -> None:
     """Remove pins a loader that died hard left behind, unless that loader still runs."""
     if not os.path.isdir(pin_dir):
@@ -60,11 +87,14 @@ class Scheduler:
 
     def __init__(self, obj_path: str, ringbuf_bytes: int, verbose: bool) -> None:
         libbpf.set_print(verbose)
+        enums = read_enum_list(enums_path(obj_path))
         self.obj = libbpf.BpfObject(obj_path)
         self.link: libbpf.StructOpsLink | None = None
         self.pin_dir: str | None = None
+        self.restart_code = SCX_ECODE_ACT_RESTART_DFL
         try:
             self.obj.set_max_entries(contract.MAP_CANDIDATES, ringbuf_bytes)
+            self._set_kernel_constants(enums)
             t0 = time.monotonic()
             self.obj.load()
             log.debug("loaded %s in %.2f s", obj_path, time.monotonic() - t0)
@@ -82,16 +112,60 @@ class Scheduler:
             fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
         )
 
+    def _set_kernel_constants(self, enums: list[tuple[str, str]]) -> None:
+        """What scx's SCX_ENUM_INIT and SCX_OPS_OPEN do before load, from the kernel's BTF.
+
+        The scx headers turn each enum constant the program uses into a .rodata variable
+        __NAME, filled here with the running kernel's value, so one object serves every
+        sched_ext kernel. hotplug_seq makes the attach fail if a CPU came or went since
+        the domains were planned.
+        """
+        kbtf = libbpf.Btf.vmlinux()
+        try:
+            values: dict[str, int] = {}
+            for enum_type in sorted({t for _, t in enums}):
+                values.update(kbtf.enum_values(enum_type))
+            self.restart_code = kbtf.enum_values("scx_exit_code").get(
+                "SCX_ECODE_ACT_RESTART", SCX_ECODE_ACT_RESTART_DFL)
+        finally:
+            kbtf.close()
+        obj_btf = self.obj.btf()
+        rodata = obj_btf.datasec_vars(".rodata")
+        missing = 0
+        for name, _ in enums:
+            if "__" + name not in rodata:
+                continue  # a constant this program does not use
+            if name not in values:
+                missing += 1  # this kernel lacks it: scx leaves it 0, so do we
+            off, _size = rodata["__" + name]
+            self.obj.set_u64(".rodata", off, values.get(name, 0))
+        log.debug("set %d scx constants from the kernel's BTF (%d unknown to this kernel)",
+                  len(values), missing)
+        off = obj_btf.member_offset("sched_ext_ops", "hotplug_seq")
+        if off >= 0:
+            self.obj.set_u64(contract.STRUCT_OPS_MAP, off, hotplug_seq())
+
     def configure(
-        self, plan: DomainPlan, fallback: contract.Fallback, slice_ns: int, resubmit_ns: int
+        self,
+        plan: DomainPlan,
+        fallback: contract.Fallback,
+        slice_ns: int,
+        resubmit_ns: int,
+        slice_min_ns: int = 0,
+        starve_ns: int = 0,
+        reader_tid: int | None = None,
     ) -> None:
+        """Write the configuration ops.init reads; reader_tid is boosted on wakeup."""
         set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())
         self.config.set(contract.Config.NR_CPUS, plan.nr_cpus)
         self.config.set(contract.Config.NR_DOMS, len(plan.domains))
         self.config.set(contract.Config.FALLBACK, int(fallback))
         self.config.set(contract.Config.SLICE_NS, slice_ns)
+        self.config.set(contract.Config.SLICE_MIN_NS, slice_min_ns)
+        self.config.set(contract.Config.STARVE_NS, starve_ns)
         self.config.set(contract.Config.RESUBMIT_NS, resubmit_ns)
-        self.config.set(contract.Config.LOADER_TGID, os.getpid())
+        self.config.set(contract.Config.LOADER_TID,
+                        threading.get_native_id() if reader_tid is None else reader_tid)
 
     def attach(self) -> None:
         state = scx_state()
@@ -126,6 +200,11 @@ class Scheduler:
         msg = info.msg.decode(errors="replace")
         text = reason + (f": {msg}" if msg and msg != reason else "")
         return info.kind, text
+
+    def should_restart(self) -> bool:
+        """The kernel ended the scheduler asking for a re-attach (CPU hotplug)."""
+        info = self.exit_info.get(0)
+        return info.kind != 0 and bool(info.exit_code & self.restart_code)
 
     def close(self) -> None:
         """Detach, unpin and free; safe to call twice."""

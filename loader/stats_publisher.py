@@ -20,9 +20,19 @@ class StatsPublisher:
         self.hist_map = latency_hist
         self.pipeline = pipeline
         self.model_failed: str | None = None  # set by the model thread when loading fails
+        self.restarts = 0
+        self._backend: Predictor | None = None
         self._last = 0.0
 
+    def rebind(self, loader_stats: U64Array, latency_hist: U64Array) -> None:
+        """The maps of a new attach: what was published goes there from now on."""
+        self.map, self.hist_map = loader_stats, latency_hist
+        if self._backend is not None:
+            self.model_ready(self._backend)
+        self.publish()
+
     def model_ready(self, backend: Predictor) -> None:
+        self._backend = backend
         self.map.set(LS.BACKEND, int(backend.kind))
         self.map.set(LS.MODEL_READY, 1)
 
@@ -43,6 +53,7 @@ class StatsPublisher:
             (LS.BATCH_NS_MAX, s.batch_ns_max),
             (LS.EV_LAT_NS_SUM, s.ev_lat_ns_sum),
             (LS.TABLE_ENTRIES, s.table_entries),
+            (LS.RESTARTS, self.restarts),
         ):
             self.map.set(index, value)
         self.hist_map.write_all(s.hist.reshape(-1))
