@@ -24,8 +24,8 @@
  *
  * Domain loads are refreshed off the wakeup path, at most once per
  * REFRESH_NS per domain, from ops.tick and ops.update_idle; select_cpu only
- * reads them. A woken task whose vtime is a slice behind the task running on
- * its CPU preempts it, and slices shrink as a CPU's queue grows, so wakeups do
+ * reads them. A woken task whose vtime is a minimum slice behind the task
+ * running on its CPU preempts it, and slices shrink as a CPU's queue grows, so wakeups do
  * not wait behind CPU hogs.
  *
  * The kernel never waits for user space: misses use the fallback and a full
@@ -587,12 +587,12 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 	scx_bpf_dsq_insert_vtime(p, CPU_DSQ(cpu), slice, vtime, enq_flags);
 
 	/*
-	 * A woken task a whole slice behind the one running on its CPU (a
-	 * sleeper behind a hog) preempts it, as EEVDF would.
+	 * A woken task more than a minimum slice behind the one running on its
+	 * CPU (a sleeper behind a hog) preempts it, as EEVDF would.
 	 */
 	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
 	if ((enq_flags & SCX_ENQ_WAKEUP) && cc && cc->run_vtime &&
-	    (s64)(vtime + slice_ns - cc->run_vtime) < 0) {
+	    (s64)(vtime + slice_min_ns - cc->run_vtime) < 0) {
 		cnt_inc(MLSCHED_CNT_PREEMPTS);
 		scx_bpf_kick_cpu(cpu, SCX_KICK_PREEMPT);
 		return;
