@@ -69,25 +69,21 @@ def saved_model_class() -> Any:
     from tensorboard.compat.proto import meta_graph_pb2
 
     field = descriptor_pb2.FieldDescriptorProto
-    file = descriptor_pb2.FileDescriptorProto(
-        name="mlsched/saved_model.proto",
-        package="mlsched",
-        syntax="proto3",
-        dependency=[meta_graph_pb2.DESCRIPTOR.name],
-    )
-    message = file.message_type.add(name="SavedModel")
-    message.field.add(
-        name="saved_model_schema_version",
-        number=1,
-        type=field.TYPE_INT64,
-        label=field.LABEL_OPTIONAL,
-    )
+    message = descriptor_pb2.DescriptorProto(name="SavedModel")
+    message.field.add(name="saved_model_schema_version", number=1, type=field.TYPE_INT64)
     message.field.add(
         name="meta_graphs",
         number=2,
         type=field.TYPE_MESSAGE,
         label=field.LABEL_REPEATED,
-        type_name="." + meta_graph_pb2.MetaGraphDef.DESCRIPTOR.full_name,
+        type_name=".tensorboard.MetaGraphDef",
+    )
+    file = descriptor_pb2.FileDescriptorProto(
+        name="mlsched/saved_model.proto",
+        package="mlsched",
+        syntax="proto3",
+        dependency=[meta_graph_pb2.DESCRIPTOR.name],
+        message_type=[message],
     )
     pool = descriptor_pool.Default()
     pool.AddSerializedFile(file.SerializeToString())
