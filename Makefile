@@ -14,7 +14,7 @@ BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
 	-Wno-microsoft-anon-tag -Wall -Wno-unused-function
 VM_CPUS ?= 2
 
-.PHONY: all setup bpf model test host-test vm-test vm-models demo soak lint clean bench-model train
+.PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-models demo soak lint clean bench-model train
 
 all: bpf
 
@@ -55,8 +55,12 @@ host-test: setup bpf
 vm-models: setup
 	@$(PY) -m tests.vm.make_models build/test-models 2>&1 | grep '^make_models'
 
-vm-test: setup bpf vm-models
+vm-test: setup bpf vm-models vm-test-topology
 	scripts/vm-run.sh --cpus $(VM_CPUS) -- 'python -m pytest -v -s -p no:cacheprovider tests/vm'
+
+# CPU hotplug and cpusets want two domains of two CPUs: a boot of their own.
+vm-test-topology: setup bpf
+	scripts/vm-run.sh --cpus 4 -- 'python -m pytest -v -s -p no:cacheprovider tests/vm/test_topology.py'
 
 test: host-test vm-test
 

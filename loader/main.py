@@ -199,6 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, model_info, plan)
 
 
+def since_start_s() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def attach(args: argparse.Namespace, plan: object) -> object:
     """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
     from loader.scheduler import Scheduler, clean_stale_pins
@@ -237,8 +249,9 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
         except (libbpf.LibbpfError, SchedulerError, OSError) as e:
             return fail(str(e), 1)
         log.info(
-            "attached %s: %d CPUs in %s; %s",
+            "attached %s %.1f s after start: %d CPUs in %s; %s",
             contract.SCHED_NAME,
+            since_start_s(),
             sum(len(d) for d in plan.domains),
             plan.reason,
             "model serving" if pipeline and pipeline.model else
@@ -260,7 +273,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
         # the CPUs online now; the model stays loaded.
         publisher.restarts += 1
         try:
-            plan = plan_domains(args.domains)
+            plan = plan_domains(replan_domains(args.domains))
         except DomainError as e:
             return fail(f"re-planning the domains after CPU hotplug: {e}", 1)
         log.info("restarting after CPU hotplug (restart %d): CPUs now %s", publisher.restarts,
@@ -268,6 +281,18 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     if stop.requested:
         log.info("%s: detached mlsched after %d decisions", stop.signame, pipeline.stats.decisions)
     return status
+
+
+def replan_domains(requested: int | None) -> int | None:
+    """--domains for the CPUs online now: never more domains than CPUs."""
+    from loader.domains import online_cpus
+
+    if requested is None:
+        return None
+    n = min(requested, len(online_cpus()))
+    if n != requested:
+        log.info("only %d CPUs online: %d domains instead of %d", n, n, requested)
+    return n
 
 
 def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: object,
@@ -330,7 +355,8 @@ def load_model(model_info: object, want: str, pipeline: object, publisher: objec
         return
     pipeline.set_model(backend)
     publisher.model_ready(backend)
-    log.info("model ready in %.1f s, backend %s", time.monotonic() - t0, reason)
+    log.info("model ready in %.1f s (%.1f s after start), backend %s", time.monotonic() - t0,
+             since_start_s(), reason)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ SCX_EXIT_ERROR = 1024  # enum scx_exit_kind: kinds from here on are errors
 # enum scx_exit_code: the kernel asks the scheduler to re-attach (CPU hotplug); read from the
 # kernel's BTF, this is only the value used when the kernel does not name it.
 SCX_ECODE_ACT_RESTART_DFL = 1 << 48
+DISABLE_WAIT_S = 5.0  # longest wait for a previous scheduler to finish disabling
 
 
 class SchedulerError(Exception):
@@ -70,6 +72,20 @@ def read_enum_list(path: str) -> list[tuple[str, str]]:
             return [tuple(line.split()[:2]) for line in f if len(line.split()) >= 2]
     except OSError as e:
         raise SchedulerError(f"cannot read {path} ({e.strerror}): run `make bpf`") from None
+
+
+@functools.cache
+def kernel_enum_values(enum_types: tuple[str, ...]) -> dict[str, int]:
+    """Members of these enums in the running kernel's BTF; read once per process (a restart
+    after hotplug reuses them: parsing the kernel's BTF takes seconds under TCG)."""
+    kbtf = libbpf.Btf.vmlinux()
+    try:
+        values: dict[str, int] = {}
+        for enum_type in enum_types:
+            values.update(kbtf.enum_values(enum_type))
+        return values
+    finally:
+        kbtf.close()
 
 
 def clean_stale_pins(pin_dir: str) -> None:
@@ -120,15 +136,9 @@ class Scheduler:
         sched_ext kernel. hotplug_seq makes the attach fail if a CPU came or went since
         the domains were planned.
         """
-        kbtf = libbpf.Btf.vmlinux()
-        try:
-            values: dict[str, int] = {}
-            for enum_type in sorted({t for _, t in enums}):
-                values.update(kbtf.enum_values(enum_type))
-            self.restart_code = kbtf.enum_values("scx_exit_code").get(
-                "SCX_ECODE_ACT_RESTART", SCX_ECODE_ACT_RESTART_DFL)
-        finally:
-            kbtf.close()
+        t0 = time.monotonic()
+        values = kernel_enum_values(tuple(sorted({t for _, t in enums} | {"scx_exit_code"})))
+        self.restart_code = values.get("SCX_ECODE_ACT_RESTART", SCX_ECODE_ACT_RESTART_DFL)
         obj_btf = self.obj.btf()
         rodata = obj_btf.datasec_vars(".rodata")
         missing = 0
@@ -139,8 +149,8 @@ class Scheduler:
                 missing += 1  # this kernel lacks it: scx leaves it 0, so do we
             off, _size = rodata["__" + name]
             self.obj.set_u64(".rodata", off, values.get(name, 0))
-        log.debug("set %d scx constants from the kernel's BTF (%d unknown to this kernel)",
-                  len(values), missing)
+        log.debug("set %d scx constants from the kernel's BTF in %.2f s (%d unknown to it)",
+                  len(values), time.monotonic() - t0, missing)
         off = obj_btf.member_offset("sched_ext_ops", "hotplug_seq")
         if off >= 0:
             self.obj.set_u64(contract.STRUCT_OPS_MAP, off, hotplug_seq())
@@ -169,6 +179,11 @@ class Scheduler:
 
     def attach(self) -> None:
         state = scx_state()
+        # After an exit the kernel disables the old scheduler asynchronously: give it time.
+        deadline = time.monotonic() + DISABLE_WAIT_S
+        while state == "disabling" and time.monotonic() < deadline:
+            time.sleep(0.02)
+            state = scx_state()
         if state == "unsupported":
             raise SchedulerError("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT)")
         if state != "disabled":

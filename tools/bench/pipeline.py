@@ -97,7 +97,7 @@ class NaiveConsumer:
     """The seed's path: per candidate, one TF call and one bpf_map_update_elem."""
 
     def __init__(self, model: Predictor, decisions_fd: int) -> None:
-        from bcc.libbcc import lib as bcc
+        from loader.bpfmaps import bcc
 
         self._update = bcc.bpf_update_elem
         self.model = model
