@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.backends import open_backend
 from loader.fastpath import import_tensorflow
 from loader.model_check import ModelError
@@ -70,8 +70,7 @@ MIN_ROWS = 50
 # size, loads 0..1); the scale is then folded into the first kernel, so the exported model is
 # a plain Dense stack on the raw contract features.
 FEATURE_SCALE = np.array([1 / 64, 1 / 8, 1 / 8, 4, 4, 1, 1, 1, 1, 1], np.float32)
-# Rule thresholds in load quanta: 0.25 and 0.5 of LOAD_SCALE.
-GAP_WITH_IDLE_Q = contract.LOAD_SCALE // 4
+# The rule's second threshold in load quanta (the first is the heuristic's, 0.25).
 GAP_ALONE_Q = contract.LOAD_SCALE // 2
 # The grid on which the model is compared with the rule: every key of this machine size.
 RULE_GRID = (16, 8)
@@ -95,14 +94,14 @@ EXAMPLES = """examples:
 def rule(cpu_idle: np.ndarray, src_load_q: np.ndarray, dst_load_q: np.ndarray) -> np.ndarray:
     """The synthetic labeling rule (module docstring), on quantized loads: 1 migrate, 0 keep."""
     gap = src_load_q.astype(np.int64) - dst_load_q.astype(np.int64)
-    migrate = ((cpu_idle > 0) & (gap >= GAP_WITH_IDLE_Q)) | (gap >= GAP_ALONE_Q)
+    migrate = contract.heuristic_migrate(src_load_q, dst_load_q, cpu_idle) | (gap >= GAP_ALONE_Q)
     return migrate.astype(np.uint8)
 
 
 def rule_from_features(x: np.ndarray) -> np.ndarray:
     """The rule on model inputs (float32 [n, 10] as unpack_keys makes them)."""
-    load_q = np.rint(x[:, 3:5] * contract.LOAD_SCALE).astype(np.int64)
-    return rule(x[:, 1], load_q[:, 0], load_q[:, 1])
+    f = schema.fields_of_features(x)
+    return rule(f["cpu_idle"], f["src_load_q"], f["dst_load_q"])
 
 
 def _runnable(pattern: str, rng: np.random.Generator, nr_doms: int, dom_cpus: int) -> np.ndarray:
@@ -185,8 +184,7 @@ def synthetic_dataset(nr_rows: int, seed: int) -> Dataset:
     cols = {k: v[order] for k, v in cols.items()}
     label = rule(cols["cpu_idle"], cols["src_load_q"], cols["dst_load_q"])
     # `action`: what the kernel's heuristic fallback would have done (the first clause).
-    gap = cols["src_load_q"] - cols["dst_load_q"]
-    action = ((gap >= GAP_WITH_IDLE_Q) & (cols["cpu_idle"] > 0)).astype(np.uint8)
+    action = contract.heuristic_migrate(cols["src_load_q"], cols["dst_load_q"], cols["cpu_idle"])
     cols.update(
         ts_ns=np.arange(nr_rows, dtype=np.uint64) * 1000,
         pid=rng.integers(1, 1 << 22, nr_rows),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 
 log = logging.getLogger("trainreport")
 
@@ -33,11 +33,10 @@ EXAMPLES = """examples:
 
 
 def heuristic(x: np.ndarray) -> np.ndarray:
-    """The kernel's heuristic fallback (fallback_migrate in bpf/mlsched.bpf.c) on model inputs:
-    migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination has an idle CPU."""
-    load_q = np.rint(x[:, 3:5] * contract.LOAD_SCALE).astype(np.int64)
-    gap = load_q[:, 0] - load_q[:, 1]
-    return ((gap >= contract.LOAD_SCALE // 4) & (x[:, 1] > 0)).astype(np.uint8)
+    """The kernel's heuristic fallback (contract.heuristic_migrate) on model inputs."""
+    f = schema.fields_of_features(x)
+    return contract.heuristic_migrate(f["src_load_q"], f["dst_load_q"], f["cpu_idle"]).astype(
+        np.uint8)
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
