@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from loader.backends import open_backend
-from loader.fastpath import FastpathResult, import_tensorflow
+from loader.fastpath import import_tensorflow
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
 from model_dir.export_verified import check_replaceable, export_verified, with_contract_input
+from model_dir.fastpath_verify import FastpathResult
 
 log = logging.getLogger("transfer")
 
