@@ -149,31 +149,6 @@ class DecisionMap:
         )
         _check(res, f"batch update of {len(keys)} decisions")
 
-    def get(self, key: int) -> int | None:
-        k = ctypes.c_uint64(key)
-        v = ctypes.c_uint32()
-        if bcc.bpf_lookup_elem(self.fd, ctypes.byref(k), ctypes.byref(v)) < 0:
-            return None
-        return v.value
-
-    def count(self) -> int:
-        """Entries in the map (walks the keys: for stats, not the hot path)."""
-        n = 0
-        key = ctypes.c_uint64()
-        nxt = ctypes.c_uint64()
-        if bcc.bpf_get_first_key(self.fd, ctypes.byref(key), ctypes.sizeof(key)) < 0:
-            return 0
-        n = 1
-        while bcc.bpf_get_next_key(self.fd, ctypes.byref(key), ctypes.byref(nxt)) == 0:
-            key.value = nxt.value
-            n += 1
-        return n
-
-    def clear(self) -> None:
-        key = ctypes.c_uint64()
-        while bcc.bpf_get_first_key(self.fd, ctypes.byref(key), ctypes.sizeof(key)) == 0:
-            bcc.bpf_delete_elem(self.fd, ctypes.byref(key))
-
 
 class RingBufferReader:
     """bcc's ring buffer manager on a raw ring buffer fd; poll() runs on_record per record."""

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from loader import contract
+from loader.backends import Predictor
 from loader.bpfmaps import DecisionMap
 
 log = logging.getLogger("mlsched.pipeline")
 
 # Keys waiting for a model are capped: past this the kernel pushes them again later.
 MAX_WAITING_KEYS = 65536
-
-
-class Predictor(Protocol):
-    name: str
-    kind: contract.Backend
-
-    def predict(self, x: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -58,7 +50,6 @@ class DecisionPipeline:
         self.max_wait_s = max_wait_s
         self.stats = PipelineStats()
         self._model: Predictor | None = None
-        self._lock = threading.Lock()
         # key -> BPF timestamp (ns, CLOCK_MONOTONIC) of its first record, insertion ordered
         self._waiting: dict[int, int] = {}
         self._oldest_s = 0.0
@@ -67,15 +58,13 @@ class DecisionPipeline:
 
     def rebind(self, decisions: DecisionMap) -> None:
         """A new attach (after a hotplug restart): a new, empty table; the model stays."""
-        with self._lock:
-            self.decisions = decisions
-            self._waiting.clear()
-            self._decided.clear()
-            self.stats.table_entries = 0
+        self.decisions = decisions
+        self._waiting.clear()
+        self._decided.clear()
+        self.stats.table_entries = 0
 
     def set_model(self, model: Predictor) -> None:
-        with self._lock:
-            self._model = model
+        self._model = model
 
     @property
     def model(self) -> Predictor | None:
