@@ -1,29 +1,33 @@
-"""What mlsched-stats measures: every field, declared once, and its three renderings.
+"""What mlsched measures: every stats field, declared once, and how one interval is computed.
 
-FIELDS below is the one place a field is named and described. compute() turns two raw samples
-of the maps (Sample, taken by tools/stats.py or by the loader's --stats) into one interval's
-figures; render_text(), render_json() and render_openmetrics() print them; markdown_table()
-writes the field table of tools/README.md (tests/host/test_stats.py checks that they agree).
+FIELDS is the one place a field is named, typed and described. From it come the scx_stats
+metadata the loader serves (meta(), the `stats_meta` request), the interval figures
+(compute(), the `stats` request: two raw samples of the maps, Sample, taken by MapSampler),
+the text block of `mlsched-load --stats` and `mlsched-stats` (render_text), the OpenMetrics
+names and the field table of tools/README.md (tools/stats.py).
 
 Rates are deltas between the two samples divided by the time between them. Latency
 percentiles come from the delta of the loader's log2 histograms: the value reported is the
 upper bound of the bucket holding the percentile (bucket b is [2^b, 2^(b+1)) ns), so it never
-understates and is at most 2x the true value.
-
-Pure computation: no maps, no BPF, no TensorFlow.
+understates and is at most 2x the true value. A figure with nothing to measure this interval
+(no candidate, no batch) is left out of the answer, as scx_stats clients expect numbers.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from loader import contract
 
 C = contract.Counter
 LS = contract.LoaderStat
+TOP = "mlsched_stats"  # the scx_stats top-level struct
+DOM = "dom_stats"
 
 
 @dataclass(frozen=True)
@@ -32,10 +36,17 @@ class Field:
     unit: str
     kind: str  # "meta" (JSON only), "label", "gauge" or "counter" (name ends in _total)
     help: str
+    datum: str = "float"  # scx_stats type: u64, float or string
+
+    def meta(self) -> dict[str, Any]:
+        user = {"_unit": self.unit, "_om_kind": self.kind}
+        if self.kind in ("meta", "label"):
+            user["_om_skip"] = "true"
+        return {"datum": self.datum, "desc": self.help, "user": user}
 
 
 # Events counted since attach: each gives NAME_total (counter) and NAME_per_s (gauge).
-# (name, map, index, description)
+# (name, sample list, index, description)
 COUNTED: tuple[tuple[str, str, int, str], ...] = (
     ("select", "counters", C.SELECT, "select_cpu calls (task wakeups)"),
     ("local", "counters", C.LOCAL, "wakeups that found an idle CPU in their domain and stayed"),
@@ -78,19 +89,22 @@ def _fields() -> tuple[Field, ...]:
     out = [
         Field("time", "s", "meta", "Unix time of the interval's second sample"),
         Field("interval_s", "s", "gauge", "seconds between the two samples the rates come from"),
-        Field("state", "", "label", "sched_ext state (/sys/kernel/sched_ext/state)"),
-        Field("ops", "", "label", "attached sched_ext scheduler (/sys/kernel/sched_ext/root/ops)"),
-        Field("model", "", "label", "model directory the loader serves (its --model)"),
-        Field("backend", "", "label", "inference backend: none (model not loaded yet), tf, numpy"),
-        Field("fallback", "", "label", "policy for undecided candidates: keep, migrate, heuristic"),
-        Field("loader_pid", "pid", "gauge", "pid of mlsched-load"),
+        Field("state", "", "label", "sched_ext state (/sys/kernel/sched_ext/state)", "string"),
+        Field("ops", "", "label", "attached sched_ext scheduler (/sys/kernel/sched_ext/root/ops)",
+              "string"),
+        Field("model", "", "label", "model directory the loader serves (its --model)", "string"),
+        Field("backend", "", "label", "inference backend: none (model not loaded yet), tf, numpy",
+              "string"),
+        Field("fallback", "", "label", "policy for undecided candidates: keep, migrate, heuristic",
+              "string"),
+        Field("loader_pid", "pid", "gauge", "pid of mlsched-load", "u64"),
         Field("uptime_s", "s", "gauge", "seconds since the loader attached the scheduler"),
-        Field("model_ready", "0/1", "gauge", "1 once the model serves decisions, else 0"),
-        Field("nr_cpus", "CPUs", "gauge", "CPUs the scheduling domains cover"),
-        Field("nr_doms", "domains", "gauge", "scheduling domains"),
+        Field("model_ready", "0/1", "gauge", "1 once the model serves decisions, else 0", "u64"),
+        Field("nr_cpus", "CPUs", "gauge", "CPUs the scheduling domains cover", "u64"),
+        Field("nr_doms", "domains", "gauge", "scheduling domains", "u64"),
     ]
     for name, _, _, desc in COUNTED:
-        out.append(Field(f"{name}_total", "events", "counter", f"{desc}, since attach"))
+        out.append(Field(f"{name}_total", "events", "counter", f"{desc}, since attach", "u64"))
         out.append(Field(f"{name}_per_s", "1/s", "gauge", f"{desc}, per second"))
     out += [
         Field("hit_rate", "0..1", "gauge",
@@ -98,8 +112,8 @@ def _fields() -> tuple[Field, ...]:
         Field("decided_share", "0..1", "gauge",
               "cross-domain moves a decision made (model + fallback) / cross-domain runs "
               "seen, over the interval (absent when none)"),
-        Field("table_entries", "keys", "gauge", "decisions in the decision map"),
-        Field("table_capacity", "keys", "gauge", "size of the decision map"),
+        Field("table_entries", "keys", "gauge", "decisions the loader wrote to the map", "u64"),
+        Field("table_capacity", "keys", "gauge", "size of the decision map", "u64"),
         Field("table_occupancy", "0..1", "gauge", "table_entries / table_capacity"),
         Field("batch_size_avg", "keys", "gauge", "decisions per model batch over the interval"),
         Field("batch_latency_p50_us", "us", "gauge",
@@ -119,16 +133,28 @@ def _fields() -> tuple[Field, ...]:
 
 
 FIELDS: tuple[Field, ...] = _fields()
+FIELD_NAMES = tuple(f.name for f in FIELDS)
 
-# Per-domain fields: JSON "domains": [{"dom": d, NAME: value, ...}], OpenMetrics
-# mlsched_dom_NAME{dom="d"}.
+# Per-domain fields: "domains": {"<dom>": {NAME: value, ...}}; OpenMetrics mlsched_dom_NAME{dom=}.
 DOM_FIELDS: tuple[Field, ...] = (
-    Field("nr_cpus", "CPUs", "gauge", "CPUs in the domain"),
+    Field("nr_cpus", "CPUs", "gauge", "CPUs in the domain", "u64"),
     Field("load", "0..1", "gauge", "domain load: busy CPUs plus queued tasks, per CPU, scaled"),
-    Field("queued", "tasks", "gauge", "tasks waiting in the domain's queue"),
+    Field("queued", "tasks", "gauge", "tasks waiting in the domain's queue", "u64"),
 )
 
-FIELD_NAMES = tuple(f.name for f in FIELDS)
+
+def meta() -> dict[str, Any]:
+    """The answer to scx_stats' `stats_meta`: the two structs and their fields."""
+    top_fields = {f.name: f.meta() for f in FIELDS}
+    top_fields["domains"] = {"desc": "per-domain figures, by domain id",
+                             "dict": {"key": "u64", "datum": {"struct": DOM}}}
+    return {
+        TOP: {"name": TOP, "desc": "mlsched: model-driven migration, one interval", "top": "true",
+              "user": {"_om_prefix": "mlsched_"}, "fields": top_fields},
+        DOM: {"name": DOM, "desc": "one scheduling domain",
+              "user": {"_om_prefix": "mlsched_dom_", "_om_label": "dom"},
+              "fields": {f.name: f.meta() for f in DOM_FIELDS}},
+    }
 
 
 @dataclass
@@ -145,7 +171,6 @@ class Sample:
     config: list[int]  # indexed by contract.Config
     hist: list[list[int]]  # [contract.Hist][HIST_BUCKETS]
     doms: list[tuple[int, int, int]] = field(default_factory=list)  # nr_cpus, load_q, queued
-    table_entries: int = 0
     table_capacity: int = 0
 
 
@@ -159,8 +184,7 @@ def percentile_us(counts: list[int], q: float) -> float | None:
     total = sum(counts)
     if total <= 0:
         return None
-    rank = max(1, math.ceil(q * total))
-    seen = 0
+    rank, seen = max(1, math.ceil(q * total)), 0
     for b, n in enumerate(counts):
         seen += n
         if seen >= rank:
@@ -175,132 +199,63 @@ def _enum_name(enum: type, value: int) -> str:
         return str(value)
 
 
-def compute(prev: Sample, cur: Sample) -> dict[str, object]:
-    """One interval's figures, keyed by FIELDS names (None where there is nothing to report),
-    plus "domains": a list of {"dom": d, <DOM_FIELDS>}."""
+def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
+    """One interval's figures, keyed by FIELDS names, figures with no value left out, plus
+    "domains": {"<dom>": {<DOM_FIELDS>}}."""
     dt = max(cur.mono_ns - prev.mono_ns, 1) / 1e9
 
     def delta(src: str, index: int) -> int:
-        a = getattr(prev, src)[index]
-        b = getattr(cur, src)[index]
-        return max(b - a, 0)  # the maps only grow; clamp in case a loader restarted
+        return max(getattr(cur, src)[index] - getattr(prev, src)[index], 0)  # a restart resets
 
-    def ratio(num: float, den: float) -> float | None:
-        return num / den if den > 0 else None
+    def ratio(num: float, den: float, digits: int) -> float | None:
+        return round(num / den, digits) if den > 0 else None
 
-    start = cur.loader[LS.START_NS]
-    out: dict[str, object] = {
-        "time": round(cur.wall_s, 3),
-        "interval_s": round(dt, 3),
-        "state": cur.state,
-        "ops": cur.ops,
-        "model": cur.model,
-        "backend": _enum_name(contract.Backend, cur.loader[LS.BACKEND]),
+    def hist_delta(h: contract.Hist) -> list[int]:
+        return [max(b - a, 0) for a, b in zip(prev.hist[h], cur.hist[h], strict=True)]
+
+    start, ls = cur.loader[LS.START_NS], cur.loader
+    out: dict[str, Any] = {
+        "time": round(cur.wall_s, 3), "interval_s": round(dt, 3), "state": cur.state,
+        "ops": cur.ops, "model": cur.model,
+        "backend": _enum_name(contract.Backend, ls[LS.BACKEND]),
         "fallback": _enum_name(contract.Fallback, cur.config[contract.Config.FALLBACK]),
-        "loader_pid": cur.loader[LS.LOADER_PID],
+        "loader_pid": ls[LS.LOADER_PID],
         "uptime_s": round(max(cur.mono_ns - start, 0) / 1e9, 1) if start else None,
-        "model_ready": cur.loader[LS.MODEL_READY],
+        "model_ready": ls[LS.MODEL_READY],
         "nr_cpus": cur.config[contract.Config.NR_CPUS],
         "nr_doms": cur.config[contract.Config.NR_DOMS],
     }
     for name, src, index, _ in COUNTED:
         out[f"{name}_total"] = getattr(cur, src)[index]
         out[f"{name}_per_s"] = round(delta(src, index) / dt, 2)
-
-    hits = delta("counters", C.HITS)
-    cands = delta("counters", C.CANDIDATES)
-    batches = delta("loader", LS.BATCHES)
-    decisions = delta("loader", LS.DECISIONS)
-    batch_ns = delta("loader", LS.BATCH_NS_SUM)
-    ev_ns = delta("loader", LS.EV_LAT_NS_SUM)
-    h_batch = [max(b - a, 0) for a, b in zip(prev.hist[contract.Hist.BATCH],
-                                              cur.hist[contract.Hist.BATCH], strict=True)]
-    h_event = [max(b - a, 0) for a, b in zip(prev.hist[contract.Hist.EVENT],
-                                              cur.hist[contract.Hist.EVENT], strict=True)]
-
-    def us(ns: float | None) -> float | None:
-        return None if ns is None else round(ns / 1000.0, 3)
-
-    occupancy = ratio(cur.table_entries, cur.table_capacity)
+    batches, decisions = delta("loader", LS.BATCHES), delta("loader", LS.DECISIONS)
+    h_batch, h_event = hist_delta(contract.Hist.BATCH), hist_delta(contract.Hist.EVENT)
     decided = delta("counters", C.MIGR_MODEL) + delta("counters", C.MIGR_FALLBACK)
     cross = delta("counters", C.RAN_CROSS)
     out.update({
-        "hit_rate": None if not cands else round(hits / cands, 4),
+        "hit_rate": ratio(delta("counters", C.HITS), delta("counters", C.CANDIDATES), 4),
         "decided_share": None if not cross else round(min(decided / cross, 1.0), 4),
-        "table_entries": cur.table_entries,
+        "table_entries": ls[LS.TABLE_ENTRIES],
         "table_capacity": cur.table_capacity,
-        "table_occupancy": None if occupancy is None else round(occupancy, 4),
-        "batch_size_avg": None if not batches else round(decisions / batches, 2),
+        "table_occupancy": ratio(ls[LS.TABLE_ENTRIES], cur.table_capacity, 4),
+        "batch_size_avg": ratio(decisions, batches, 2),
         "batch_latency_p50_us": percentile_us(h_batch, 0.50),
         "batch_latency_p99_us": percentile_us(h_batch, 0.99),
-        "batch_latency_avg_us": us(ratio(batch_ns, batches)),
-        "batch_latency_max_us": us(cur.loader[LS.BATCH_NS_MAX]) if cur.loader[LS.BATCHES] else None,
+        "batch_latency_avg_us": ratio(delta("loader", LS.BATCH_NS_SUM) / 1000, batches, 3),
+        "batch_latency_max_us": round(ls[LS.BATCH_NS_MAX] / 1000, 3) if ls[LS.BATCHES] else None,
         "event_latency_p50_us": percentile_us(h_event, 0.50),
         "event_latency_p99_us": percentile_us(h_event, 0.99),
-        "event_latency_avg_us": us(ratio(ev_ns, decisions)),
+        "event_latency_avg_us": ratio(delta("loader", LS.EV_LAT_NS_SUM) / 1000, decisions, 3),
     })
-    out["domains"] = [
-        {"dom": d, "nr_cpus": nr, "load": round(q / contract.LOAD_SCALE, 4), "queued": queued}
+    out = {k: v for k, v in out.items() if v is not None}
+    out["domains"] = {
+        str(d): {"nr_cpus": nr, "load": round(q / contract.LOAD_SCALE, 4), "queued": queued}
         for d, (nr, q, queued) in enumerate(cur.doms)
-    ]
+    }
     return out
 
 
-# --- renderers ---------------------------------------------------------------------------------
-
-
-def render_json(stats: dict[str, object]) -> str:
-    """One line: the interval as a JSON object with FIELDS' names and "domains"."""
-    return json.dumps(stats, separators=(", ", ": "))
-
-
-def _om_value(v: object) -> str:
-    if isinstance(v, float):
-        return repr(v)
-    return str(int(v))  # type: ignore[call-overload]
-
-
-def _om_label(v: object) -> str:
-    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _om_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def render_openmetrics(stats: dict[str, object]) -> str:
-    """The interval as OpenMetrics 1.0 text, ending in # EOF.
-
-    Labels (state, ops, model, backend, fallback) go into the gauge mlsched_info (value 1);
-    counters are the totals since attach; fields with no value this interval have no sample.
-    """
-    lines: list[str] = []
-    labels = [f for f in FIELDS if f.kind == "label"]
-    lines.append("# HELP mlsched_info " + _om_help(
-        "always 1; labels: " + "; ".join(f"{f.name}: {f.help}" for f in labels)))
-    lines.append("# TYPE mlsched_info gauge")
-    lines.append("mlsched_info{" + ",".join(
-        f'{f.name}="{_om_label(stats[f.name])}"' for f in labels) + "} 1")
-    for f in FIELDS:
-        if f.kind not in ("gauge", "counter"):
-            continue
-        family = "mlsched_" + (f.name[: -len("_total")] if f.kind == "counter" else f.name)
-        unit = f" [{f.unit}]" if f.unit else ""
-        lines.append(f"# HELP {family} {_om_help(f.help + unit)}")
-        lines.append(f"# TYPE {family} {f.kind}")
-        v = stats.get(f.name)
-        if v is not None:
-            sample = family + ("_total" if f.kind == "counter" else "")
-            lines.append(f"{sample} {_om_value(v)}")
-    doms = stats.get("domains") or []
-    for f in DOM_FIELDS:
-        family = f"mlsched_dom_{f.name}"
-        lines.append(f"# HELP {family} {_om_help(f.help)} [{f.unit}]")
-        lines.append(f"# TYPE {family} gauge")
-        for d in doms:  # type: ignore[attr-defined]
-            lines.append(f'{family}{{dom="{d["dom"]}"}} {_om_value(d[f.name])}')
-    lines.append("# EOF")
-    return "\n".join(lines)
+# --- the text block ---------------------------------------------------------------------------
 
 
 def _rate(v: object) -> str:
@@ -312,9 +267,7 @@ def _us(v: object) -> str:
         return "-"
     if v < 10:
         return f"{v:.1f}us"
-    if v < 10000:
-        return f"{v:.0f}us"
-    return f"{v / 1000:.0f}ms"
+    return f"{v:.0f}us" if v < 10000 else f"{v / 1000:.0f}ms"
 
 
 def _pct(v: object) -> str:
@@ -323,28 +276,28 @@ def _pct(v: object) -> str:
     return f"{100 * v:.2f}%" if 0 < v < 0.01 else f"{100 * v:.1f}%"
 
 
-def render_text(s: dict[str, object]) -> str:
+def render_text(r: dict[str, Any]) -> str:
     """A block that fits a terminal, one concern per line (like scx_rusty --monitor)."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(s["time"])))  # type: ignore[arg-type]
-    ready = "model ready" if s["model_ready"] else "model loading (fallback serves)"
-    uptime = s["uptime_s"]
+    s: dict[str, Any] = {name: "-" for name in FIELD_NAMES} | r
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r.get("time", 0))))
+    ready = "model ready" if r.get("model_ready") else "model loading (fallback serves)"
     lines = [
-        f"###### {stamp}  {s['ops'] or '-'} {s['state']}  interval {s['interval_s']:.1f} s ######",
-        f"loader     pid {s['loader_pid']}  up {uptime if uptime is not None else '-'} s  "
-        f"{ready} ({s['backend']})  fallback {s['fallback']}",
+        f"###### {stamp}  {r.get('ops') or '-'} {s['state']}  "
+        f"interval {r.get('interval_s', 0):.1f} s ######",
+        f"loader     pid {s['loader_pid']}  up {s['uptime_s']} s  {ready} ({s['backend']})  "
+        f"fallback {s['fallback']}",
         f"model      {s['model']}",
         f"decide     cand {_rate(s['candidates_per_s'])}  hit {_pct(s['hit_rate'])}  "
         f"migrate {_rate(s['migrate_per_s'])}  keep {_rate(s['keep_per_s'])}  "
         f"fallback {_rate(s['fallback_migrate_per_s'])} migr + "
         f"{_rate(s['fallback_keep_per_s'])} keep"
-        + (f"  explored {_rate(s['explored_per_s'])}" if s["explored_total"] else ""),
+        + (f"  explored {_rate(s['explored_per_s'])}" if r.get("explored_total") else ""),
         f"table      written {_rate(s['decisions_per_s'])} (total {s['decisions_total']})  "
         f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})",
         f"ring       submitted {_rate(s['submitted_per_s'])}  read {_rate(s['records_per_s'])}  "
         f"drops {_rate(s['rb_drops_per_s'])} (total {s['rb_drops_total']})",
-        f"batch      {_rate(s['batches_per_s'])}  size "
-        f"{s['batch_size_avg'] if s['batch_size_avg'] is not None else '-'}  "
-        f"latency p50 {_us(s['batch_latency_p50_us'])} p99 {_us(s['batch_latency_p99_us'])} "
+        f"batch      {_rate(s['batches_per_s'])}  size {s['batch_size_avg']}  latency p50 "
+        f"{_us(s['batch_latency_p50_us'])} p99 {_us(s['batch_latency_p99_us'])} "
         f"avg {_us(s['batch_latency_avg_us'])} max {_us(s['batch_latency_max_us'])}  "
         f"errors {s['model_errors_total']}",
         f"event->map latency p50 {_us(s['event_latency_p50_us'])} "
@@ -357,36 +310,73 @@ def render_text(s: dict[str, object]) -> str:
         f"steal cand {_rate(s['steal_candidates_per_s'])}  preempts {_rate(s['preempts_per_s'])}  "
         f"restricted {_rate(s['restricted_per_s'])}  restarts {s['restarts_total']}",
     ]
-    for d in s.get("domains") or []:  # type: ignore[attr-defined]
-        lines.append(f"dom{d['dom']:<7} cpus {d['nr_cpus']}  load {d['load']:.2f}  "
-                     f"queued {d['queued']}")
+    for d, dom in (r.get("domains") or {}).items():
+        lines.append(f"dom{d:<7} cpus {dom['nr_cpus']}  load {dom['load']:.2f}  "
+                     f"queued {dom['queued']}")
     return "\n".join(lines)
 
 
-def markdown_table() -> str:
-    """The field table of tools/README.md (an event's _total and _per_s share a row)."""
-    rows = ["| field | unit | OpenMetrics | description |", "| --- | --- | --- | --- |"]
-    counted = {f"{name}_total": desc for name, _, _, desc in COUNTED}
-    for f in FIELDS:
-        if f.name in counted:
-            base = f.name[: -len("_total")]
-            rows.append(f"| `{f.name}`, `{base}_per_s` | events, 1/s | counter, gauge "
-                        f"| {counted[f.name]} |")
-            continue
-        if f.name.endswith("_per_s") and f"{f.name[: -len('_per_s')]}_total" in counted:
-            continue
-        if f.kind == "meta":
-            om = "(JSON only)"
-        elif f.kind == "label":
-            om = "label of `mlsched_info`"
-        else:
-            om = f.kind
-        rows.append(f"| `{f.name}` | {f.unit} | {om} | {f.help} |")
-    for f in DOM_FIELDS:
-        rows.append(f"| `domains[].{f.name}` | {f.unit} | `mlsched_dom_{f.name}{{dom=…}}` "
-                    f"| {f.help} |")
-    return "\n".join(rows)
+# --- sampling the maps ------------------------------------------------------------------------
 
 
-if __name__ == "__main__":
-    print(markdown_table())
+class MapSampler:
+    """Takes Samples of a scheduler's maps through fds of its own (dups of the scheduler's), so
+    the stats server can read them on its thread while the loader closes and re-opens the
+    scheduler around a hotplug restart: a closed fd number is never read, whatever reuses it."""
+
+    def __init__(self, sched: Any, model: str) -> None:
+        self.model = model
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        self.rebind(sched)
+
+    def rebind(self, sched: Any) -> None:
+        """Sample the maps of this (new) scheduler from now on."""
+        from loader import libbpf
+        from loader.bpfmaps import PerCpuU64Array, StructArray, U64Array
+
+        fds: list[int] = []
+
+        def dup(fd: int) -> int:
+            fds.append(os.dup(fd))
+            return fds[-1]
+
+        maps = (
+            PerCpuU64Array(dup(sched.counters.fd), contract.NR_COUNTERS),
+            U64Array(dup(sched.loader_stats.fd), contract.NR_LOADER_STATS),
+            U64Array(dup(sched.config.fd), contract.NR_CONFIG),
+            StructArray(dup(sched.obj.map_fd(contract.MAP_DOM_STATS)), contract.MAX_DOMS,
+                        contract.DomStat),
+            U64Array(dup(sched.latency_hist.fd), contract.NR_HISTS * contract.HIST_BUCKETS),
+        )
+        capacity = libbpf.map_max_entries(sched.decisions.fd)
+        with self._lock:
+            old, self._fds = self._fds, fds
+            self._maps, self._capacity = maps, capacity
+        for fd in old:
+            os.close(fd)
+
+    def sample(self) -> Sample:
+        from loader.scheduler import scx_ops_name, scx_state
+
+        with self._lock:
+            counters, loader, config, dom_stats, hist_map = self._maps
+            config_now = config.read_all()
+            flat = hist_map.read_all()
+            nb = contract.HIST_BUCKETS
+            doms = [dom_stats.get(d) for d in range(min(config_now[contract.Config.NR_DOMS],
+                                                         contract.MAX_DOMS))]
+            return Sample(
+                mono_ns=time.monotonic_ns(), wall_s=time.time(), state=scx_state(),
+                ops=scx_ops_name(), model=self.model, counters=counters.read_all(),
+                loader=loader.read_all(), config=config_now,
+                hist=[flat[h * nb:(h + 1) * nb] for h in range(contract.NR_HISTS)],
+                doms=[(d.nr_cpus, d.load_q, d.queued) for d in doms],
+                table_capacity=self._capacity,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
