@@ -14,7 +14,7 @@ BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
 	-Wno-microsoft-anon-tag -Wall -Wno-unused-function
 VM_CPUS ?= 2
 
-.PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-models demo soak lint clean bench-model train
+.PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-models demo soak lint clean bench-model train install
 
 all: bpf
 
@@ -83,6 +83,26 @@ train: setup bpf
 	scripts/vm-run.sh --cpus $(TRAIN_CPUS) -- 'TRAIN_SECONDS=$(TRAIN_SECONDS) bash scripts/train-guest.sh'
 	$(PY) model_dir/model_export.py --data $(TRAIN_DATA) --output $(TRAINED_MODEL)
 	$(PY) -m tools.trainreport --model $(TRAINED_MODEL) --data $(TRAIN_DATA)
+
+# Install the runtime (tools/README.md has the service): a virtualenv of its own under
+# INSTALL_VENV with `pip install .` (add INSTALL_EXTRAS=[tf] for TensorFlow), the commands
+# linked into PREFIX/bin, mlsched.service into UNITDIR, /etc/default/mlsched unless it exists.
+PREFIX ?= /usr/local
+INSTALL_VENV ?= $(PREFIX)/lib/mlsched
+INSTALL_EXTRAS ?=
+UNITDIR ?= /etc/systemd/system
+DEFAULTS ?= /etc/default/mlsched
+SYSTEM_PYTHON ?= /usr/bin/python3
+install: bpf
+	$(SYSTEM_PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install -q --disable-pip-version-check "$(CURDIR)$(INSTALL_EXTRAS)"
+	install -d $(PREFIX)/bin $(UNITDIR) $(dir $(DEFAULTS))
+	for c in mlsched-load mlsched-stats mlsched-collect; do \
+		ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c; done
+	sed 's|@BINDIR@|$(PREFIX)/bin|' scripts/mlsched.service > $(UNITDIR)/mlsched.service
+	test -e $(DEFAULTS) || install -m 644 scripts/mlsched.default $(DEFAULTS)
+	if [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload 2>/dev/null || true; fi
+	@echo "install: done; start it with: systemctl start mlsched (flags: $(DEFAULTS))"
 
 clean:
 	rm -f bpf/*.o bpf/*.enums bpf/vmlinux.h

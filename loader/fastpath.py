@@ -26,8 +26,11 @@ ACTIVATIONS = ("linear", "relu", "sigmoid", "tanh")
 def import_tensorflow() -> ModuleType:
     """Import TensorFlow late and quietly (its C++ INFO lines would bury ours)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ModelError(f"TensorFlow is not installed ({e}): pip install 'mlsched[tf]', or run "
+                         "a model with verified fast-path weights (no TensorFlow needed)") from None
     return tf
 
 
