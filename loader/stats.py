@@ -45,102 +45,120 @@ class Field:
         return {"datum": self.datum, "desc": self.help, "user": user}
 
 
-# Events counted since attach: each gives NAME_total (counter) and NAME_per_s (gauge).
-# (name, sample list, index, description)
-COUNTED: tuple[tuple[str, str, int, str], ...] = (
-    ("select", "counters", C.SELECT, "select_cpu calls (task wakeups)"),
-    ("local", "counters", C.LOCAL, "wakeups that found an idle CPU in their domain and stayed"),
-    ("no_candidate", "counters", C.NO_CANDIDATE, "wakeups that stayed: no less loaded domain"),
-    ("candidates", "counters", C.CANDIDATES, "migration candidates built (the model's questions)"),
-    ("hits", "counters", C.HITS, "candidates whose key had a decision in the map"),
-    ("misses", "counters", C.MISSES, "candidates whose key had no decision yet"),
-    ("migrate", "counters", C.MIGRATE, "hits the model said to migrate"),
-    ("keep", "counters", C.KEEP, "hits the model said to keep on their domain"),
-    ("fallback_migrate", "counters", C.FALLBACK_MIGRATE, "misses the fallback policy migrated"),
-    ("fallback_keep", "counters", C.FALLBACK_KEEP, "misses the fallback policy kept"),
-    ("submitted", "counters", C.SUBMITTED, "candidates pushed to the ring buffer"),
-    ("rb_drops", "counters", C.RB_DROPS, "candidates not pushed: ring buffer full"),
-    ("steal_candidates", "counters", C.STEAL_CANDIDATES,
-     "candidates built when an idle CPU eyed another domain's queue"),
-    ("migr_model", "counters", C.MIGR_MODEL, "cross-domain moves a model decision made"),
-    ("migr_fallback", "counters", C.MIGR_FALLBACK,
-     "cross-domain moves the fallback policy (or a coin flip) made"),
-    ("migr_forced", "counters", C.MIGR_FORCED,
-     "steals of a task queued past the starvation guard, whatever the decision"),
-    ("migr_domain", "counters", C.MIGR_DOMAIN,
-     "moves inside a domain: to an idle sibling on wakeup, or pulled by one"),
-    ("ran_cross", "counters", C.RAN_CROSS, "runs on a CPU of another domain than the last run"),
-    ("ran_domain", "counters", C.RAN_DOMAIN, "runs on another CPU of the same domain"),
-    ("preempts", "counters", C.PREEMPTS, "woken tasks that preempted a task a slice ahead"),
-    ("restricted", "counters", C.RESTRICTED,
-     "wakeups of tasks that may not use every CPU of their domain (kernel's placement)"),
-    ("explored", "counters", C.EXPLORED, "candidates decided by a coin flip (collection mode)"),
-    ("loader_wakeups", "counters", C.LOADER_WAKEUPS,
-     "wakeups of the loader, run ahead of the queue"),
-    ("records", "loader", LS.RECORDS, "candidate records the loader read from the ring buffer"),
-    ("batches", "loader", LS.BATCHES, "model batches run"),
-    ("decisions", "loader", LS.DECISIONS, "decisions written to the decision map"),
-    ("model_errors", "loader", LS.MODEL_ERRORS, "batches whose decisions were not written"),
-    ("restarts", "loader", LS.RESTARTS, "re-attaches after a CPU hotplug exit"),
+# Every field: name, unit, kind, scx_stats datum, description. Kinds: meta (JSON only), label
+# (a string), gauge, and event: an enum member counted since attach (a Counter of the kernel's
+# or a LoaderStat of the loader's, by its lowercased name), which gives NAME_total (a counter)
+# and NAME_per_s (a gauge).
+_TABLE = """
+time                 s       meta  float  Unix time of the interval's second sample
+interval_s           s       gauge float  seconds between the two samples the rates come from
+state                -       label string sched_ext state (/sys/kernel/sched_ext/state)
+ops                  -       label string attached sched_ext scheduler
+                                          (/sys/kernel/sched_ext/root/ops)
+model                -       label string model directory the loader serves (its --model)
+backend              -       label string inference backend: none (model not loaded yet), tf, numpy
+fallback             -       label string policy for undecided candidates: keep, migrate, heuristic
+loader_pid           pid     gauge u64    pid of mlsched-load
+uptime_s             s       gauge float  seconds since the loader attached the scheduler
+model_ready          0/1     gauge u64    1 once the model serves decisions, else 0
+nr_cpus              CPUs    gauge u64    CPUs the scheduling domains cover
+nr_doms              domains gauge u64    scheduling domains
+select               events  event u64    select_cpu calls (task wakeups)
+local                events  event u64    wakeups that found an idle CPU in their domain and stayed
+no_candidate         events  event u64    wakeups that stayed: no less loaded domain
+candidates           events  event u64    migration candidates built (the model's questions)
+hits                 events  event u64    candidates whose key had a decision in the map
+misses               events  event u64    candidates whose key had no decision yet
+migrate              events  event u64    hits the model said to migrate
+keep                 events  event u64    hits the model said to keep on their domain
+fallback_migrate     events  event u64    misses the fallback policy migrated
+fallback_keep        events  event u64    misses the fallback policy kept
+submitted            events  event u64    candidates pushed to the ring buffer
+rb_drops             events  event u64    candidates not pushed: ring buffer full
+steal_candidates     events  event u64    candidates built when an idle CPU eyed another domain's
+                                          queue
+migr_model           events  event u64    cross-domain moves a model decision made
+migr_fallback        events  event u64    cross-domain moves the fallback policy (or a coin flip)
+                                          made
+migr_forced          events  event u64    steals of a task queued past the starvation guard,
+                                          whatever the decision
+migr_domain          events  event u64    moves inside a domain: to an idle sibling on wakeup, or
+                                          pulled by one
+ran_cross            events  event u64    runs on a CPU of another domain than the last run
+ran_domain           events  event u64    runs on another CPU of the same domain
+preempts             events  event u64    woken tasks that preempted a task a slice ahead
+restricted           events  event u64    wakeups of tasks that may not use every CPU of their
+                                          domain (kernel's placement)
+explored             events  event u64    candidates decided by a coin flip (collection mode)
+loader_wakeups       events  event u64    wakeups of the loader, run ahead of the queue
+records              events  event u64    candidate records the loader read from the ring buffer
+batches              events  event u64    model batches run
+decisions            events  event u64    decisions written to the decision map
+model_errors         events  event u64    batches whose decisions were not written
+restarts             events  event u64    re-attaches after a CPU hotplug exit
+hit_rate             0..1    gauge float  hits / candidates over the interval (absent when no
+                                          candidate)
+decided_share        0..1    gauge float  cross-domain moves a decision made (model + fallback) /
+                                          cross-domain runs seen, over the interval (absent when
+                                          none)
+table_entries        keys    gauge u64    decisions the loader wrote to the map
+table_capacity       keys    gauge u64    size of the decision map
+table_occupancy      0..1    gauge float  table_entries / table_capacity
+batch_size_avg       keys    gauge float  decisions per model batch over the interval
+batch_latency_p50_us us      gauge float  median model call + map update per batch over the interval
+                                          (bucket bound)
+batch_latency_p99_us us      gauge float  99th percentile of batch latency over the interval (bucket
+                                          bound)
+batch_latency_avg_us us      gauge float  mean batch latency over the interval
+batch_latency_max_us us      gauge float  slowest batch since attach
+event_latency_p50_us us      gauge float  median candidate pushed -> decision in the map, over the
+                                          interval (bucket bound)
+event_latency_p99_us us      gauge float  99th percentile of event -> decision latency over the
+                                          interval (bucket bound)
+event_latency_avg_us us      gauge float  mean event -> decision latency over the interval
+"""
+# Per-domain fields: "domains": {"<dom>": {NAME: value, ...}}; OpenMetrics mlsched_dom_NAME{dom=}.
+_DOM_TABLE = """
+nr_cpus              CPUs    gauge u64    CPUs in the domain
+load                 0..1    gauge float  domain load: busy CPUs plus queued tasks, per CPU, scaled
+queued               tasks   gauge u64    tasks waiting in the domain's queue
+"""
+
+
+def _rows(table: str) -> list[tuple[str, str, str, str, str]]:
+    """The table's rows; an indented line continues the description above it."""
+    rows: list[list[str]] = []
+    for line in table.strip("\n").splitlines():
+        if line.startswith(" "):
+            rows[-1][4] += " " + line.strip()
+        else:
+            rows.append(line.split(None, 4))
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+# The events: (name, "counters" or "loader", index in that array, description).
+COUNTED: tuple[tuple[str, str, int, str], ...] = tuple(
+    (name, "counters", C[name.upper()], desc) if name.upper() in C.__members__
+    else (name, "loader", LS[name.upper()], desc)
+    for name, _, kind, _, desc in _rows(_TABLE) if kind == "event"
 )
 
 
-def _fields() -> tuple[Field, ...]:
-    out = [
-        Field("time", "s", "meta", "Unix time of the interval's second sample"),
-        Field("interval_s", "s", "gauge", "seconds between the two samples the rates come from"),
-        Field("state", "", "label", "sched_ext state (/sys/kernel/sched_ext/state)", "string"),
-        Field("ops", "", "label", "attached sched_ext scheduler (/sys/kernel/sched_ext/root/ops)",
-              "string"),
-        Field("model", "", "label", "model directory the loader serves (its --model)", "string"),
-        Field("backend", "", "label", "inference backend: none (model not loaded yet), tf, numpy",
-              "string"),
-        Field("fallback", "", "label", "policy for undecided candidates: keep, migrate, heuristic",
-              "string"),
-        Field("loader_pid", "pid", "gauge", "pid of mlsched-load", "u64"),
-        Field("uptime_s", "s", "gauge", "seconds since the loader attached the scheduler"),
-        Field("model_ready", "0/1", "gauge", "1 once the model serves decisions, else 0", "u64"),
-        Field("nr_cpus", "CPUs", "gauge", "CPUs the scheduling domains cover", "u64"),
-        Field("nr_doms", "domains", "gauge", "scheduling domains", "u64"),
-    ]
-    for name, _, _, desc in COUNTED:
-        out.append(Field(f"{name}_total", "events", "counter", f"{desc}, since attach", "u64"))
-        out.append(Field(f"{name}_per_s", "1/s", "gauge", f"{desc}, per second"))
-    out += [
-        Field("hit_rate", "0..1", "gauge",
-              "hits / candidates over the interval (absent when no candidate)"),
-        Field("decided_share", "0..1", "gauge",
-              "cross-domain moves a decision made (model + fallback) / cross-domain runs "
-              "seen, over the interval (absent when none)"),
-        Field("table_entries", "keys", "gauge", "decisions the loader wrote to the map", "u64"),
-        Field("table_capacity", "keys", "gauge", "size of the decision map", "u64"),
-        Field("table_occupancy", "0..1", "gauge", "table_entries / table_capacity"),
-        Field("batch_size_avg", "keys", "gauge", "decisions per model batch over the interval"),
-        Field("batch_latency_p50_us", "us", "gauge",
-              "median model call + map update per batch over the interval (bucket bound)"),
-        Field("batch_latency_p99_us", "us", "gauge",
-              "99th percentile of batch latency over the interval (bucket bound)"),
-        Field("batch_latency_avg_us", "us", "gauge", "mean batch latency over the interval"),
-        Field("batch_latency_max_us", "us", "gauge", "slowest batch since attach"),
-        Field("event_latency_p50_us", "us", "gauge",
-              "median candidate pushed -> decision in the map, over the interval (bucket bound)"),
-        Field("event_latency_p99_us", "us", "gauge",
-              "99th percentile of event -> decision latency over the interval (bucket bound)"),
-        Field("event_latency_avg_us", "us", "gauge",
-              "mean event -> decision latency over the interval"),
-    ]
+def _fields(table: str) -> tuple[Field, ...]:
+    out = []
+    for name, unit, kind, datum, desc in _rows(table):
+        unit = "" if unit == "-" else unit
+        if kind == "event":
+            out.append(Field(f"{name}_total", unit, "counter", f"{desc}, since attach", datum))
+            out.append(Field(f"{name}_per_s", "1/s", "gauge", f"{desc}, per second"))
+        else:
+            out.append(Field(name, unit, kind, desc, datum))
     return tuple(out)
 
 
-FIELDS: tuple[Field, ...] = _fields()
+FIELDS = _fields(_TABLE)
+DOM_FIELDS = _fields(_DOM_TABLE)
 FIELD_NAMES = tuple(f.name for f in FIELDS)
-
-# Per-domain fields: "domains": {"<dom>": {NAME: value, ...}}; OpenMetrics mlsched_dom_NAME{dom=}.
-DOM_FIELDS: tuple[Field, ...] = (
-    Field("nr_cpus", "CPUs", "gauge", "CPUs in the domain", "u64"),
-    Field("load", "0..1", "gauge", "domain load: busy CPUs plus queued tasks, per CPU, scaled"),
-    Field("queued", "tasks", "gauge", "tasks waiting in the domain's queue", "u64"),
-)
 
 
 def meta() -> dict[str, Any]:

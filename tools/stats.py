@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from loader import contract
-from loader.cli import interval_s
+from loader.cli import interval_s, parser
 from loader.stats import DOM_FIELDS, FIELDS, TOP, render_text
 from loader.stats_server import DEFAULT_PATH, StatsClient, StatsError
 
@@ -173,13 +173,8 @@ def watch(client: StatsClient, interval: float, once: bool, fmt: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="mlsched-stats",
-        description="Show mlsched's live decision figures, from the loader's stats socket "
-        "(scx_stats protocol).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser("mlsched-stats", "Show mlsched's live decision figures, from the loader's stats "
+                "socket (scx_stats protocol).", EXAMPLES)
     ap.add_argument("--interval", type=interval_s, default=1.0, metavar="SECS",
                     help="seconds each block's rates cover (default: 1)")
     ap.add_argument("--once", action="store_true",

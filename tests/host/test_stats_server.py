@@ -1,7 +1,7 @@
 """The stats server (loader/stats_server.py) on the host: the scx_stats protocol, its door, and
 clients that misbehave. The samples are synthetic (the real maps are tests/vm/test_stats.py);
-the server, its socket and the clients are the real thing. The clients here are written from
-the protocol's description, not with loader's StatsClient: a JSON object per line each way.
+the server, its socket and the clients are the real thing; the client is written from the
+protocol's description (tests/scx_stats_client.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from loader import contract
 from loader.stats import FIELD_NAMES, TOP, Sample
 from loader.stats_server import MAX_CLIENTS, MAX_LINE, SAMPLE_REUSE_S, StatsServer
 from tests.host.test_stats import sample
+from tests.scx_stats_client import Client
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -58,41 +59,6 @@ def server(sock_dir: Path) -> Iterator[StatsServer]:
     srv = StatsServer(str(sock_dir / "stats"), Source()).start()
     yield srv
     srv.close()
-
-
-class Client:
-    """A client from the protocol's description."""
-
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT_S)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rb")
-
-    def send(self, line: bytes) -> dict:
-        try:
-            self.sock.sendall(line + b"\n")
-        except BrokenPipeError:  # the server answered at connect and hung up (EBUSY)
-            pass
-        return self.read()
-
-    def read(self) -> dict:
-        line = self.f.readline()
-        assert line.endswith(b"\n"), f"no answer line: {line!r}"
-        return json.loads(line)
-
-    def request(self, req: str, **args: str) -> dict:
-        return self.send(json.dumps({"req": req, "args": args}).encode())
-
-    def closed_by_server(self) -> bool:
-        try:
-            return self.sock.recv(1 << 16) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.f.close()
-        self.sock.close()
 
 
 def test_stats_meta_and_stats(server: StatsServer) -> None:

@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from loader import contract
 from loader.scheduler import scx_state
 from loader.stats_server import DEFAULT_PATH, MAX_CLIENTS, MAX_LINE
+from tests.scx_stats_client import Client
 from tests.vm.conftest import (
     ATTACH_WAIT_S,
     LOG_DIR,
@@ -54,30 +54,6 @@ def save(name: str, text: str) -> None:
     print(f"--- {name} ---\n{text}")
 
 
-class Client:
-    """scx_stats from its description: one JSON object per line each way, on a UNIX socket."""
-
-    def __init__(self, path: str = DEFAULT_PATH) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(TIMEOUT_S)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rb")
-
-    def send(self, line: bytes) -> dict:
-        try:
-            self.sock.sendall(line + b"\n")
-        except BrokenPipeError:  # answered at connect, then hung up (too many clients)
-            pass
-        return json.loads(self.f.readline())
-
-    def request(self, req: str, **args: str) -> dict:
-        return self.send(json.dumps({"req": req, "args": args}).encode())
-
-    def close(self) -> None:
-        self.f.close()
-        self.sock.close()
-
-
 @pytest.fixture
 def loader_with_stats() -> Iterator[Loader]:
     with running_loader("--stats", "2", name="loader-stats") as ld:
@@ -90,7 +66,7 @@ def test_protocol_and_live_rates_under_stress(loader_with_stats: Loader) -> None
     st = os.stat(DEFAULT_PATH)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
 
-    c = Client()
+    c = Client(DEFAULT_PATH)
     meta = c.request("stats_meta")
     assert meta["errno"] == 0
     structs = meta["args"]["resp"]
@@ -174,13 +150,13 @@ def test_protocol_and_live_rates_under_stress(loader_with_stats: Loader) -> None
 def bad_clients() -> dict[str, object]:
     """Every kind of bad client, some at once; what each got."""
     got: dict[str, object] = {}
-    c = Client()
+    c = Client(DEFAULT_PATH)
     got["malformed"] = c.send(b"{this is not json")["errno"]
     got["unknown"] = c.request("reboot")["errno"]
     got["still answers"] = c.request("stats")["errno"]
     c.close()
 
-    huge = Client()
+    huge = Client(DEFAULT_PATH)
     try:
         huge.sock.sendall(b"x" * (16 * MAX_LINE))  # a line of a megabyte, no newline
     except (BrokenPipeError, ConnectionResetError):
@@ -189,7 +165,7 @@ def bad_clients() -> dict[str, object]:
     huge.close()
 
     def never_reads() -> None:
-        deaf = Client()
+        deaf = Client(DEFAULT_PATH)
         try:
             for _ in range(2000):
                 deaf.sock.sendall(b'{"req": "stats"}\n' * 4096)
@@ -200,7 +176,7 @@ def bad_clients() -> dict[str, object]:
 
     deaf = threading.Thread(target=never_reads)
     deaf.start()
-    crowd = [Client() for _ in range(50)]
+    crowd = [Client(DEFAULT_PATH) for _ in range(50)]
     answers = [cl.request("stats")["errno"] for cl in crowd]
     for cl in crowd:
         cl.close()
@@ -219,7 +195,7 @@ def test_bad_clients_leave_it_attached_and_deciding(loader: Loader) -> None:
         # A decision written after the abuse began, into a table that started near empty.
         wait_for(lambda: read_stats()["loader_decisions"] > before["loader_decisions"],
                  TIMEOUT_S, "a decision written during the abuse", loader.proc)
-        after_client = Client()
+        after_client = Client(DEFAULT_PATH)
         answer = after_client.request("stats")
         after_client.close()
     finally:
