@@ -21,11 +21,7 @@ _vp, _int, _u32p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32
 for _name, _res, _args in (
     ("bpf_update_elem", _int, [_int, _vp, _vp, ctypes.c_ulonglong]),
     ("bpf_lookup_elem", _int, [_int, _vp, _vp]),
-    ("bpf_delete_elem", _int, [_int, _vp]),
-    ("bpf_get_first_key", _int, [_int, _vp, ctypes.c_size_t]),
-    ("bpf_get_next_key", _int, [_int, _vp, _vp]),
     ("bpf_update_batch", _int, [_int, _vp, _vp, _u32p]),
-    ("bpf_lookup_batch", _int, [_int, _u32p, _u32p, _vp, _vp, _u32p]),
     ("bpf_new_ringbuf", _vp, [_int, _vp, _vp]),
     ("bpf_free_ringbuf", None, [_vp]),
     ("bpf_poll_ringbuf", _int, [_vp, _int]),
