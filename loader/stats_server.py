@@ -56,6 +56,10 @@ class StatsError(Exception):
     """A stats request failed, or the server is not there; str() is one line."""
 
 
+class StatsDenied(StatsError):
+    """The server is there, but this user may not connect."""
+
+
 def answer(err: int, resp: Any) -> bytes:
     """One answer line: {"errno": err, "args": {"resp": resp}}."""
     return json.dumps({"errno": err, "args": {"resp": resp}}).encode() + b"\n"
@@ -301,8 +305,8 @@ class StatsClient:
             raise StatsError(f"nothing serves {path} (its loader died?)") from None
         except PermissionError:
             sock.close()
-            raise StatsError(f"cannot connect to {path}: permission denied (run as root, or "
-                             "as a member of the loader's --stats-group)") from None
+            raise StatsDenied(f"cannot connect to {path}: permission denied (run as root, or "
+                              "as a member of the loader's --stats-group)") from None
         except OSError as e:
             sock.close()
             raise StatsError(f"cannot connect to {path}: {e.strerror or e}") from None

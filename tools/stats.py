@@ -24,7 +24,7 @@ from typing import Any
 from loader import contract
 from loader.cli import interval_s, parser
 from loader.stats import DOM_FIELDS, FIELDS, TOP, render_text
-from loader.stats_server import DEFAULT_PATH, StatsClient, StatsError
+from loader.stats_server import DEFAULT_PATH, StatsClient, StatsDenied, StatsError
 
 EXAMPLES = """\
 examples:
@@ -61,6 +61,8 @@ def connect(path: str) -> StatsClient:
     """A connection to mlsched's stats; NotAttached when there is none, or another's."""
     try:
         client = StatsClient(path)
+    except StatsDenied as e:
+        raise NotAttached(str(e)) from None
     except StatsError as e:
         raise NotAttached(f"mlsched is not attached ({e}); {situation()}") from None
     try:

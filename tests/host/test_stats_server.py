@@ -113,6 +113,12 @@ def as_nobody(path: str, groups: str = "--clear-groups") -> subprocess.Completed
 def test_a_non_root_client_is_refused(server: StatsServer) -> None:
     res = as_nobody(server.path)
     assert res.returncode == 0 and res.stdout.strip() == "EACCES", res.stderr
+    res = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                          sys.executable, "-m", "tools.stats", "--socket", server.path, "--once"],
+                         cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert res.returncode == 1 and res.stderr == (
+        f"mlsched-stats: cannot connect to {server.path}: permission denied (run as root, or as "
+        "a member of the loader's --stats-group)\n")
     # Even through a socket someone opened up: the server checks the peer itself.
     os.chmod(server.path, 0o666)
     res = as_nobody(server.path)
