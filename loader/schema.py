@@ -4,8 +4,9 @@ KEY_FIELDS is the one table: each field's name (struct mlsched_candidate, the da
 its place in the 64-bit decision key, its range, and the model input it becomes (field / scale).
 Everything else is derived from it: the decision key (pack_keys, as mlsched_pack_key in
 bpf/mlsched_policy.h), the model input (unpack_keys), the inverse for rules written on model
-inputs (fields_of_features) and every key a machine can produce (feature_grid). The C side is
-bpf/mlsched.h; tests/host/test_contract.py and test_policy.py check the two against each other.
+inputs (fields_of_features) and every key a machine can produce (feature_grid). load_q is the
+kernel's load quantization (mlsched_load_q). The C side is bpf/mlsched.h and mlsched_policy.h;
+tests/host/test_contract.py and test_policy.py check the two against each other.
 """
 
 from __future__ import annotations
@@ -50,6 +51,14 @@ KEY_CPU_SHIFT, KEY_IDLE_SHIFT, KEY_NOT_IDLE_SHIFT, KEY_SRC_SHIFT, KEY_DST_SHIFT 
 # Model input: float32 [?, 10], the key fields' features in order, then five reserved zeros.
 FEATURE_NAMES = (*(f.feature for f in KEY_FIELDS), *(f"reserved{i}" for i in range(5)))
 NR_FEATURES = len(FEATURE_NAMES)
+
+
+def load_q(runnable: ArrayLike, nr_cpus: ArrayLike) -> np.ndarray:
+    """A domain's load as the kernel quantizes it (mlsched_load_q in bpf/mlsched_policy.h):
+    runnable tasks (busy CPUs plus queued) per CPU, LOAD_FULL_PER_CPU of them = LOAD_SCALE."""
+    runnable, nr_cpus = np.asarray(runnable, np.int64), np.asarray(nr_cpus, np.int64)
+    load = runnable * LOAD_SCALE // np.maximum(LOAD_FULL_PER_CPU * nr_cpus, 1)
+    return np.where(nr_cpus > 0, np.minimum(load, LOAD_SCALE), LOAD_SCALE)
 
 
 def pack_keys(fields: Mapping[str, ArrayLike]) -> np.ndarray:

@@ -128,10 +128,7 @@ def _pattern_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
     runnable = _runnable(pattern, rng, nr_doms, dom_cpus)
     busy = np.minimum(runnable, dom_cpus)
     idle = dom_cpus - busy
-    load_q = np.minimum(
-        runnable * contract.LOAD_SCALE // (contract.LOAD_FULL_PER_CPU * dom_cpus),
-        contract.LOAD_SCALE,
-    )
+    load_q = schema.load_q(runnable, dom_cpus)
     rows = np.arange(CHUNK)
     src = rng.integers(0, nr_doms, CHUNK)  # the waking task's domain
     others = load_q.astype(np.float64)
