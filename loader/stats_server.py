@@ -302,7 +302,7 @@ class StatsClient:
             raise StatsError(f"no stats socket at {path}") from None
         except ConnectionRefusedError:
             sock.close()
-            raise StatsError(f"nothing serves {path} (its loader died?)") from None
+            raise StatsError(f"nothing serves {path}: a loader that died left it") from None
         except PermissionError:
             sock.close()
             raise StatsDenied(f"cannot connect to {path}: permission denied (run as root, or "
@@ -320,6 +320,8 @@ class StatsClient:
             reply = self._file.readline(MAX_PENDING)
         except TimeoutError:
             raise StatsError(f"{self.path}: no answer to {req!r}") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise StatsError(f"the loader closed {self.path}") from None
         except OSError as e:
             raise StatsError(f"{self.path}: {e.strerror or e}") from None
         if not reply:

@@ -270,3 +270,20 @@ def test_mlsched_stats_refuses_another_schedulers_socket(sock_dir: Path) -> None
     assert res.returncode == 1
     assert res.stderr.startswith(f"mlsched-stats: {sock_dir / 'stats'} serves another "
                                  "scheduler's stats (structs ClusterStats)")
+
+
+def test_mlsched_stats_says_when_the_loader_goes(sock_dir: Path) -> None:
+    srv = StatsServer(str(sock_dir / "stats"), Source()).start()
+    watcher = subprocess.Popen([sys.executable, "-m", "tools.stats", "--socket", srv.path,
+                                "--interval", "0.1", "--json"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(watcher.stdout.readline())["ops"] == "mlsched"  # type: ignore[union-attr]
+        srv.close()
+        assert watcher.wait(timeout=TIMEOUT_S) == 1
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    err = watcher.stderr.read()  # type: ignore[union-attr]
+    assert err == (f"mlsched-stats: mlsched is not attached: the loader closed {srv.path}; "
+                   "this kernel has no sched_ext\n")
