@@ -54,13 +54,28 @@ struct {
 	__uint(max_entries, MLSCHED_RINGBUF_DEFAULT_BYTES);
 } candidates SEC(".maps");
 
-/* Decision key -> enum mlsched_decision, written in batches by user space. */
+/*
+ * Decision key -> (generation << 8) | enum mlsched_decision, written in
+ * batches by user space: the table of machines whose grid is too large.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, u64);
 	__type(value, u32);
 } decisions SEC(".maps");
+
+/*
+ * The dense decision grid (see mlsched.h): byte i = key i's enum
+ * mlsched_grid_code; max_entries (u64 words) set by the loader, mmapped there.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, u64);
+} decision_grid SEC(".maps");
 
 /* Decision key -> ns when last pushed: one push per key until it is decided. */
 struct {
@@ -192,6 +207,7 @@ enum mlsched_config contract_btf_config;
 enum mlsched_hist contract_btf_hist;
 enum mlsched_source contract_btf_source;
 enum mlsched_path contract_btf_path;
+enum mlsched_grid_code contract_btf_grid_code;
 
 /* Copied from "sched_config" at init: read on every wakeup. */
 static u32 nr_cpus;
@@ -209,6 +225,8 @@ static u64 resubmit_ns = 1000ULL * 1000 * 1000;
  */
 static bool collect;
 static u32 explore;
+/* The dense grid's bounds (grid_cpus = 0: no grid, the hash serves). */
+static u32 grid_cpus, grid_dom_cpus;
 /*
  * The loader's ring reader turns candidates into decisions: when it wakes it
  * runs ahead of the queue, or the decisions it owes wait behind a full slice
@@ -444,11 +462,33 @@ static __always_inline bool build(struct mlsched_candidate *c, struct task_struc
 	return true;
 }
 
+/* The table's answer for a candidate, as an enum mlsched_grid_code. */
+static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
+{
+	s64 gi = -1;
+	u64 *word;
+	u32 *v, w;
+
+	if (grid_cpus)
+		gi = mlsched_grid_index(grid_cpus, grid_dom_cpus, c->cpu, c->cpu_idle,
+					c->cpu_not_idle, c->src_load_q, c->dst_load_q);
+	if (gi >= 0) {
+		w = gi >> 3;
+		word = bpf_map_lookup_elem(&decision_grid, &w);
+		return word ? (*word >> ((gi & 7) * 8)) & 0xff : MLSCHED_GRID_UNDECIDED;
+	}
+	v = bpf_map_lookup_elem(&decisions, &c->key);
+	/* An entry of an older model's generation is a miss. */
+	if (!v || (*v >> MLSCHED_GEN_SHIFT) != (u32)cfg_get(MLSCHED_CFG_MODEL_GEN))
+		return MLSCHED_GRID_UNDECIDED;
+	return (*v & 0xff) == MLSCHED_MIGRATE ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+}
+
 /* The one decision for every cross-domain move: sets c->action and c->source. */
 static bool decide(struct mlsched_candidate *c)
 {
 	bool migrate, fb;
-	u32 *decision;
+	u32 code;
 
 	if (collect) {
 		fb = fallback_migrate(c);
@@ -467,10 +507,10 @@ static bool decide(struct mlsched_candidate *c)
 		return migrate;
 	}
 
-	decision = bpf_map_lookup_elem(&decisions, &c->key);
-	if (decision) {
+	code = lookup_decision(c);
+	if (code != MLSCHED_GRID_UNDECIDED) {
 		cnt_inc(MLSCHED_CNT_HITS);
-		migrate = *decision == MLSCHED_MIGRATE;
+		migrate = code == MLSCHED_GRID_MIGRATE;
 		cnt_inc(migrate ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
 		c->source = MLSCHED_SRC_MODEL;
 		c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
@@ -838,6 +878,8 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	collect = cfg_get(MLSCHED_CFG_COLLECT);
 	loader_tid = cfg_get(MLSCHED_CFG_LOADER_TID);
 	explore = cfg_get(MLSCHED_CFG_EXPLORE);
+	grid_cpus = cfg_get(MLSCHED_CFG_GRID_CPUS);
+	grid_dom_cpus = cfg_get(MLSCHED_CFG_GRID_DOM_CPUS);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		scx_bpf_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;

@@ -50,6 +50,27 @@ enum mlsched_decision {
 	MLSCHED_MIGRATE = 1,
 };
 
+/*
+ * The dense decision grid, array "decision_grid" (BPF_F_MMAPABLE, u64 words,
+ * mlsched_grid_index() in mlsched_policy.h): byte i of the array holds key i's
+ * decision, written by user space with plain stores. 0 = not decided yet.
+ * Used when the machine's grid has at most MLSCHED_GRID_MAX_KEYS keys; the
+ * "decisions" hash serves other machines, on demand.
+ */
+enum mlsched_grid_code {
+	MLSCHED_GRID_UNDECIDED = 0,
+	MLSCHED_GRID_KEEP = 1,
+	MLSCHED_GRID_MIGRATE = 2,
+};
+#define MLSCHED_GRID_MAX_KEYS	(1u << 26)	/* 64 MiB of grid at most */
+
+/*
+ * "decisions" hash values: (generation << 8) | enum mlsched_decision. An entry
+ * of another generation than Config.MODEL_GEN (bumped on a model reload) is a
+ * miss, so a reload drops the old model's decisions at once.
+ */
+#define MLSCHED_GEN_SHIFT	8
+
 /* What select_cpu does with a candidate whose key has no decision yet. */
 enum mlsched_fallback {
 	MLSCHED_FALLBACK_KEEP = 0,
@@ -140,6 +161,11 @@ enum mlsched_loader_stat {
 	MLSCHED_LS_EV_LAT_NS_SUM,	/* event ts -> decision in map, summed, ns */
 	MLSCHED_LS_TABLE_ENTRIES,	/* distinct keys the loader has decided */
 	MLSCHED_LS_RESTARTS,		/* re-attaches after a CPU hotplug exit */
+	MLSCHED_LS_RELOADS,		/* models switched in on SIGHUP */
+	MLSCHED_LS_RELOAD_FAILURES,	/* SIGHUPs whose new model was refused */
+	MLSCHED_LS_MODEL_DIGEST,	/* first 8 bytes of the serving model's sha256, big-endian */
+	MLSCHED_LS_GRID_KEYS,		/* keys in the dense grid (0: the hash serves) */
+	MLSCHED_LS_GRID_DECIDED,	/* grid keys holding a decision */
 	MLSCHED_NR_LOADER_STATS,
 };
 
@@ -161,6 +187,9 @@ enum mlsched_config {
 	MLSCHED_CFG_LOADER_TID,		/* the loader's ring reader thread: run first when it wakes */
 	MLSCHED_CFG_SLICE_MIN_NS,	/* shortest slice when a CPU's queue is deep, ns */
 	MLSCHED_CFG_STARVE_NS,		/* a queued task waiting longer is stolen regardless, ns */
+	MLSCHED_CFG_GRID_CPUS,		/* dense grid: its nr_cpus bound (0: no grid) */
+	MLSCHED_CFG_GRID_DOM_CPUS,	/* dense grid: its dom_cpus bound */
+	MLSCHED_CFG_MODEL_GEN,		/* generation of the serving model (live, user space bumps it) */
 	MLSCHED_NR_CONFIG,
 };
 

@@ -47,6 +47,7 @@ MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
 # Map names in bpf/mlsched.bpf.c.
 MAP_CANDIDATES = "candidates"  # ring buffer of struct mlsched_candidate
 MAP_DECISIONS = "decisions"  # u64 key -> u32 enum Decision
+MAP_DECISION_GRID = "decision_grid"  # mmapable u64[] holding one GridCode byte per grid key
 MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
 MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
 MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
@@ -74,6 +75,18 @@ PINNED_MAPS = (
 class Decision(IntEnum):
     KEEP = 0
     MIGRATE = 1
+
+
+class GridCode(IntEnum):
+    """A decision grid byte."""
+
+    UNDECIDED = 0
+    KEEP = 1
+    MIGRATE = 2
+
+
+GRID_MAX_KEYS = 1 << 26
+GEN_SHIFT = 8  # decisions hash value: (generation << GEN_SHIFT) | Decision
 
 
 class Source(IntEnum):
@@ -144,6 +157,11 @@ class LoaderStat(IntEnum):
     EV_LAT_NS_SUM = 10
     TABLE_ENTRIES = 11
     RESTARTS = 12
+    RELOADS = 13
+    RELOAD_FAILURES = 14
+    MODEL_DIGEST = 15
+    GRID_KEYS = 16
+    GRID_DECIDED = 17
 
 
 NR_LOADER_STATS = len(LoaderStat)
@@ -185,6 +203,9 @@ class Config(IntEnum):
     LOADER_TID = 7
     SLICE_MIN_NS = 8
     STARVE_NS = 9
+    GRID_CPUS = 10
+    GRID_DOM_CPUS = 11
+    MODEL_GEN = 12
 
 
 NR_CONFIG = len(Config)
@@ -278,6 +299,44 @@ def unpack_keys(keys: np.ndarray) -> np.ndarray:
     x[:, 3] = ((keys >> np.uint64(KEY_SRC_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
     x[:, 4] = ((keys >> np.uint64(KEY_DST_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
     return x
+
+
+def grid_size(nr_cpus: int, dom_cpus: int) -> int:
+    """Keys in the dense decision grid (mlsched_grid_size in bpf/mlsched_policy.h)."""
+    return nr_cpus * (dom_cpus + 1) ** 2 * (LOAD_SCALE + 1) ** 2
+
+
+def grid_index(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int,
+               nr_cpus: int, dom_cpus: int) -> int:
+    """A key's place in the grid, or -1 (mlsched_grid_index in bpf/mlsched_policy.h)."""
+    if (cpu >= nr_cpus or cpu_idle > dom_cpus or cpu_not_idle > dom_cpus
+            or src_load_q > LOAD_SCALE or dst_load_q > LOAD_SCALE):
+        return -1
+    d, n = dom_cpus + 1, LOAD_SCALE + 1
+    return (((cpu * d + cpu_idle) * d + cpu_not_idle) * n + src_load_q) * n + dst_load_q
+
+
+def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Packed keys of grid indices [start, stop), in index order (every key the machine can
+    produce, on the wakeup path and the steal path alike)."""
+    stop = grid_size(nr_cpus, dom_cpus) if stop is None else stop
+    idx = np.arange(start, stop, dtype=np.uint64)
+    d, n = np.uint64(dom_cpus + 1), np.uint64(LOAD_SCALE + 1)
+    dst = idx % n
+    idx //= n
+    src = idx % n
+    idx //= n
+    busy = idx % d
+    idx //= d
+    idle = idx % d
+    cpu = idx // d
+    return (
+        (cpu << np.uint64(KEY_CPU_SHIFT))
+        | (idle << np.uint64(KEY_IDLE_SHIFT))
+        | (busy << np.uint64(KEY_NOT_IDLE_SHIFT))
+        | (src << np.uint64(KEY_SRC_SHIFT))
+        | (dst << np.uint64(KEY_DST_SHIFT))
+    )
 
 
 def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from loader import contract
-from loader.cli import Stop, interval_s, number_in, positive_int, ringbuf_size
+from loader.cli import Reload, Stop, interval_s, number_in, positive_int, ringbuf_size
 
 log = logging.getLogger("mlsched")
 
@@ -33,7 +33,9 @@ examples:
   sudo mlsched-load --model DIR --stats 2                   # print the stats block every 2 s
   mlsched-stats --once                                       # in another shell: the counters
 
-Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. If the kernel ejects the
+Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. SIGHUP checks the model
+directory again and switches to it without detaching (the old model's decisions are dropped;
+a model that fails its checks is refused and the old one keeps serving). If the kernel ejects the
 scheduler, the reason is printed and the exit status is 1.
 """
 
@@ -214,9 +216,11 @@ def since_start_s() -> float:
 def attach(args: argparse.Namespace, plan: object) -> object:
     """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
     from loader.scheduler import Scheduler, clean_stale_pins
+    from loader.table import grid_dims
 
     clean_stale_pins(args.pin_dir)
-    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
+    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose,
+                      grid_dims(plan.nr_cpus, plan.max_dom_cpus))
     try:
         sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                         args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
@@ -239,6 +243,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
 
     stop = Stop()
     stop.install()
+    reload = Reload().install()
     if scx_state() == "unsupported":
         return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
 
@@ -258,15 +263,15 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
             f"fallback {args.fallback} until the model is ready",
         )
         if pipeline is None:
-            pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
+            pipeline = DecisionPipeline(sched.table, args.batch_size, args.max_wait_ms / 1000)
             publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
             if not args.no_model:
                 threading.Thread(target=load_model, daemon=True,
                                  args=(model_info, args.backend, pipeline, publisher)).start()
         else:
-            pipeline.rebind(sched.decisions)
+            pipeline.rebind(sched.table)
             publisher.rebind(sched.loader_stats, sched.latency_hist)
-        status, restart = serve(args, sched, pipeline, publisher, stop)
+        status, restart = serve(args, sched, pipeline, publisher, stop, reload)
         if not restart:
             break
         # A CPU came or went: the kernel asked for a re-attach. Plan the domains again for
@@ -296,9 +301,10 @@ def replan_domains(requested: int | None) -> int | None:
 
 
 def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: object,
-          stop: Stop) -> tuple[int, bool]:
+          stop: Stop, reload: Reload) -> tuple[int, bool]:
     """Feed decisions until a signal or an exit; returns (status, re-attach?)."""
     from loader.bpfmaps import RingBufferReader
+    from loader.pipeline import pump
 
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
     status, restart = 0, False
@@ -310,11 +316,19 @@ def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: 
 
             printer = StatsPrinter(LoaderMaps(sched), os.path.abspath(args.model), args.stats)
         while not stop.requested:
-            # Sleep long when no batch is filling: every wakeup of the loader costs the
-            # workload a preemption (the scheduler runs the loader first).
-            reader.poll(batch_poll_ms if pipeline.filling() else IDLE_POLL_MS)
-            if pipeline.due():
-                pipeline.flush()
+            switched = pipeline.take_model()
+            if switched is not None:
+                publisher.model_ready(switched[0], getattr(switched[1], "digest", ""))
+            if pipeline.precompute_pending:
+                t0 = time.monotonic()
+                n = pipeline.precompute()
+                if n:
+                    log.info("decided all %d keys of the grid in %.3f s", n,
+                             time.monotonic() - t0)
+            if reload.take():
+                threading.Thread(target=reload_model, daemon=True,
+                                 args=(args.model, args.backend, pipeline, publisher)).start()
+            pump(reader, pipeline, IDLE_POLL_MS, batch_poll_ms)
             publisher.maybe_publish()
             if printer is not None:
                 printer.maybe_print()
@@ -353,10 +367,34 @@ def load_model(model_info: object, want: str, pipeline: object, publisher: objec
     except Exception as e:  # a model that passed the checks but will not load
         publisher.model_failed = f"model failed to load: {type(e).__name__}: {e}"
         return
-    pipeline.set_model(backend)
-    publisher.model_ready(backend)
+    pipeline.set_model(backend, model_info)
     log.info("model ready in %.1f s (%.1f s after start), backend %s", time.monotonic() - t0,
              since_start_s(), reason)
+
+
+def reload_model(path: str, want: str, pipeline: object, publisher: object) -> None:
+    """SIGHUP, in a thread: check the model directory again and hand over a new backend; a
+    model that fails is refused in one line and the serving one stays."""
+    from loader.backends import open_backend
+    from loader.model_check import ModelError, check_model_dir
+
+    try:
+        info = check_model_dir(path)
+        if want == "numpy" and not info.fastpath_ok:
+            raise ModelError(f"--backend numpy: {info.fastpath_reason}")
+        backend, reason = open_backend(info, want)
+    except ModelError as e:
+        publisher.reload_failures += 1
+        log.error("reload refused, the previous model keeps serving: %s", e)
+        return
+    except Exception as e:  # passed the checks but will not load
+        publisher.reload_failures += 1
+        log.error("reload refused, the previous model keeps serving: %s: %s",
+                  type(e).__name__, e)
+        return
+    publisher.reloads += 1
+    pipeline.set_model(backend, info)
+    log.info("reload: switching to %s (digest %s), backend %s", path, info.digest[:8], reason)
 
 
 if __name__ == "__main__":
