@@ -13,6 +13,8 @@ CLANG ?= clang-19
 BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
 	-Wno-microsoft-anon-tag -Wall -Wno-unused-function
 VM_CPUS ?= 2
+# The in-kernel inference code alone, run with BPF_PROG_TEST_RUN on the host (tests, bench).
+MLP_BENCH := build/bench/mlp_bench.bpf.o
 
 .PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-models demo soak lint clean bench-model train
 
@@ -47,7 +49,7 @@ model_dir/model_path/saved_model.pb:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-host-test: setup bpf
+host-test: setup bpf $(MLP_BENCH)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests/host
 
@@ -102,5 +104,10 @@ $(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/vmlinux.
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
 
-bench: setup bpf $(BENCH_PRODUCER)
+$(MLP_BENCH): tools/bench/mlp_bench.bpf.c bpf/mlsched_mlp.h bpf/mlsched.h bpf/vmlinux.h Makefile
+	@mkdir -p $(dir $@)
+	@echo "bpf: compiling $@"
+	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
+
+bench: setup bpf $(BENCH_PRODUCER) $(MLP_BENCH)
 	$(PY) -m tools.bench $(BENCH_ARGS)

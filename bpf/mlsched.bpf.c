@@ -37,6 +37,7 @@
 #include <scx/common.bpf.h>
 #include "mlsched.h"
 #include "mlsched_policy.h"
+#include "mlsched_mlp.h"
 
 char _license[] SEC("license") = "GPL";
 
@@ -208,6 +209,9 @@ enum mlsched_hist contract_btf_hist;
 enum mlsched_source contract_btf_source;
 enum mlsched_path contract_btf_path;
 enum mlsched_grid_code contract_btf_grid_code;
+enum mlsched_mlp_act contract_btf_mlp_act;
+enum mlsched_mlp_out contract_btf_mlp_out;
+struct mlsched_mlp contract_btf_mlp;
 
 /* Copied from "sched_config" at init: read on every wakeup. */
 static u32 nr_cpus;
@@ -227,6 +231,8 @@ static bool collect;
 static u32 explore;
 /* The dense grid's bounds (grid_cpus = 0: no grid, the hash serves). */
 static u32 grid_cpus, grid_dom_cpus;
+/* --inference kernel: a miss is decided here, by the weights in mlp_weights. */
+static bool kernel_inference;
 /*
  * The loader's ring reader turns candidates into decisions: when it wakes it
  * runs ahead of the queue, or the decisions it owes wait behind a full slice
@@ -462,16 +468,21 @@ static __always_inline bool build(struct mlsched_candidate *c, struct task_struc
 	return true;
 }
 
+static __always_inline s64 grid_index(struct mlsched_candidate *c)
+{
+	if (!grid_cpus)
+		return -1;
+	return mlsched_grid_index(grid_cpus, grid_dom_cpus, c->cpu, c->cpu_idle, c->cpu_not_idle,
+				  c->src_load_q, c->dst_load_q);
+}
+
 /* The table's answer for a candidate, as an enum mlsched_grid_code. */
 static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
 {
-	s64 gi = -1;
+	s64 gi = grid_index(c);
 	u64 *word;
 	u32 *v, w;
 
-	if (grid_cpus)
-		gi = mlsched_grid_index(grid_cpus, grid_dom_cpus, c->cpu, c->cpu_idle,
-					c->cpu_not_idle, c->src_load_q, c->dst_load_q);
 	if (gi >= 0) {
 		w = gi >> 3;
 		word = bpf_map_lookup_elem(&decision_grid, &w);
@@ -482,6 +493,39 @@ static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
 	if (!v || (*v >> MLSCHED_GEN_SHIFT) != (u32)cfg_get(MLSCHED_CFG_MODEL_GEN))
 		return MLSCHED_GRID_UNDECIDED;
 	return (*v & 0xff) == MLSCHED_MIGRATE ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+}
+
+/*
+ * --inference kernel: decide a miss with the weights of the serving
+ * generation and keep the answer in the table. Returns -1 without weights.
+ */
+static int kernel_decide(struct mlsched_candidate *c)
+{
+	u32 gen = cfg_get(MLSCHED_CFG_MODEL_GEN), w, v;
+	u64 t0 = bpf_ktime_get_ns(), *word, *ns;
+	s64 gi;
+	int r;
+
+	r = mlp_decide(gen & 1, gen, c->key);
+	if (r < 0)
+		return r;
+	cnt_inc(MLSCHED_CNT_KINFER);
+	w = MLSCHED_CNT_KINFER_NS;
+	ns = bpf_map_lookup_elem(&counters, &w);
+	if (ns)
+		*ns += bpf_ktime_get_ns() - t0;
+	gi = grid_index(c);
+	if (gi >= 0) {
+		w = gi >> 3;
+		word = bpf_map_lookup_elem(&decision_grid, &w);
+		/* One byte of the word: user space only clears whole generations. */
+		if (word)
+			*((u8 *)word + (gi & 7)) = r ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+	} else {
+		v = (gen << MLSCHED_GEN_SHIFT) | (r ? MLSCHED_MIGRATE : MLSCHED_KEEP);
+		bpf_map_update_elem(&decisions, &c->key, &v, BPF_ANY);
+	}
+	return r;
 }
 
 /* The one decision for every cross-domain move: sets c->action and c->source. */
@@ -517,6 +561,16 @@ static bool decide(struct mlsched_candidate *c)
 		return migrate;
 	}
 	cnt_inc(MLSCHED_CNT_MISSES);
+	if (kernel_inference) {
+		int r = kernel_decide(c);
+
+		if (r >= 0) {
+			c->source = MLSCHED_SRC_MODEL;
+			c->action = r ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+			cnt_inc(r ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
+			return r;
+		}
+	}
 	migrate = fallback_migrate(c);
 	cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
 	c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
@@ -880,6 +934,7 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	explore = cfg_get(MLSCHED_CFG_EXPLORE);
 	grid_cpus = cfg_get(MLSCHED_CFG_GRID_CPUS);
 	grid_dom_cpus = cfg_get(MLSCHED_CFG_GRID_DOM_CPUS);
+	kernel_inference = cfg_get(MLSCHED_CFG_INFERENCE);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		scx_bpf_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;

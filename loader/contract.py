@@ -48,6 +48,7 @@ MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
 MAP_CANDIDATES = "candidates"  # ring buffer of struct mlsched_candidate
 MAP_DECISIONS = "decisions"  # u64 key -> u32 enum Decision
 MAP_DECISION_GRID = "decision_grid"  # mmapable u64[] holding one GridCode byte per grid key
+MAP_MLP_WEIGHTS = "mlp_weights"  # struct mlsched_mlp[2]: the in-kernel network, two slots
 MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
 MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
 MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
@@ -138,6 +139,8 @@ class Counter(IntEnum):
     RESTRICTED = 20
     EXPLORED = 21
     LOADER_WAKEUPS = 22
+    KINFER = 23
+    KINFER_NS = 24
 
 
 NR_COUNTERS = len(Counter)
@@ -190,6 +193,7 @@ class Backend(IntEnum):
     NONE = 0
     TF = 1
     NUMPY = 2
+    KERNEL = 3
 
 
 class Config(IntEnum):
@@ -206,6 +210,7 @@ class Config(IntEnum):
     GRID_CPUS = 10
     GRID_DOM_CPUS = 11
     MODEL_GEN = 12
+    INFERENCE = 13
 
 
 NR_CONFIG = len(Config)
@@ -241,6 +246,36 @@ class ExitInfo(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("reason", ctypes.c_char * EXIT_REASON_LEN),
         ("msg", ctypes.c_char * EXIT_MSG_LEN),
+    ]
+
+
+MLP_MAX_LAYERS = 3
+MLP_MAX_UNITS = 64
+MLP_FRAC_BITS = 16
+
+
+class MlpAct(IntEnum):
+    LINEAR = 0
+    RELU = 1
+
+
+class MlpOut(IntEnum):
+    LOGIT = 0  # the final sigmoid dropped: migrate when z > 0
+    LINEAR = 1  # a linear output: migrate when z > 0.5
+
+
+class Mlp(ctypes.Structure):
+    """struct mlsched_mlp."""
+
+    _fields_ = [
+        ("generation", ctypes.c_uint32),
+        ("nr_layers", ctypes.c_uint32),
+        ("out_rule", ctypes.c_uint32),
+        ("nr_in", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("nr_out", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("act", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("weight", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_UNITS * MLP_MAX_LAYERS),
+        ("bias", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_LAYERS),
     ]
 
 
@@ -288,6 +323,18 @@ def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray
     return p / EXPLORE_SCALE
 
 
+def pack_keys(cpu: np.ndarray, cpu_idle: np.ndarray, cpu_not_idle: np.ndarray,
+              src_load_q: np.ndarray, dst_load_q: np.ndarray) -> np.ndarray:
+    """Vectorised pack_key: uint64 keys from integer field arrays (fields clamped as BPF does)."""
+    u = np.uint64
+    f = u(KEY_FIELD_MAX)
+    return ((np.asarray(cpu).astype(u) << u(KEY_CPU_SHIFT))
+            | (np.minimum(np.asarray(cpu_idle).astype(u), f) << u(KEY_IDLE_SHIFT))
+            | (np.minimum(np.asarray(cpu_not_idle).astype(u), f) << u(KEY_NOT_IDLE_SHIFT))
+            | (np.asarray(src_load_q).astype(u) << u(KEY_SRC_SHIFT))
+            | (np.asarray(dst_load_q).astype(u) << u(KEY_DST_SHIFT)))
+
+
 def unpack_keys(keys: np.ndarray) -> np.ndarray:
     """Model input [n, 10] float32 for packed keys: exactly what the kernel quantized."""
     keys = np.asarray(keys, dtype=np.uint64)
@@ -330,13 +377,7 @@ def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = No
     idx //= d
     idle = idx % d
     cpu = idx // d
-    return (
-        (cpu << np.uint64(KEY_CPU_SHIFT))
-        | (idle << np.uint64(KEY_IDLE_SHIFT))
-        | (busy << np.uint64(KEY_NOT_IDLE_SHIFT))
-        | (src << np.uint64(KEY_SRC_SHIFT))
-        | (dst << np.uint64(KEY_DST_SHIFT))
-    )
+    return pack_keys(cpu, idle, busy, src, dst)
 
 
 def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:

@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         "model has one, else TensorFlow (default: auto)",
     )
     p.add_argument(
+        "--inference",
+        choices=("user", "kernel"),
+        default="user",
+        help="user: the loader decides candidates the table misses (ring buffer); kernel: the "
+        "scheduler evaluates the model's Dense stack in fixed point on a miss, the loader only "
+        "loads the weights (refused when it agrees with the model on < 99.9%% of keys) "
+        "(default: user)",
+    )
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=64,
@@ -198,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_domains(args.domains)
     except DomainError as e:
         return fail(str(e))
+    args.kernel_mlp = None
+    if args.inference == "kernel":
+        from loader.kernel_mlp import prepare
+
+        try:
+            args.kernel_mlp = prepare(model_info.path, plan.nr_cpus, plan.max_dom_cpus)
+        except ModelError as e:
+            return fail(str(e))
     return run(args, model_info, plan)
 
 
@@ -225,6 +242,8 @@ def attach(args: argparse.Namespace, plan: object) -> object:
         sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                         args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
                         starve_ns=args.starve_ms * 1_000_000)
+        if args.kernel_mlp is not None:
+            sched.load_kernel_mlp(args.kernel_mlp)
         sched.attach()
         sched.pin(args.pin_dir)
     except BaseException:
@@ -265,7 +284,11 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
         if pipeline is None:
             pipeline = DecisionPipeline(sched.table, args.batch_size, args.max_wait_ms / 1000)
             publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
-            if not args.no_model:
+            if args.kernel_mlp is not None:
+                from loader.kernel_mlp import KernelBackend
+
+                pipeline.set_model(KernelBackend(args.kernel_mlp), model_info)
+            elif not args.no_model:
                 threading.Thread(target=load_model, daemon=True,
                                  args=(model_info, args.backend, pipeline, publisher)).start()
         else:
@@ -327,7 +350,12 @@ def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: 
                              time.monotonic() - t0)
             if reload.take():
                 threading.Thread(target=reload_model, daemon=True,
-                                 args=(args.model, args.backend, pipeline, publisher)).start()
+                                 args=(args, pipeline, publisher)).start()
+            if args.kernel_mlp is not None and switched is not None:
+                # --inference kernel: the weights of the table's generation (a reload has
+                # just started a new one) go to its slot; until then the fallback serves.
+                args.kernel_mlp = switched[0].q  # what a re-attach after hotplug loads
+                sched.load_kernel_mlp(args.kernel_mlp, sched.table.generation)
             pump(reader, pipeline, IDLE_POLL_MS, batch_poll_ms)
             publisher.maybe_publish()
             if printer is not None:
@@ -372,17 +400,25 @@ def load_model(model_info: object, want: str, pipeline: object, publisher: objec
              since_start_s(), reason)
 
 
-def reload_model(path: str, want: str, pipeline: object, publisher: object) -> None:
+def reload_model(args: argparse.Namespace, pipeline: object, publisher: object) -> None:
     """SIGHUP, in a thread: check the model directory again and hand over a new backend; a
     model that fails is refused in one line and the serving one stays."""
     from loader.backends import open_backend
+    from loader.domains import online_cpus
+    from loader.kernel_mlp import KernelBackend, prepare
     from loader.model_check import ModelError, check_model_dir
 
+    path, want = args.model, args.backend
     try:
         info = check_model_dir(path)
         if want == "numpy" and not info.fastpath_ok:
             raise ModelError(f"--backend numpy: {info.fastpath_reason}")
-        backend, reason = open_backend(info, want)
+        if args.kernel_mlp is not None:
+            dims = pipeline.table.grid.dims if pipeline.table.grid else (
+                max(online_cpus()) + 1, contract.KEY_FIELD_MAX)
+            backend, reason = KernelBackend(prepare(info.path, *dims)), "in-kernel fixed point"
+        else:
+            backend, reason = open_backend(info, want)
     except ModelError as e:
         publisher.reload_failures += 1
         log.error("reload refused, the previous model keeps serving: %s", e)

@@ -100,7 +100,8 @@ class DecisionPipeline:
         """Decide every key of the dense grid in one pass (nothing when there is no grid)."""
         self.precompute_pending = False
         grid = self.table.grid
-        if self._model is None or grid is None:
+        # --inference kernel: the scheduler fills the table itself, on demand.
+        if self._model is None or grid is None or self._model.kind == contract.Backend.KERNEL:
             return 0
         written = 0
         for start in range(0, grid.size, chunk):

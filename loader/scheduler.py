@@ -17,8 +17,10 @@ from loader.bpfmaps import (
     StructArray,
     U64Array,
     set_u32_array,
+    write_struct,
 )
 from loader.domains import DomainPlan
+from loader.kernel_mlp import QuantizedMlp
 from loader.table import DecisionGrid, DecisionTable, GridDims, grid_words
 
 log = logging.getLogger("mlsched.scheduler")
@@ -191,6 +193,12 @@ class Scheduler:
                               contract.grid_size(*self.grid_dims) if self.grid_dims else 0)
         self.config.set(contract.Config.LOADER_TID,
                         threading.get_native_id() if reader_tid is None else reader_tid)
+
+    def load_kernel_mlp(self, q: QuantizedMlp, generation: int = 0) -> None:
+        """--inference kernel: the weights into the slot of `generation` (see mlsched.h)."""
+        write_struct(self.obj.map_fd(contract.MAP_MLP_WEIGHTS), generation & 1,
+                     q.to_struct(generation))
+        self.config.set(contract.Config.INFERENCE, 1)
 
     def attach(self) -> None:
         state = scx_state()

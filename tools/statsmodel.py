@@ -64,6 +64,8 @@ COUNTED: tuple[tuple[str, str, int, str], ...] = (
     ("restricted", "counters", C.RESTRICTED,
      "wakeups of tasks that may not use every CPU of their domain (kernel's placement)"),
     ("explored", "counters", C.EXPLORED, "candidates decided by a coin flip (collection mode)"),
+    ("kinfer", "counters", C.KINFER, "misses the scheduler decided itself (--inference kernel)"),
+    ("kinfer_ns", "counters", C.KINFER_NS, "time spent in those in-kernel inferences, ns"),
     ("loader_wakeups", "counters", C.LOADER_WAKEUPS,
      "wakeups of the loader, run ahead of the queue"),
     ("records", "loader", LS.RECORDS, "candidate records the loader read from the ring buffer"),
@@ -71,6 +73,8 @@ COUNTED: tuple[tuple[str, str, int, str], ...] = (
     ("decisions", "loader", LS.DECISIONS, "decisions written to the decision map"),
     ("model_errors", "loader", LS.MODEL_ERRORS, "batches whose decisions were not written"),
     ("restarts", "loader", LS.RESTARTS, "re-attaches after a CPU hotplug exit"),
+    ("reloads", "loader", LS.RELOADS, "models switched in on SIGHUP"),
+    ("reload_failures", "loader", LS.RELOAD_FAILURES, "SIGHUPs whose new model was refused"),
 )
 
 
@@ -98,6 +102,11 @@ def _fields() -> tuple[Field, ...]:
         Field("decided_share", "0..1", "gauge",
               "cross-domain moves a decision made (model + fallback) / cross-domain runs "
               "seen, over the interval (absent when none)"),
+        Field("kinfer_avg_ns", "ns", "gauge",
+              "mean in-kernel inference time over the interval (absent when none)"),
+        Field("model_digest", "hex", "label", "first 16 hex digits of the serving model's sha256"),
+        Field("grid_keys", "keys", "gauge", "keys of the dense decision grid (0: hash only)"),
+        Field("grid_decided", "keys", "gauge", "grid keys holding a decision"),
         Field("table_entries", "keys", "gauge", "decisions in the decision map"),
         Field("table_capacity", "keys", "gauge", "size of the decision map"),
         Field("table_occupancy", "0..1", "gauge", "table_entries / table_capacity"),
@@ -223,10 +232,15 @@ def compute(prev: Sample, cur: Sample) -> dict[str, object]:
 
     occupancy = ratio(cur.table_entries, cur.table_capacity)
     decided = delta("counters", C.MIGR_MODEL) + delta("counters", C.MIGR_FALLBACK)
+    kinfer = delta("counters", C.KINFER)
     cross = delta("counters", C.RAN_CROSS)
     out.update({
         "hit_rate": None if not cands else round(hits / cands, 4),
         "decided_share": None if not cross else round(min(decided / cross, 1.0), 4),
+        "kinfer_avg_ns": None if not kinfer else round(delta("counters", C.KINFER_NS) / kinfer),
+        "model_digest": f"{cur.loader[LS.MODEL_DIGEST]:016x}",
+        "grid_keys": cur.loader[LS.GRID_KEYS],
+        "grid_decided": cur.loader[LS.GRID_DECIDED],
         "table_entries": cur.table_entries,
         "table_capacity": cur.table_capacity,
         "table_occupancy": None if occupancy is None else round(occupancy, 4),
@@ -332,14 +346,19 @@ def render_text(s: dict[str, object]) -> str:
         f"###### {stamp}  {s['ops'] or '-'} {s['state']}  interval {s['interval_s']:.1f} s ######",
         f"loader     pid {s['loader_pid']}  up {uptime if uptime is not None else '-'} s  "
         f"{ready} ({s['backend']})  fallback {s['fallback']}",
-        f"model      {s['model']}",
+        f"model      {s['model']}  digest {s['model_digest']}"
+        + (f"  in-kernel {_rate(s['kinfer_per_s'])} avg {s['kinfer_avg_ns']} ns"
+           if s["kinfer_total"] else "")
+        + (f"  reloads {s['reloads_total']} (refused {s['reload_failures_total']})"
+           if s["reloads_total"] or s["reload_failures_total"] else ""),
         f"decide     cand {_rate(s['candidates_per_s'])}  hit {_pct(s['hit_rate'])}  "
         f"migrate {_rate(s['migrate_per_s'])}  keep {_rate(s['keep_per_s'])}  "
         f"fallback {_rate(s['fallback_migrate_per_s'])} migr + "
         f"{_rate(s['fallback_keep_per_s'])} keep"
         + (f"  explored {_rate(s['explored_per_s'])}" if s["explored_total"] else ""),
         f"table      written {_rate(s['decisions_per_s'])} (total {s['decisions_total']})  "
-        f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})",
+        f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})"
+        + (f"  grid {s['grid_decided']}/{s['grid_keys']}" if s["grid_keys"] else ""),
         f"ring       submitted {_rate(s['submitted_per_s'])}  read {_rate(s['records_per_s'])}  "
         f"drops {_rate(s['rb_drops_per_s'])} (total {s['rb_drops_total']})",
         f"batch      {_rate(s['batches_per_s'])}  size "

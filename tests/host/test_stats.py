@@ -166,7 +166,8 @@ def test_openmetrics_parses_with_prometheus_client(busy: dict[str, object]) -> N
     assert families["mlsched_candidates_per_s"].samples[0].value == 200.0
     info = families["mlsched_info"].samples[0].labels
     assert info == {"state": "enabled", "ops": "mlsched", "model": '/m/model "x"',
-                    "backend": "numpy", "fallback": "heuristic"}
+                    "backend": "numpy", "fallback": "heuristic",
+                    "model_digest": busy["model_digest"]}
     load = {s.labels["dom"]: s.value for s in families["mlsched_dom_load"].samples}
     assert load == {"0": 0.5, "1": 0.25}
     assert families["mlsched_candidates"].documentation.startswith("migration candidates")
