@@ -220,6 +220,10 @@ static u32 fallback_policy;
 static u64 slice_ns = 20ULL * 1000 * 1000;
 static u64 slice_min_ns = 1000ULL * 1000;
 static u64 starve_ns = STARVE_NS_DFL;
+/* Ring wakeups (mlsched_ring_wake): batch bytes, max wait, start of the unread run. */
+static u64 ring_wake_bytes = 64 * sizeof(struct mlsched_candidate);
+static u64 ring_max_wait_ns = 2ULL * 1000 * 1000;
+static u64 ring_oldest_ns;
 /* A pending candidate is pushed again when its decision has not come by then. */
 static u64 resubmit_ns = 1000ULL * 1000 * 1000;
 /*
@@ -398,6 +402,8 @@ static __always_inline void refresh(s32 cpu)
 static __always_inline bool push(struct mlsched_candidate *c, u64 now)
 {
 	struct mlsched_candidate *rec;
+	u64 avail = bpf_ringbuf_query(&candidates, BPF_RB_AVAIL_DATA);
+	bool wake;
 
 	rec = bpf_ringbuf_reserve(&candidates, sizeof(*rec), 0);
 	if (!rec) {
@@ -406,7 +412,12 @@ static __always_inline bool push(struct mlsched_candidate *c, u64 now)
 	}
 	*rec = *c;
 	rec->ts_ns = now;
-	bpf_ringbuf_submit(rec, 0);
+	/* Racy across CPUs but contained: at worst one wakeup early or one max-wait late. */
+	wake = mlsched_ring_wake(avail, sizeof(*rec), now, &ring_oldest_ns, ring_wake_bytes,
+				 ring_max_wait_ns);
+	if (wake)
+		cnt_inc(MLSCHED_CNT_RB_WAKEUPS);
+	bpf_ringbuf_submit(rec, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	cnt_inc(MLSCHED_CNT_SUBMITTED);
 	return true;
 }
@@ -935,6 +946,10 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	grid_cpus = cfg_get(MLSCHED_CFG_GRID_CPUS);
 	grid_dom_cpus = cfg_get(MLSCHED_CFG_GRID_DOM_CPUS);
 	kernel_inference = cfg_get(MLSCHED_CFG_INFERENCE);
+	if (cfg_get(MLSCHED_CFG_WAKE_BYTES))
+		ring_wake_bytes = cfg_get(MLSCHED_CFG_WAKE_BYTES);
+	if (cfg_get(MLSCHED_CFG_MAX_WAIT_NS))
+		ring_max_wait_ns = cfg_get(MLSCHED_CFG_MAX_WAIT_NS);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		scx_bpf_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;

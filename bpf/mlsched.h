@@ -145,6 +145,7 @@ enum mlsched_counter {
 	MLSCHED_CNT_LOADER_WAKEUPS,	/* wakeups of the loader's reader, run ahead of the queue */
 	MLSCHED_CNT_KINFER,		/* in-kernel inferences (misses decided by the kernel) */
 	MLSCHED_CNT_KINFER_NS,		/* their total time, ns */
+	MLSCHED_CNT_RB_WAKEUPS,		/* records submitted with a wakeup of the reader */
 	MLSCHED_NR_COUNTERS,
 };
 
@@ -194,6 +195,8 @@ enum mlsched_config {
 	MLSCHED_CFG_GRID_DOM_CPUS,	/* dense grid: its dom_cpus bound */
 	MLSCHED_CFG_MODEL_GEN,		/* generation of the serving model (live, user space bumps it) */
 	MLSCHED_CFG_INFERENCE,		/* 1: misses are decided in the kernel (mlp_weights) */
+	MLSCHED_CFG_WAKE_BYTES,		/* wake the ring reader once this many bytes wait */
+	MLSCHED_CFG_MAX_WAIT_NS,	/* ... or once the oldest unread record is this old, ns */
 	MLSCHED_NR_CONFIG,
 };
 

@@ -87,6 +87,24 @@ static inline __u64 mlsched_pack_key(__u32 cpu, __u32 cpu_idle, __u32 cpu_not_id
 }
 
 /*
+ * Wake the ring's reader for this record? Records are submitted with
+ * BPF_RB_NO_WAKEUP unless this says so: the reader is woken when the ring was
+ * empty (it has drained it and sleeps: a lone candidate is decided at once),
+ * when a batch's worth is waiting, or when the oldest waiting record is
+ * max_wait_ns old. avail: bytes waiting before this record; *oldest: when the
+ * current run of unread records began (kept here).
+ */
+static inline int mlsched_ring_wake(__u64 avail, __u64 rec_bytes, __u64 now, __u64 *oldest,
+				    __u64 wake_bytes, __u64 max_wait_ns)
+{
+	if (!avail) {
+		*oldest = now;
+		return 1;
+	}
+	return avail + rec_bytes >= wake_bytes || now - *oldest >= max_wait_ns;
+}
+
+/*
  * Index of a key in the dense decision grid: the key's fields in key order,
  * each in 0..its bound (cpu < nr_cpus; cpu_idle and cpu_not_idle <= dom_cpus,
  * the largest domain's CPU count; loads <= LOAD_SCALE). Returns -1 outside it.

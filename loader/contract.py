@@ -142,6 +142,7 @@ class Counter(IntEnum):
     LOADER_WAKEUPS = 22
     KINFER = 23
     KINFER_NS = 24
+    RB_WAKEUPS = 25
 
 
 NR_COUNTERS = len(Counter)
@@ -212,6 +213,8 @@ class Config(IntEnum):
     GRID_DOM_CPUS = 11
     MODEL_GEN = 12
     INFERENCE = 13
+    WAKE_BYTES = 14
+    MAX_WAIT_NS = 15
 
 
 NR_CONFIG = len(Config)

@@ -241,7 +241,8 @@ def attach(args: argparse.Namespace, plan: object) -> object:
     try:
         sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                         args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
-                        starve_ns=args.starve_ms * 1_000_000)
+                        starve_ns=args.starve_ms * 1_000_000, batch_size=args.batch_size,
+                        max_wait_ns=int(args.max_wait_ms * 1_000_000))
         if args.kernel_mlp is not None:
             sched.load_kernel_mlp(args.kernel_mlp)
         sched.attach()

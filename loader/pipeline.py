@@ -67,6 +67,7 @@ class DecisionPipeline:
         # which alone writes the table.
         self._next_model: tuple[Predictor, object] | None = None
         self.precompute_pending = False
+        self.last_record_s = 0.0  # when the last record arrived (monotonic s)
 
     def rebind(self, table: DecisionTable) -> None:
         """A new attach (after a hotplug restart): a new, empty table; the model stays."""
@@ -117,6 +118,7 @@ class DecisionPipeline:
     def on_record(self, data: bytes) -> None:
         rec = contract.Candidate.from_buffer_copy(data)
         self.stats.records += 1
+        self.last_record_s = time.monotonic()
         if rec.key in self._waiting or (self._model is not None
                                         and self.table.is_decided(rec.key)):
             return
@@ -210,11 +212,19 @@ class Ring(Protocol):
     def consume(self) -> int: ...
 
 
+ACTIVE_S = 0.1  # records came this recently: the ring may hold some it did not wake us for
+
+
 def pump(ring: Ring, pipeline: DecisionPipeline, idle_ms: int, filling_ms: int) -> None:
-    """One turn of the decision loop: wait for records (briefly while a batch fills, long
-    when idle: every wakeup of the loader preempts the workload), then take everything the
-    ring holds, up to a batch, and decide it at once, so a lone candidate has no floor."""
-    if ring.poll(filling_ms if pipeline.filling() else idle_ms) > 0:
+    """One turn of the decision loop: wait for records (briefly while a batch fills or
+    records flow, since the kernel holds back wakeups until a batch's worth or max-wait;
+    long when idle: every wakeup of the loader preempts the workload), then take everything
+    the ring holds, up to a batch, and decide it at once, so a lone candidate has no floor."""
+    active = pipeline.filling() or time.monotonic() - pipeline.last_record_s < ACTIVE_S
+    got = ring.poll(filling_ms if active else idle_ms)
+    if got <= 0 and active:
+        got = ring.consume()  # records the kernel did not wake us for
+    if got > 0:
         while not pipeline.full() and ring.consume() > 0:
             pass
         if pipeline.filling():

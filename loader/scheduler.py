@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -176,8 +177,11 @@ class Scheduler:
         slice_min_ns: int = 0,
         starve_ns: int = 0,
         reader_tid: int | None = None,
+        batch_size: int = 64,
+        max_wait_ns: int = 2_000_000,
     ) -> None:
-        """Write the configuration ops.init reads; reader_tid is boosted on wakeup."""
+        """Write the configuration ops.init reads; reader_tid is boosted on wakeup; the ring
+        wakes the reader once batch_size records or max_wait_ns of the oldest wait."""
         set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())
         self.config.set(contract.Config.NR_CPUS, plan.nr_cpus)
         self.config.set(contract.Config.NR_DOMS, len(plan.domains))
@@ -186,6 +190,8 @@ class Scheduler:
         self.config.set(contract.Config.SLICE_MIN_NS, slice_min_ns)
         self.config.set(contract.Config.STARVE_NS, starve_ns)
         self.config.set(contract.Config.RESUBMIT_NS, resubmit_ns)
+        self.config.set(contract.Config.WAKE_BYTES, batch_size * ctypes.sizeof(contract.Candidate))
+        self.config.set(contract.Config.MAX_WAIT_NS, max_wait_ns)
         if self.grid_dims is not None:
             self.config.set(contract.Config.GRID_CPUS, self.grid_dims[0])
             self.config.set(contract.Config.GRID_DOM_CPUS, self.grid_dims[1])
