@@ -48,6 +48,7 @@ COUNTED: tuple[tuple[str, str, int, str], ...] = (
     ("fallback_migrate", "counters", C.FALLBACK_MIGRATE, "misses the fallback policy migrated"),
     ("fallback_keep", "counters", C.FALLBACK_KEEP, "misses the fallback policy kept"),
     ("submitted", "counters", C.SUBMITTED, "candidates pushed to the ring buffer"),
+    ("rb_wakeups", "counters", C.RB_WAKEUPS, "candidates pushed with a wakeup of the loader"),
     ("rb_drops", "counters", C.RB_DROPS, "candidates not pushed: ring buffer full"),
     ("steal_candidates", "counters", C.STEAL_CANDIDATES,
      "candidates built when an idle CPU eyed another domain's queue"),
@@ -360,6 +361,7 @@ def render_text(s: dict[str, object]) -> str:
         f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})"
         + (f"  grid {s['grid_decided']}/{s['grid_keys']}" if s["grid_keys"] else ""),
         f"ring       submitted {_rate(s['submitted_per_s'])}  read {_rate(s['records_per_s'])}  "
+        f"wakeups {_rate(s['rb_wakeups_per_s'])}  "
         f"drops {_rate(s['rb_drops_per_s'])} (total {s['rb_drops_total']})",
         f"batch      {_rate(s['batches_per_s'])}  size "
         f"{s['batch_size_avg'] if s['batch_size_avg'] is not None else '-'}  "
