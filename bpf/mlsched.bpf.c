@@ -510,7 +510,7 @@ static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
  * --inference kernel: decide a miss with the weights of the serving
  * generation and keep the answer in the table. Returns -1 without weights.
  */
-static int kernel_decide(struct mlsched_candidate *c)
+static __always_inline int kernel_decide(struct mlsched_candidate *c)
 {
 	u32 gen = cfg_get(MLSCHED_CFG_MODEL_GEN), w, v;
 	u64 t0 = bpf_ktime_get_ns(), *word, *ns;
@@ -539,8 +539,11 @@ static int kernel_decide(struct mlsched_candidate *c)
 	return r;
 }
 
-/* The one decision for every cross-domain move: sets c->action and c->source. */
-static bool decide(struct mlsched_candidate *c)
+/*
+ * The one decision for every cross-domain move: sets c->action and c->source.
+ * Inlined: with mlp_decide() below it, separate frames overflow the 512-byte stack.
+ */
+static __always_inline bool decide(struct mlsched_candidate *c)
 {
 	bool migrate, fb;
 	u32 code;
