@@ -206,7 +206,7 @@ enum mlsched_config {
  * Config.MODEL_GEN & 1 serves while its generation equals Config.MODEL_GEN
  * (a reload fills the other slot, then bumps the generation). Values are
  * Q16.16: x * 2^MLP_FRAC_BITS rounded. Each layer computes
- * out[j] = act(((sum_i w[i][j] * in[i]) >> FRAC_BITS) + b[j]) over all 64 inputs
+ * out[j] = act(((sum_i w[i][j] * in[i]) >> FRAC_BITS) + b[j]) over the inputs rounded up to 16
  * (weights past nr_in must be zero), in s64, clamped
  * to s32; the final unit's value z says migrate when z > 0 (OUT_LOGIT: the
  * logit of a sigmoid) or z > 0.5 (OUT_LINEAR). loader/kernel_mlp.py mirrors

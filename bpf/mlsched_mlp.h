@@ -50,7 +50,7 @@ static __noinline int mlp_decide(u32 slot, u32 gen, u64 key)
 {
 	u32 f = MLSCHED_KEY_FIELD_MAX;
 	struct mlsched_mlp *m = bpf_map_lookup_elem(&mlp_weights, &slot);
-	u32 zero = 0, l, i, j, n_out, nr_layers;
+	u32 zero = 0, l, i, j, k, n_out, n_chunks, nr_layers;
 	struct mlp_scratch *sc = bpf_map_lookup_elem(&mlp_scratch, &zero);
 	s64 z = 0;
 
@@ -74,7 +74,8 @@ static __noinline int mlp_decide(u32 slot, u32 gen, u64 key)
 		if (l >= MLSCHED_MLP_MAX_LAYERS)
 			break;
 		n_out = m->nr_out[l];
-		if (n_out > MLSCHED_MLP_MAX_UNITS)
+		n_chunks = (m->nr_in[l] + 15) / 16;
+		if (n_out > MLSCHED_MLP_MAX_UNITS || n_chunks > MLSCHED_MLP_MAX_UNITS / 16)
 			return -1;
 		bpf_for(j, 0, n_out) {
 			u32 jj = j & (MLSCHED_MLP_MAX_UNITS - 1);
@@ -82,12 +83,17 @@ static __noinline int mlp_decide(u32 slot, u32 gen, u64 key)
 			s32 out;
 
 			/*
-			 * All 64 inputs, unrolled: the weights past nr_in are zero (user
-			 * space pads them), and a fixed trip count costs no iterator call.
+			 * The inputs in chunks of 16, unrolled: few iterator calls, and few
+			 * enough live registers that the stack stays small. The last chunk
+			 * may run past nr_in: those weights are zero (user space pads them).
 			 */
+			bpf_for(k, 0, n_chunks) {
+				u32 base = (k * 16) & (MLSCHED_MLP_MAX_UNITS - 16);
 #pragma unroll
-			for (i = 0; i < MLSCHED_MLP_MAX_UNITS; i++)
-				acc += (s64)m->weight[l][i][jj] * sc->act[src][i];
+				for (i = 0; i < 16; i++)
+					acc += (s64)m->weight[l][base + i][jj] *
+					       sc->act[src][base + i];
+			}
 			out = mlp_clamp((acc >> MLSCHED_MLP_FRAC_BITS) + m->bias[l][jj]);
 			if (m->act[l] == MLSCHED_MLP_RELU && out < 0)
 				out = 0;
