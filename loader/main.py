@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: user)",
     )
     p.add_argument(
+        "--table",
+        choices=("auto", "grid", "hash"),
+        default="auto",
+        help="decision table: grid = every key of this machine decided at once into a dense "
+        "array (auto when it fits); hash = decided on demand as candidates come (the ring "
+        "buffer path, as on large machines) (default: auto)",
+    )
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=64,
@@ -207,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_domains(args.domains)
     except DomainError as e:
         return fail(str(e))
+    from loader.table import grid_dims
+
+    args.grid = None if args.table == "hash" else grid_dims(plan.nr_cpus, plan.max_dom_cpus)
+    if args.table == "grid" and args.grid is None:
+        return fail("--table grid: this machine's keys do not fit a dense grid (use auto)")
     args.kernel_mlp = None
     if args.inference == "kernel":
         from loader.kernel_mlp import prepare
@@ -236,8 +249,9 @@ def attach(args: argparse.Namespace, plan: object) -> object:
     from loader.table import grid_dims
 
     clean_stale_pins(args.pin_dir)
-    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose,
-                      grid_dims(plan.nr_cpus, plan.max_dom_cpus))
+    # After a hotplug the plan changed: the grid follows it (unless --table hash).
+    grid = None if args.table == "hash" else grid_dims(plan.nr_cpus, plan.max_dom_cpus)
+    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose, grid)
     try:
         sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                         args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
