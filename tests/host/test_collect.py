@@ -9,6 +9,7 @@ the TCG guest, so it is checked here on that captured data.
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -19,11 +20,12 @@ import numpy as np
 import pytest
 
 from loader import contract
-from model_dir.dataset import read_dataset
+from model_dir.dataset import COLUMN_NAMES, read_dataset
 from tools import collect
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
+    MEASURED_COLUMNS,
     SamplerError,
     SchedstatSampler,
     TaskstatsSampler,
@@ -232,15 +234,68 @@ def test_outcomes_path_for() -> None:
     assert outcomes_path_for(Path("x")) == Path("x.outcomes.csv")
 
 
+def _relabel_vm(out: Path) -> None:
+    """The captured VM run (explore 0.5, fallback heuristic) as a v2 dataset."""
+    assert collect.main(["--relabel", str(VM_OUTCOMES), "--output", str(out),
+                         "--explore", "0.5"]) == 0
+
+
 def test_relabel_reproduces_the_vm_dataset(tmp_path: Path) -> None:
     out = tmp_path / "relabeled.csv"
-    assert collect.main(["--relabel", str(VM_OUTCOMES), "--output", str(out)]) == 0
+    _relabel_vm(out)
     again, captured = read_dataset(out), read_dataset(VM_DATASET)
+    assert again.version == 2 and captured.version == 1
     assert len(again) == len(captured) > 0
-    for name in ("ts_ns", "pid", "action", "source", "label"):
+    for name in COLUMN_NAMES:
         assert again.columns[name].tolist() == captured.columns[name].tolist()
     raw = read_outcomes(VM_OUTCOMES)
     assert int((raw["label"] >= 0).sum()) == len(captured)
+    # The VM's fallback rows did what loader/fallback.py says the heuristic does (the reader
+    # refuses them otherwise), and every propensity is P/2 or P/2 + 1 - P with P = 0.5.
+    fallback_rows = again.sources == contract.Source.FALLBACK
+    assert fallback_rows.any() and (again.sources == contract.Source.EXPLORE).any()
+    assert set(np.unique(again.propensities()).tolist()) == {0.25, 0.75}
+    assert (again.propensities()[fallback_rows] == 0.75).all()
+    labeled = raw["label"] >= 0
+    for name in ("window_ns", "delay_ns", "run_ns"):
+        assert again.columns[name].tolist() == raw[name][labeled].tolist()
+
+
+def test_relabel_of_a_pre_v2_file_needs_the_exploration(tmp_path: Path) -> None:
+    res = _cli("--relabel", str(VM_OUTCOMES), "--output", str(tmp_path / "x.csv"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "predates format v2" in lines[0] and "--explore P" in lines[0]
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_collected_rows_get_their_propensities(tmp_path: Path) -> None:
+    """What a collection run writes: the outcomes file with the logging policy, the dataset v2
+    with each row's propensity; relabeling the new outcomes file needs no --explore."""
+    raw = read_outcomes(VM_OUTCOMES)
+    cols = {name: raw[name] for name in MEASURED_COLUMNS}
+    n = len(cols["ts_ns"])
+    cols["explore_q"] = np.full(n, 19661)  # --explore 0.3
+    cols["fallback"] = np.full(n, int(contract.Fallback.HEURISTIC))
+    cols["source"] = np.full(n, int(contract.Source.EXPLORE))  # every row a coin flip here
+    out, outcomes = tmp_path / "d.csv.gz", tmp_path / "d.outcomes.csv.gz"
+    nr, _ = collect.label_and_write(cols, out, outcomes, 5, ["a test"])
+    ds = read_dataset(out)
+    assert ds.version == 2 and len(ds) == nr > 0
+    heur = ds.heuristic()
+    want = np.where(ds.actions == heur, 0.15 + 0.7, 0.15)
+    assert np.allclose(ds.propensities(), want, atol=1e-4)
+    assert (ds.columns["explore_q"] == 19661).all()
+    text = gzip.open(out, "rt").read()
+    assert "# mlsched-collect dataset, format v2" in text and "# logging policy: fallback " \
+        "heuristic, else with probability P = 0.300003 (explore_q 19661) a fair coin" in text
+    again = read_outcomes(outcomes)
+    assert again["explore_q"].tolist() == [19661] * n
+    relabeled = tmp_path / "r.csv"
+    assert collect.main(["--relabel", str(outcomes), "--output", str(relabeled)]) == 0
+    assert read_dataset(relabeled).propensities().tolist() == ds.propensities().tolist()
+    # An outcomes file written before v2 still reads (and --explore supplies its P).
+    assert "explore_q" not in read_outcomes(VM_OUTCOMES)
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -293,3 +348,4 @@ def test_training_on_the_vm_dataset_gives_a_valid_model(tmp_path: Path, tf) -> N
     assert 0.0 <= figures["disagree_grid"] <= 1.0
     assert trainreport.main(["--model", str(tmp_path / "missing"), "--data",
                              str(VM_DATASET)]) == 2
+

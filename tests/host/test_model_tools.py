@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from loader import contract
 from loader.backends import NumpyBackend, TFBackend, open_backend
 from loader.fastpath import MAX_ABS_DIFF, NumpyModel
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
-from model_dir import dataset, model_export, transfer
+from model_dir import dataset, model_export, synthetic, transfer
 from tests.host.conftest import _copy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,8 +34,12 @@ GRIDS = [(2, 1), (8, 4)]
 
 
 def run_tool(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # A script's directory, not the repo, heads sys.path: PYTHONPATH makes it import this
+    # checkout's packages even when another one is installed (editable) in the venv.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=env,
     )
 
 
@@ -177,6 +182,86 @@ def test_dataset_not_text(tmp_path):
     path.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(dataset.DatasetError, match="not a UTF-8 text file"):
         dataset.read_dataset(path)
+
+
+# --- dataset format v2: the logging policy's propensities and the outcomes ------------------
+
+
+def test_dataset_v2_extends_v1():
+    assert dataset.COLUMN_NAMES_V2[: len(dataset.COLUMN_NAMES)] == dataset.COLUMN_NAMES
+    assert dataset.COLUMN_NAMES_V2[len(dataset.COLUMN_NAMES):] == (
+        "explore_q", "fallback", "propensity_q", "window_ns", "delay_ns", "run_ns")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_dataset_v2_roundtrip(tmp_path, suffix):
+    data = synthetic.simulated_logged_dataset(600, seed=2)
+    path = tmp_path / f"d{suffix}"
+    dataset.write_dataset(path, data.columns, comments=("simulated",))
+    assert path.name.endswith(suffix)
+    back = dataset.read_dataset(path)
+    assert back.version == 2
+    for name in dataset.COLUMN_NAMES_V2:
+        assert np.array_equal(back.columns[name], data.columns[name]), name
+    p = back.propensities()
+    explore = back.sources == contract.Source.EXPLORE
+    chosen = back.heuristic()
+    # P/2 + (1 - P) when the fallback chose the action taken, P/2 when not.
+    big = 1 - 0.3 / 2
+    assert np.allclose(p[back.actions == chosen], big, atol=1e-4)
+    assert np.allclose(p[back.actions != chosen], 0.15, atol=1e-4)
+    assert (back.actions[~explore] == chosen[~explore]).all()
+    # The same rows written as v1 still read, without the v2 columns.
+    v1 = tmp_path / "v1.csv"
+    dataset.write_dataset(v1, data.columns, version=1)
+    old = dataset.read_dataset(v1)
+    assert old.version == 1 and set(old.columns) == set(dataset.COLUMN_NAMES)
+    with pytest.raises(dataset.DatasetError, match="format v1 has no propensities"):
+        old.propensities()
+
+
+# cpu 3, idle 2, busy 4, dom 0 -> 1, loads 12 -> 3: the heuristic migrates. A coin flip (source
+# 2) that kept the task at P = 0.5: propensity 0.25 = 32768 / 131072.
+ROW2 = "5,100,3,2,4,0,1,12,3,0,2,0,32768,2,32768,100000000,2000000,40000000"
+
+
+def _csv2(row: str) -> str:
+    return f"{dataset.HEADER_V2}\n{row}"
+
+
+@pytest.mark.parametrize(
+    "text,pattern",
+    [
+        (_csv2(ROW2.replace(",32768,1000", ",98304,1000")),
+         ":2: propensity_q is 98304, but the logging policy (explore_q 32768, fallback 2, "
+         "action 0) gives 32768"),
+        (_csv2(ROW2.replace(",0,2,0,", ",0,1,0,").replace(",32768,1000", ",98304,1000")),
+         ":2: source is the fallback, but its action 0 is not what fallback heuristic decides "
+         "for these features (1)"),
+        (_csv2(ROW2.replace(",32768,2,32768,", ",0,2,0,")),
+         ":2: propensity_q is 0, expected 1..131072"),
+        (_csv2(ROW2.replace(",32768,2,32768,", ",0,2,1,")),
+         ":2: a coin-flip row, but explore_q is 0"),
+        (_csv2(ROW2.replace(",32768,2,32768,", ",70000,2,32768,")),
+         ":2: explore_q is 70000, expected 0..65536"),
+        (_csv2(ROW) , ":2: 12 fields, expected 18 (v2)"),
+        (f"{dataset.HEADER}\n{ROW2}", ":2: 18 fields, expected 12 (v1)"),
+        (_csv2(ROW2) + "\n" + ROW2.replace(",100000000,", ",0,"),
+         ":3: window_ns is 0, expected 1..18446744073709551615"),
+    ],
+    ids=["propensity", "fallback-action", "zero-propensity", "coin-without-explore",
+         "explore-range", "v1-row-v2-header", "v2-row-v1-header", "window"],
+)  # fmt: skip
+def test_dataset_v2_malformed(tmp_path, text, pattern):
+    good = tmp_path / "good.csv"
+    good.write_text(_csv2(ROW2))
+    assert dataset.read_dataset(good).propensities().tolist() == [0.25]
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(dataset.DatasetError) as exc:
+        dataset.read_dataset(path)
+    message = str(exc.value)
+    assert "\n" not in message and pattern in message, message
 
 
 # --- model_export.py ----------------------------------------------------------------------
