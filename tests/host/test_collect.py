@@ -339,7 +339,7 @@ def test_training_on_the_vm_dataset_gives_a_valid_model(tmp_path: Path, tf) -> N
     from tools import trainreport
 
     out = tmp_path / "trained"
-    accuracy = model_export.run(out, VM_DATASET, epochs=8, seed=0)
+    accuracy = model_export.run(out, VM_DATASET, epochs=8, seed=0)["val_accuracy"]
     assert 0.0 <= accuracy <= 1.0
     info = check_model_dir(out)  # what mlsched-load checks before attaching
     assert info.fastpath_ok, info.fastpath_reason
