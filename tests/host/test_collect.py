@@ -349,3 +349,22 @@ def test_training_on_the_vm_dataset_gives_a_valid_model(tmp_path: Path, tf) -> N
     assert trainreport.main(["--model", str(tmp_path / "missing"), "--data",
                              str(VM_DATASET)]) == 2
 
+
+def test_policy_learning_and_evaluation_on_the_vm_dataset(tmp_path: Path, tf) -> None:
+    """Real collected rows (v2, relabeled from the VM run) through --objective policy and
+    mlsched-evaluate: a model the loader accepts, and an evaluation table naming it."""
+    from loader.model_check import check_model_dir
+    from model_dir import model_export
+
+    data = tmp_path / "vm.csv"
+    _relabel_vm(data)
+    out = tmp_path / "learned"
+    figures = model_export.run(out, data, epochs=3, seed=0, objective="policy", bootstrap=100)
+    assert figures["val_diff_dr_lo"] <= figures["val_diff_dr"] <= figures["val_diff_dr_hi"]
+    assert check_model_dir(out).fastpath_ok
+    res = subprocess.run([sys.executable, "-m", "tools.evaluate", "--data", str(data), "--model",
+                          str(out), "--bootstrap", "100"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    assert f"{out}: numpy: verified" in res.stdout
+    assert "365 candidates" in res.stdout and "21 blocks of 1 s" in res.stdout

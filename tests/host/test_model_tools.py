@@ -639,7 +639,7 @@ def test_backends_agree_on_grid(request, model, grid):
 
 @pytest.mark.parametrize(
     "script", ["model_dir/model_export.py", "model_dir/transfer.py", "tools/bench_model.py",
-               "model_dir/create_dummy_model.py"]
+               "model_dir/create_dummy_model.py", "tools/evaluate.py"]
 )
 def test_help_has_examples(script):
     res = run_tool(script, "--help")

@@ -1,4 +1,5 @@
-"""Off-policy estimation with a known answer (no TensorFlow).
+"""Off-policy estimation with a known answer, and mlsched-evaluate on it (no TensorFlow unless
+a model is evaluated).
 
 The data: a simulated collection run (model_dir/synthetic.py): synthetic candidates decided
 by collection mode's logging policy (the heuristic, a fair coin with probability P = 0.3),
@@ -10,12 +11,19 @@ is deterministic; the bounds (4 standard errors) leave room for a change of seed
 
 from __future__ import annotations
 
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from loader import contract
 from model_dir import dataset, offpolicy, synthetic
 
+REPO = Path(__file__).resolve().parents[2]
 N = 20000
 SEED = 3
 
@@ -179,3 +187,80 @@ def test_block_bootstrap_keeps_correlated_rows_together() -> None:
     by_row = offpolicy.bootstrap(values, offpolicy.block_ids(ts, 0), 800)[:, 0]
     assert by_block.std() == pytest.approx(want, rel=0.2)
     assert by_row.std() < 0.3 * want
+
+
+# --- mlsched-evaluate -----------------------------------------------------------------------
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.evaluate", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    """Another simulated run (another seed): the held-out data of an evaluation."""
+    ds = synthetic.simulated_logged_dataset(8000, seed=11)
+    path = tmp_path_factory.mktemp("eval") / "heldout.csv.gz"
+    dataset.write_dataset(path, ds.columns, ("a simulated collection run",))
+    return path
+
+
+def test_evaluate_prints_json_and_plots(tmp_path: Path, heldout: Path) -> None:
+    out, png = tmp_path / "e.json", tmp_path / "e.png"
+    res = _evaluate("--data", str(heldout), "--no-dummy", "--bootstrap", "300", "--block-s", "0",
+                    "--json", str(out), "--plot", str(png))
+    assert res.returncode == 0, res.stderr
+    for text in ("always-keep", "always-migrate", "heuristic", "IPS mean [95 % interval]",
+                 "DR mean [95 % interval]", "difference with the heuristic",
+                 "8000 single rows", "explore P 0.300003"):
+        assert text in res.stdout, text
+    doc = json.loads(out.read_text())
+    by_name = {p["name"]: p for p in doc["policies"]}
+    ds = dataset.read_dataset(heldout)
+    for name, migrate in (("heuristic", ds.heuristic()),
+                          ("always-migrate", np.ones(len(ds), bool))):
+        for e in ("ips", "dr"):
+            est = by_name[name]["estimates"][e]
+            assert abs(est["mean"] - _truth(ds, migrate)) < 4 * est["se"], (name, e)
+    assert _png_size(png)[0] == 780  # one panel: the policies
+
+
+def test_evaluate_models_and_learning_curve(tmp_path: Path, heldout: Path, dummy: Path) -> None:
+    history = tmp_path / "h.json"
+    history.write_text(json.dumps({"objective": "policy", "best_epoch": 2, "epochs": [
+        {"epoch": e, "loss": 1 / e, "val_loss": 1.2 / e, "val_cost_dr": 1.1 - e / 100,
+         "val_cost_dr_heuristic": 1.1} for e in (1, 2, 3)]}))
+    png = tmp_path / "e.png"
+    res = _evaluate("--data", str(heldout), "--dummy", str(dummy), "--model", str(dummy),
+                    "--bootstrap", "100", "--history", str(history), "--plot", str(png))
+    assert res.returncode == 0, res.stderr
+    assert f"model dummy ({dummy}): numpy: verified fast-path weights" in res.stdout
+    assert res.stdout.count(f"dummy ({dummy})") == 3  # the backend line, the table, the diff
+    assert "blocks of 1 s" in res.stdout
+    assert _png_size(png)[0] == 1560  # two panels: the learning curve too
+
+
+@pytest.mark.parametrize("make, args, text", [
+    ("v1", [], "format v1 has no propensities"),
+    ("v2", ["--model", "/nonexistent/model"], "/nonexistent/model"),
+    ("v2", ["--estimators", "ips,xx"], "--estimators: choose from ips, dr"),
+    ("v2", ["--plot", "x.pdf"], "--plot: expected a .png file name"),
+    ("none", [], "dataset not found at"),
+])
+def test_evaluate_refuses_with_one_line(tmp_path: Path, make: str, args: list[str],
+                                        text: str) -> None:
+    path = tmp_path / "d.csv"
+    ds = synthetic.simulated_logged_dataset(200, seed=1)
+    if make != "none":
+        dataset.write_dataset(path, ds.columns, version=1 if make == "v1" else 2)
+    res = _evaluate("--data", str(path), "--no-dummy", *args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in res.stderr, res.stderr
