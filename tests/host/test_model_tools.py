@@ -1,5 +1,5 @@
 """The model tools: the dataset formats, model_export.py (labels, imitation, policy),
-transfer.py, and tools/bench_model.py.
+transfer.py (with --features and --output-map), and tools/bench_model.py.
 
 Real TensorFlow and Keras, small models in temp dirs; no mocks. The Keras 2 files under
 tests/host/data were written by tf_keras (see make_keras2_h5.py there).
@@ -22,7 +22,7 @@ import pytest
 
 from loader import contract, fallback
 from loader.backends import NumpyBackend, TFBackend, open_backend
-from loader.fastpath import MAX_ABS_DIFF, NumpyModel
+from loader.fastpath import MAX_ABS_DIFF, DenseLayer, NumpyModel
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
 from model_dir import dataset, model_export, synthetic, transfer
 from tests.host.conftest import _copy
@@ -44,8 +44,14 @@ def run_tool(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def assert_refused(res: subprocess.CompletedProcess[str], pattern: str) -> str:
+def assert_refused(
+    res: subprocess.CompletedProcess[str], pattern: str, after_tf: bool = False
+) -> str:
+    """Exit 2 and one line on stderr. after_tf: refused once TensorFlow was imported, whose C++
+    side writes its own start-up lines to stderr first (absl, oneDNN): those are let through."""
     lines = res.stderr.strip().splitlines()
+    if after_tf:
+        lines = [ln for ln in lines if not ln.startswith(("WARNING: All log messages", "I0000"))]
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr
@@ -576,7 +582,8 @@ def _contract_breaker(kind: str):
 @pytest.mark.parametrize(
     "kind,pattern",
     [
-        ("width5", "expected input shape [?, 10], got [?, 5] (pad with zeros)"),
+        ("width5", "its input is [?, 5], the contract's is [?, 10]: say which contract feature "
+         "each of its 5 inputs is with --features NAME,..."),
         ("int32", "expected float32 input, got int32"),
         ("output2", "expected output shape [?, 1], got [?, 2]"),
         ("two-outputs", "expected 1 input and 1 output, got 1 and 2"),
@@ -589,8 +596,9 @@ def test_transfer_contract_failures(tmp_path, tf, kind, pattern):
     out = tmp_path / "out" / "m"
     with pytest.raises(ModelError) as exc:
         transfer.transfer(src, out)
-    assert str(exc.value).startswith(f"{out}: {pattern}")
-    assert list((tmp_path / "out").iterdir()) == []  # no model, no scratch directory
+    assert str(exc.value).startswith(f"{src if kind == 'width5' else out}: {pattern}")
+    scratch = tmp_path / "out"  # width5 is refused before any export: not even created
+    assert not scratch.exists() or list(scratch.iterdir()) == []  # no model, no scratch dir
 
 
 def test_transfer_replaces_only_a_model(tmp_path, keras3_h5, dummy):
@@ -617,6 +625,129 @@ def test_non_dense_model_falls_back_to_tf(tmp_path, tf):
     backend, reason = open_backend(check_model_dir(out), "auto")
     assert isinstance(backend, TFBackend) and reason.startswith("tf: no verified fast-path")
     assert transfer.main(["--input", str(src), "--output", str(out), "--strict"]) == 1
+
+
+# --- transfer.py: models from elsewhere (--features, --output-map) ----------------------------
+
+LINEAR4_FEATURES = "cpu_idle,cpu_not_idle,src_dom_load,dst_dom_load"
+
+
+@pytest.fixture(scope="session")
+def linear4_h5(models, tf) -> Path:
+    """The research lineage's shape: [?, 4] -> Dense 10 relu -> Dense 1 linear, a 0/1 regression
+    of the heuristic's decisions (so that its outputs straddle 0.5)."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([
+        keras.Input(shape=(4,)),
+        keras.layers.Dense(10, activation="relu", name="hidden"),
+        keras.layers.Dense(1, name="regression"),
+    ])
+    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x[:, 1:5], fallback.heuristic_from_features(x).astype(np.float32), epochs=5,
+              batch_size=128, verbose=0)
+    path = models / "linear4.h5"
+    model.save(path)
+    return path
+
+
+def _linear4_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    """The .h5 model's own linear outputs on contract inputs, columns picked by hand."""
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    return model.predict(x[:, [1, 2, 3, 4]], verbose=0).ravel()
+
+
+def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
+    out = tmp_path / "m"
+    caplog.set_level(logging.INFO)
+    args = ["--input", str(linear4_h5), "--output", str(out), "--features", LINEAR4_FEATURES,
+            "--output-map", "threshold"]
+    assert transfer.main(args) == 0
+    for text in ("inputs: its 4 inputs get the contract features 0 <- cpu_idle, 1 <- "
+                 "cpu_not_idle, 2 <- src_dom_load, 3 <- dst_dom_load",
+                 "unused: cpu, reserved0, reserved1, reserved2, reserved3, reserved4",
+                 "output: layer 'regression' is linear; appended sigmoid(16 (y - 0.5)), > 0.5 "
+                 "exactly when y > 0.5",
+                 "fast path verified: 10 -> 4 linear -> 10 relu -> 1 linear -> 1 sigmoid"):
+        assert text in caplog.text, text
+    info = check_model_dir(out)  # what mlsched-load checks before attaching
+    assert info.input_key == "features" and info.fastpath_ok
+    backend, reason = open_backend(info, "auto")
+    assert isinstance(backend, NumpyBackend), reason  # a Dense stack: the fast path runs it
+    for grid in GRIDS + [(32, 8)]:
+        x = contract.unpack_keys(contract.feature_grid(*grid))
+        want_tf = TFBackend(out).predict(x)
+        got = backend.predict(x)
+        assert np.max(np.abs(want_tf - got)) <= MAX_ABS_DIFF
+        assert np.array_equal(want_tf > 0.5, got > 0.5)
+        # And the decisions are the original model's: migrate exactly when y > 0.5.
+        assert np.array_equal(got > 0.5, _linear4_outputs(linear4_h5, x) > 0.5)
+    decided = backend.predict(contract.unpack_keys(contract.feature_grid(4, 2))) > 0.5
+    assert 0 < decided.mean() < 1  # both decisions: the test can tell a wrong mapping
+
+
+def test_threshold_map_is_exact_at_the_threshold(tf):
+    """sigmoid(16 (y - 0.5)) > 0.5 for the smallest float32 above 0.5, not for 0.5 itself."""
+    import keras
+
+    kernel, bias = transfer.output_map_weights("threshold")
+    layer = keras.layers.Dense(1, activation="sigmoid")
+    y = np.array([[0.5], [np.nextafter(np.float32(0.5), np.float32(1))],
+                  [np.nextafter(np.float32(0.5), np.float32(0))], [0.9], [-3.0], [7.0]],
+                 np.float32)
+    layer(y)
+    layer.set_weights([kernel, bias])
+    got_tf = np.asarray(layer(y)).ravel()
+    got_np = NumpyModel([DenseLayer(kernel, bias, "sigmoid")]).predict(y)
+    want = (y > 0.5).ravel()
+    assert np.array_equal(got_tf > 0.5, want) and np.array_equal(got_np > 0.5, want)
+
+
+def test_transfer_sigmoid_map(tmp_path, linear4_h5):
+    out = tmp_path / "m"
+    transfer.transfer(linear4_h5, out, tuple(LINEAR4_FEATURES.split(",")), "sigmoid")
+    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    got = NumpyBackend(out).predict(x)
+    y = _linear4_outputs(linear4_h5, x)
+    assert np.max(np.abs(got - 1 / (1 + np.exp(-y)))) <= 1e-5  # sigmoid(y): y is a logit
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        ([], "its input is [?, 4], the contract's is [?, 10]: say which contract feature each "
+         "of its 4 inputs is with --features NAME,..."),
+        (["--features", "cpu_idle,cpu_not_idle,src_dom_load"],
+         "--features names 3 inputs, but the model's input is [?, 4]"),
+        (["--features", LINEAR4_FEATURES],
+         "its output layer 'regression' is linear, not a sigmoid: say how its output y maps to "
+         "migrate with --output-map threshold"),
+    ],
+    ids=["no-features", "wrong-count", "no-output-map"],
+)
+def test_transfer_mapping_refusals(tmp_path, linear4_h5, args, pattern):
+    out = tmp_path / "m"
+    res = run_tool("model_dir/transfer.py", "--input", str(linear4_h5), "--output", str(out),
+                   *args)
+    assert_refused(res, f"{linear4_h5}: {pattern}", after_tf=True)
+    assert not out.exists()
+
+
+def test_transfer_features_argument_errors(tmp_path, keras3_h5):
+    for value, text in (("cpu_idle,bogus", "unknown feature 'bogus'; the contract's are cpu,"),
+                        ("cpu_idle,cpu_idle", "cpu_idle named twice")):
+        res = run_tool("model_dir/transfer.py", "--input", "x.h5", "--output",
+                       str(tmp_path / "m"), "--features", value)
+        assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr
+    # A sigmoid model: --output-map sigmoid would squash twice; threshold changes nothing.
+    with pytest.raises(ModelError, match="already a sigmoid; --output-map sigmoid would squash"):
+        transfer.transfer(keras3_h5[0], tmp_path / "m", None, "sigmoid")
+    transfer.transfer(keras3_h5[0], tmp_path / "m", None, "threshold")
+    _assert_same_model(tmp_path / "m", keras3_h5[1])
 
 
 # --- TF and numpy agree on every key of the grid --------------------------------------------
