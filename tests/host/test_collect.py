@@ -368,3 +368,29 @@ def test_policy_learning_and_evaluation_on_the_vm_dataset(tmp_path: Path, tf) ->
     assert res.returncode == 0, res.stderr
     assert f"{out}: numpy: verified" in res.stdout
     assert "365 candidates" in res.stdout and "21 blocks of 1 s" in res.stdout
+
+
+def test_a_collection_run_ends_in_a_v2_dataset(tmp_path: Path) -> None:
+    """The collector's last step on followed records: the run's P and fallback in every row,
+    the propensities from them, the outcomes file relabelable on its own."""
+    import argparse
+    import types
+
+    follower = collect.Follower(FakeSampler(), window_ns=0, max_per_s=10**6)
+    for pid in range(100, 110):  # coin flips: 5 migrated, 5 kept; the heuristic migrates here
+        follower.on_record(_record(pid, action=pid % 2))
+    follower.close_due(time.monotonic_ns())
+    args = argparse.Namespace(fallback="heuristic", explore=0.25, window_ms=0.0, max_follow=10,
+                              output=tmp_path / "c.csv", outcomes=tmp_path / "c.outcomes.csv",
+                              min_other=2)
+    plan = types.SimpleNamespace(domains=[[0], [1]], reason="a test")
+    delayacct = types.SimpleNamespace(saved=None)
+    status = collect._finish(args, follower, FakeSampler(), [], 1.0, plan, delayacct)
+    assert status == 0
+    ds = read_dataset(args.output)
+    assert ds.version == 2 and len(ds) == 10
+    assert (ds.columns["explore_q"] == 16384).all()
+    assert (ds.columns["fallback"] == contract.Fallback.HEURISTIC).all()
+    # P = 0.25: migrating (the heuristic's choice) 0.125 + 0.75, keeping 0.125.
+    assert ds.propensities().tolist() == [0.875 if a else 0.125 for a in ds.actions]
+    assert read_outcomes(args.outcomes)["explore_q"].tolist() == [16384] * 10
