@@ -4,29 +4,42 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/mlsched
 KERNEL_DIR = $(shell cat $(CACHE)/kernel/current 2>/dev/null)
+# The kernel's own scx headers (tools/sched_ext/include), from Debian's linux-source-7.3,
+# cached by `make setup`; never copied into the repo.
+SCX_SRC = $(shell cat $(CACHE)/linux-source/current 2>/dev/null)
+SCX_INC = $(SCX_SRC)/tools/sched_ext/include
 # clang-14 emits no btf_type_tag, which the __kptr cpumasks need: clang-19 (bookworm) does.
 CLANG ?= clang-19
 BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
 	-Wno-microsoft-anon-tag -Wall -Wno-unused-function
 VM_CPUS ?= 2
+# The in-kernel inference code alone, run with BPF_PROG_TEST_RUN on the host (tests, bench).
+MLP_BENCH := build/bench/mlp_bench.bpf.o
 
-.PHONY: all setup bpf model test host-test vm-test vm-models demo soak lint clean bench-model train
+.PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-models demo soak lint clean bench-model train
 
 all: bpf
 
 setup:
 	@bash scripts/setup.sh
 
-bpf: bpf/mlsched.bpf.o
+bpf: bpf/mlsched.bpf.o bpf/mlsched.bpf.enums
 
 # vmlinux.h comes from the sched_ext kernel's BTF, not the host's (which lacks sched_ext).
 bpf/vmlinux.h: $(CACHE)/kernel/current
 	@echo "bpf: generating vmlinux.h from $(KERNEL_DIR)/vmlinux"
 	@bpftool btf dump file $(KERNEL_DIR)/vmlinux format c > $@.tmp && mv $@.tmp $@
 
-bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/vmlinux.h Makefile
+bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/vmlinux.h Makefile
+	@test -f $(SCX_INC)/scx/common.bpf.h || { echo "bpf: no scx headers in '$(SCX_INC)': run make setup"; exit 1; }
 	@echo "bpf: compiling $@"
-	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
+	@$(CLANG) $(BPF_CFLAGS) -Ibpf -I$(SCX_INC) -I$(SCX_INC)/bpf-compat -c $< -o $@
+
+# The scx headers replace the kernel's enum constants with .rodata variables the loader fills
+# from the running kernel's BTF at load (scx's SCX_ENUM_INIT): this lists "NAME enum-type".
+bpf/mlsched.bpf.enums: $(SCX_INC)/scx/enums.autogen.h
+	@sed -n 's/.*SCX_ENUM_SET(skel, *\([a-z_0-9]*\), *\([A-Z_0-9]*\)).*/\2 \1/p' $< > $@.tmp
+	@test -s $@.tmp && mv $@.tmp $@
 
 model: model_dir/model_path/saved_model.pb
 
@@ -36,7 +49,7 @@ model_dir/model_path/saved_model.pb:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-host-test: setup bpf
+host-test: setup bpf $(MLP_BENCH)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests/host
 
@@ -44,8 +57,12 @@ host-test: setup bpf
 vm-models: setup
 	@$(PY) -m tests.vm.make_models build/test-models 2>&1 | grep '^make_models'
 
-vm-test: setup bpf vm-models
+vm-test: setup bpf vm-models vm-test-topology
 	scripts/vm-run.sh --cpus $(VM_CPUS) -- 'python -m pytest -v -s -p no:cacheprovider tests/vm'
+
+# CPU hotplug and cpusets want two domains of two CPUs: a boot of their own.
+vm-test-topology: setup bpf
+	scripts/vm-run.sh --cpus 4 -- 'python -m pytest -v -s -p no:cacheprovider tests/vm/test_topology.py'
 
 test: host-test vm-test
 
@@ -70,7 +87,7 @@ train: setup bpf
 	$(PY) -m tools.trainreport --model $(TRAINED_MODEL) --data $(TRAIN_DATA)
 
 clean:
-	rm -f bpf/*.o bpf/vmlinux.h
+	rm -f bpf/*.o bpf/*.enums bpf/vmlinux.h
 	rm -rf build
 
 # Model backends side by side on one core (CPU 0): a table, and JSON in bench-results/.
@@ -87,5 +104,10 @@ $(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/vmlinux.
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
 
-bench: setup bpf $(BENCH_PRODUCER)
+$(MLP_BENCH): tools/bench/mlp_bench.bpf.c bpf/mlsched_mlp.h bpf/mlsched.h bpf/vmlinux.h Makefile
+	@mkdir -p $(dir $@)
+	@echo "bpf: compiling $@"
+	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
+
+bench: setup bpf $(BENCH_PRODUCER) $(MLP_BENCH)
 	$(PY) -m tools.bench $(BENCH_ARGS)

@@ -3,71 +3,51 @@
  * mlsched - a sched_ext scheduler whose task-migration decisions come from a
  * neural network run in user space.
  *
- * CPUs are split into domains (LLCs, or equal slices set by the loader); each
- * domain has one dispatch queue ordered by weighted virtual time, and a CPU
- * whose domain queue is empty steals from the busiest other domain. On wakeup, a task whose previous
- * domain has an idle CPU stays there. Otherwise, when another domain is less
- * loaded, the wakeup is a migration candidate: its features are quantized into
- * a key and looked up in the "decisions" map that user space fills. A hit is
- * applied (migrate = a CPU of the less loaded domain). A miss is served by the
- * fallback policy and the candidate is pushed, once per key, to the
- * "candidates" ring buffer for the model to decide.
+ * CPUs are split into domains (LLCs, or equal slices set by the loader). Every
+ * CPU has its own dispatch queue ordered by weighted virtual time, so a task
+ * stays on the CPU it last ran on: a wakeup goes back to its previous CPU when
+ * that CPU is idle, else to an idle CPU of its domain; a CPU with nothing
+ * queued pulls from the busiest sibling of its domain first.
+ *
+ * Every move across domains asks the same question through the same table:
+ *  - on wakeup, when the task's domain has no idle CPU and another domain is
+ *    less loaded;
+ *  - on a steal, when a CPU has nothing to run in its domain and eyes the head
+ *    of another domain's busiest queue.
+ * The candidate's five features (the task's CPU, idle CPUs of the destination,
+ * busy CPUs of the source, both domains' loads) are quantized into a key and
+ * looked up in the "decisions" map that user space fills. A hit is applied; a
+ * miss is served by the fallback policy and pushed, once per key, to the
+ * "candidates" ring buffer for the model to decide. "Keep" on a steal leaves
+ * the task where it is, unless it has waited past the starvation guard
+ * (starve_ns), when it moves regardless and counts as forced.
+ *
+ * Domain loads are refreshed off the wakeup path, at most once per
+ * REFRESH_NS per domain, from ops.tick and ops.update_idle; select_cpu only
+ * reads them. A woken task whose vtime is a minimum slice behind the task
+ * running on its CPU preempts it, and slices shrink as a CPU's queue grows, so wakeups do
+ * not wait behind CPU hogs.
  *
  * The kernel never waits for user space: misses use the fallback and a full
- * ring buffer only counts a drop. Good for experimenting with learned
- * migration policies on machines with a few domains; there is no load
- * balancing beyond wakeup placement and idle stealing, and vtime is only
- * roughly fair across domains.
+ * ring buffer only counts a drop. CPU hotplug ends the scheduler with a
+ * restart code; the loader plans the domains again and re-attaches.
+ * Limits: vtime is one clock for all CPUs (roughly fair, not exactly); the
+ * domain loads a candidate sees may be REFRESH_NS old.
  */
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_tracing.h>
+#include <scx/common.bpf.h>
 #include "mlsched.h"
+#include "mlsched_policy.h"
+#include "mlsched_mlp.h"
 
 char _license[] SEC("license") = "GPL";
 
-/* sched_ext and cpumask kfuncs (declared here; the kernel's BTF checks them). */
-s32 scx_bpf_create_dsq(u64 dsq_id, s32 node) __ksym;
-void scx_bpf_dsq_insert(struct task_struct *p, u64 dsq_id, u64 slice, u64 enq_flags) __ksym;
-bool scx_bpf_dsq_move_to_local(u64 dsq_id) __ksym;
-/* 7.x passes the vtime insert's arguments in a struct (kfuncs take at most 5). */
-bool __scx_bpf_dsq_insert_vtime(struct task_struct *p,
-				struct scx_bpf_dsq_insert_vtime_args *args) __ksym;
-s32 scx_bpf_dsq_nr_queued(u64 dsq_id) __ksym;
-s32 scx_bpf_pick_idle_cpu(const struct cpumask *cpus_allowed, u64 flags) __ksym;
-s32 scx_bpf_pick_any_cpu(const struct cpumask *cpus_allowed, u64 flags) __ksym;
-bool scx_bpf_test_and_clear_cpu_idle(s32 cpu) __ksym;
-void scx_bpf_kick_cpu(s32 cpu, u64 flags) __ksym;
-s32 scx_bpf_task_cpu(const struct task_struct *p) __ksym;
-s32 scx_bpf_select_cpu_dfl(struct task_struct *p, s32 prev_cpu, u64 wake_flags,
-			   bool *is_idle) __ksym;
-void scx_bpf_error_bstr(char *fmt, unsigned long long *data, u32 data__sz) __ksym;
-struct bpf_cpumask *bpf_cpumask_create(void) __ksym;
-void bpf_cpumask_release(struct bpf_cpumask *cpumask) __ksym;
-void bpf_cpumask_set_cpu(u32 cpu, struct bpf_cpumask *cpumask) __ksym;
-
-/* Report a fatal error: the kernel ejects the scheduler with this message. */
-#define mlsched_error(fmt, args...)						\
-	({									\
-		static char ___fmt[] = fmt;					\
-		unsigned long long ___args[] = { args };			\
-		scx_bpf_error_bstr(___fmt, ___args, sizeof(___args));		\
-	})
-
-#define BPF_STRUCT_OPS(name, args...) SEC("struct_ops/" #name) BPF_PROG(name, ##args)
-#define BPF_STRUCT_OPS_SLEEPABLE(name, args...) SEC("struct_ops.s/" #name) BPF_PROG(name, ##args)
-
-/* Custom DSQ ids: small user ids, clear of the builtin-DSQ flag bit. */
-#define DOM_DSQ(dom)		(0x100ULL + (dom))
-/* Tasks that may not run on every CPU of a domain wait in their CPU's own DSQ. */
+/* Custom DSQ ids: one per CPU, clear of the builtin-DSQ flag bit. */
 #define CPU_DSQ(cpu)		(0x10000ULL + (cpu))
 #define WATCHDOG_TIMEOUT_MS	5000
-/* How far ahead of the vtime clock a task may be queued, in slices. */
-#define VTIME_MAX_LAG_SLICES	4
-
-#define EINVAL	22
-#define ENOENT	2
-#define ENOMEM	12
+/* Domain loads and the domain ranking are recomputed at most this often. */
+#define REFRESH_NS		(1000ULL * 1000)
+/* Default starvation guard when the loader sets none: four default slices. */
+#define STARVE_NS_DFL		(80ULL * 1000 * 1000)
 
 /* Ring buffer of struct mlsched_candidate; size set by the loader. */
 struct {
@@ -75,13 +55,28 @@ struct {
 	__uint(max_entries, MLSCHED_RINGBUF_DEFAULT_BYTES);
 } candidates SEC(".maps");
 
-/* Decision key -> enum mlsched_decision, written in batches by user space. */
+/*
+ * Decision key -> (generation << 8) | enum mlsched_decision, written in
+ * batches by user space: the table of machines whose grid is too large.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, u64);
 	__type(value, u32);
 } decisions SEC(".maps");
+
+/*
+ * The dense decision grid (see mlsched.h): byte i = key i's enum
+ * mlsched_grid_code; max_entries (u64 words) set by the loader, mmapped there.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, u64);
+} decision_grid SEC(".maps");
 
 /* Decision key -> ns when last pushed: one push per key until it is decided. */
 struct {
@@ -131,7 +126,7 @@ struct {
 	__type(value, u32);
 } cpu_dom SEC(".maps");
 
-/* Per-domain CPU count, load (0..LOAD_SCALE) and DSQ depth, for user space. */
+/* Per-domain CPU count, load (0..LOAD_SCALE) and queue depth, for user space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MLSCHED_MAX_DOMS);
@@ -147,10 +142,20 @@ struct {
 	__type(value, struct mlsched_exit_info);
 } exit_info SEC(".maps");
 
-/* Kernel-private per-domain state: the domain's CPUs and how many are idle. */
+/*
+ * Kernel-private per-domain state. The load fields are written only by a
+ * refresh (tick or update_idle, rate-limited) and read by select_cpu and
+ * dispatch: the wakeup path never stores into them.
+ */
 struct dom_ctx {
 	struct bpf_cpumask __kptr *cpus;
-	u64 nr_idle;		/* idle CPUs in the domain, kept by ops.update_idle */
+	u64 refreshed_at;	/* ns of the last refresh, claimed by cmpxchg */
+	u32 first;		/* index of the domain's first CPU in cpu_order[] */
+	u32 nr_cpus;
+	u32 nr_idle;		/* idle CPUs at the last refresh */
+	u32 load_q;		/* 0..LOAD_SCALE at the last refresh */
+	u32 queued;		/* tasks queued on its CPUs at the last refresh */
+	u32 deepest;		/* its CPU with the most queued tasks */
 };
 
 struct {
@@ -160,18 +165,34 @@ struct {
 	__type(value, struct dom_ctx);
 } dom_ctxs SEC(".maps");
 
-/* Kernel-private per-CPU state. */
+/* Kernel-private per-CPU state, read by other CPUs (wakeup preemption): not per-CPU. */
 struct cpu_ctx {
-	u64 idle;		/* 1 = idle, as last reported by ops.update_idle */
-	u64 dispatches;		/* ops.dispatch calls: alternates the queue served first */
+	u64 run_vtime;		/* dsq_vtime of the task running here */
+	u64 dispatches;		/* ops.dispatch calls here */
+	u8 pad[48];		/* one cache line per CPU */
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MLSCHED_MAX_CPUS);
 	__type(key, u32);
 	__type(value, struct cpu_ctx);
 } cpu_ctxs SEC(".maps");
+
+/* Per-task state. */
+struct task_ctx {
+	u64 started_at;		/* ns it last started running: its vtime charge */
+	u64 queued_at;		/* ns it was last queued: the starvation guard */
+	u64 full_doms;		/* bit d: may run on every CPU of domain d (set_cpumask) */
+	s32 last_cpu;		/* CPU it last ran on, -1 before its first run */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct task_ctx);
+} task_ctxs SEC(".maps");
 
 /*
  * Never used: these make the contract types appear in the object's BTF, where
@@ -186,12 +207,19 @@ enum mlsched_backend contract_btf_backend;
 enum mlsched_config contract_btf_config;
 enum mlsched_hist contract_btf_hist;
 enum mlsched_source contract_btf_source;
+enum mlsched_path contract_btf_path;
+enum mlsched_grid_code contract_btf_grid_code;
+enum mlsched_mlp_act contract_btf_mlp_act;
+enum mlsched_mlp_out contract_btf_mlp_out;
+struct mlsched_mlp contract_btf_mlp;
 
 /* Copied from "sched_config" at init: read on every wakeup. */
 static u32 nr_cpus;
 static u32 nr_doms;
 static u32 fallback_policy;
-static u64 slice_ns = SCX_SLICE_DFL;
+static u64 slice_ns = 20ULL * 1000 * 1000;
+static u64 slice_min_ns = 1000ULL * 1000;
+static u64 starve_ns = STARVE_NS_DFL;
 /* A pending candidate is pushed again when its decision has not come by then. */
 static u64 resubmit_ns = 1000ULL * 1000 * 1000;
 /*
@@ -201,19 +229,24 @@ static u64 resubmit_ns = 1000ULL * 1000 * 1000;
  */
 static bool collect;
 static u32 explore;
+/* The dense grid's bounds (grid_cpus = 0: no grid, the hash serves). */
+static u32 grid_cpus, grid_dom_cpus;
+/* --inference kernel: a miss is decided here, by the weights in mlp_weights. */
+static bool kernel_inference;
 /*
- * The loader turns candidates into decisions: when it wakes, it runs ahead
- * of the queue (head of its CPU's local DSQ, preempting), or the decisions
- * it owes wait behind a full slice of every CPU hog. Only wakeups are
- * boosted, so a loader busy computing (importing TensorFlow) takes turns.
+ * The loader's ring reader turns candidates into decisions: when it wakes it
+ * runs ahead of the queue, or the decisions it owes wait behind a full slice
+ * of every CPU hog. Only that thread: the model's thread pools take turns.
  */
-static u32 loader_tgid;
-/*
- * Domain queues are ordered by weighted virtual time, as in scx_simple: a
- * task that slept comes back ahead of the CPU hogs, which a FIFO would queue
- * it behind. One clock for all domains, so a migrated task keeps its place.
- */
+static u32 loader_tid;
+/* One vtime clock for all CPUs, so a migrated task keeps its place. */
 static u64 vtime_now;
+/* CPUs sorted by domain: domain d owns cpu_order[first .. first + nr_cpus). */
+static u32 cpu_order[MLSCHED_MAX_CPUS];
+/* Domain ranking at the last refresh, read by select_cpu and dispatch. */
+static u32 least_dom, second_dom;	/* the two least loaded domains */
+static u32 busiest_dom, second_busiest;	/* the two with the most queued tasks */
+static u64 ranked_at;			/* ns of the last ranking, claimed by cmpxchg */
 
 static __always_inline void cnt_inc(u32 idx)
 {
@@ -230,7 +263,7 @@ static __always_inline u64 cfg_get(u32 idx)
 	return v ? *v : 0;
 }
 
-static __always_inline s32 dom_of(s32 cpu)
+static __always_inline u32 dom_of(s32 cpu)
 {
 	u32 key = cpu;
 	u32 *d = bpf_map_lookup_elem(&cpu_dom, &key);
@@ -238,50 +271,128 @@ static __always_inline s32 dom_of(s32 cpu)
 	return d && *d < nr_doms ? *d : 0;
 }
 
-static __always_inline const struct cpumask *dom_cpus(u32 dom)
+static __always_inline struct dom_ctx *dom_get(u32 dom)
 {
 	struct dom_ctx *dc = bpf_map_lookup_elem(&dom_ctxs, &dom);
 
-	return dc ? (const struct cpumask *)dc->cpus : NULL;
+	if (!dc)
+		scx_bpf_error("no dom_ctx for domain %u", dom);
+	return dc;
 }
 
-/* Load of a domain in 0..LOAD_SCALE: busy CPUs plus queued tasks, per CPU. */
-static __always_inline u32 dom_load_q(u32 dom, u32 *busy)
+static __always_inline struct task_ctx *task_get(struct task_struct *p)
+{
+	return bpf_task_storage_get(&task_ctxs, p, NULL, 0);
+}
+
+static __always_inline bool is_loader(struct task_struct *p)
+{
+	return loader_tid && p->pid == loader_tid;
+}
+
+/* May the task run on every CPU of this domain? Cached by set_cpumask. */
+static __always_inline bool full_in(struct task_ctx *tc, u32 dom)
+{
+	return tc && dom < 64 && (tc->full_doms & (1ULL << dom));
+}
+
+/* --- domain loads, refreshed off the wakeup path ------------------------------------------ */
+
+/* Recompute one domain's idle CPUs, queue depth and load; returns false if unclaimed. */
+static bool refresh_dom(u32 dom, u64 now)
 {
 	struct mlsched_dom_stat *ds = bpf_map_lookup_elem(&dom_stats, &dom);
-	struct dom_ctx *dc = bpf_map_lookup_elem(&dom_ctxs, &dom);
-	u64 runnable, load;
-	s32 queued;
+	struct dom_ctx *dc = dom_get(dom);
+	const struct cpumask *idle;
+	u32 i, idle_cnt = 0, queued = 0, most = 0, deepest = 0, busy;
+	u64 last;
 
-	if (!ds || !dc || !ds->nr_cpus)
-		return MLSCHED_LOAD_SCALE;
-	queued = scx_bpf_dsq_nr_queued(DOM_DSQ(dom));
-	if (queued < 0)
-		queued = 0;
-	*busy = dc->nr_idle >= ds->nr_cpus ? 0 : ds->nr_cpus - dc->nr_idle;
-	runnable = *busy + queued;
-	load = runnable * MLSCHED_LOAD_SCALE / (MLSCHED_LOAD_FULL_PER_CPU * ds->nr_cpus);
-	if (load > MLSCHED_LOAD_SCALE)
-		load = MLSCHED_LOAD_SCALE;
-	/* Racy but only informational: user space shows the last value. */
-	ds->load_q = load;
+	if (!dc || !ds)
+		return false;
+	last = dc->refreshed_at;
+	if (now - last < REFRESH_NS || !__sync_bool_compare_and_swap(&dc->refreshed_at, last, now))
+		return false;
+
+	idle = scx_bpf_get_idle_cpumask();
+	bpf_for(i, 0, dc->nr_cpus) {
+		u32 idx = dc->first + i;
+		s32 q, cpu;
+
+		if (idx >= MLSCHED_MAX_CPUS)
+			break;
+		cpu = cpu_order[idx];
+		if (bpf_cpumask_test_cpu(cpu, idle))
+			idle_cnt++;
+		q = scx_bpf_dsq_nr_queued(CPU_DSQ(cpu));
+		if (q > 0) {
+			queued += q;
+			if (q > most) {
+				most = q;
+				deepest = cpu;
+			}
+		}
+	}
+	scx_bpf_put_idle_cpumask(idle);
+
+	busy = idle_cnt >= dc->nr_cpus ? 0 : dc->nr_cpus - idle_cnt;
+	dc->nr_idle = idle_cnt;
+	dc->queued = queued;
+	dc->deepest = deepest;
+	dc->load_q = mlsched_load_q(busy + queued, dc->nr_cpus);
+	ds->load_q = dc->load_q;
 	ds->queued = queued;
-	return load;
+	return true;
 }
 
-static __always_inline u32 clamp_field(u64 v)
+/* Rank the domains by load and by queue depth: O(domains), at most once per REFRESH_NS. */
+static void rank_doms(u64 now)
 {
-	return v > MLSCHED_KEY_FIELD_MAX ? MLSCHED_KEY_FIELD_MAX : v;
+	u32 d, least = 0, second = 0, busiest = 0, second_b = 0;
+	u32 least_load = MLSCHED_LOAD_SCALE + 1, second_load = MLSCHED_LOAD_SCALE + 1;
+	s64 most = -1, second_most = -1;
+	u64 last = ranked_at;
+
+	if (now - last < REFRESH_NS || !__sync_bool_compare_and_swap(&ranked_at, last, now))
+		return;
+	bpf_for(d, 0, nr_doms) {
+		struct dom_ctx *dc = dom_get(d);
+
+		if (!dc)
+			return;
+		if (dc->load_q < least_load) {
+			second = least;
+			second_load = least_load;
+			least = d;
+			least_load = dc->load_q;
+		} else if (dc->load_q < second_load) {
+			second = d;
+			second_load = dc->load_q;
+		}
+		if ((s64)dc->queued > most) {
+			second_b = busiest;
+			second_most = most;
+			busiest = d;
+			most = dc->queued;
+		} else if ((s64)dc->queued > second_most) {
+			second_b = d;
+			second_most = dc->queued;
+		}
+	}
+	least_dom = least;
+	second_dom = second;
+	busiest_dom = busiest;
+	second_busiest = second_b;
 }
 
-static __always_inline u64 pack_key(struct mlsched_candidate *c)
+static __always_inline void refresh(s32 cpu)
 {
-	return ((u64)c->cpu << MLSCHED_KEY_CPU_SHIFT) |
-	       ((u64)c->cpu_idle << MLSCHED_KEY_IDLE_SHIFT) |
-	       ((u64)c->cpu_not_idle << MLSCHED_KEY_NOT_IDLE_SHIFT) |
-	       ((u64)c->src_load_q << MLSCHED_KEY_SRC_SHIFT) |
-	       ((u64)c->dst_load_q << MLSCHED_KEY_DST_SHIFT);
+	u64 now = bpf_ktime_get_ns();
+
+	refresh_dom(dom_of(cpu), now);
+	rank_doms(now);
 }
+
+/* --- decisions ------------------------------------------------------------------------------ */
 
 /* Push a candidate record; false when the ring buffer is full (counted). */
 static __always_inline bool push(struct mlsched_candidate *c, u64 now)
@@ -321,190 +432,239 @@ static __always_inline bool fallback_migrate(struct mlsched_candidate *c)
 	case MLSCHED_FALLBACK_MIGRATE:
 		return true;
 	case MLSCHED_FALLBACK_HEURISTIC:
-		return c->src_load_q - c->dst_load_q >= MLSCHED_LOAD_SCALE / 4 &&
-		       c->cpu_idle > 0;
+		return mlsched_heuristic(c->src_load_q, c->dst_load_q, c->cpu_idle);
 	default:
 		return false;
 	}
 }
 
-static __always_inline bool is_loader(struct task_struct *p)
+/* Fill a candidate's features from the domains' last refresh. */
+static __always_inline bool build(struct mlsched_candidate *c, struct task_struct *p, s32 cpu,
+				  u32 src, u32 dst, u32 path)
 {
-	return loader_tgid && p->tgid == loader_tgid;
+	struct dom_ctx *sc = dom_get(src), *dc = dom_get(dst);
+
+	if (!sc || !dc)
+		return false;
+	c->pid = p->pid;
+	c->cpu = cpu;
+	c->src_dom = src;
+	c->dst_dom = dst;
+	c->src_load_q = sc->load_q;
+	c->dst_load_q = dc->load_q;
+	c->cpu_not_idle = sc->nr_idle >= sc->nr_cpus ? 0 : sc->nr_cpus - sc->nr_idle;
+	c->cpu_idle = dc->nr_idle;
+	/* A stealing CPU is about to go idle: it counts, even if the refresh missed it. */
+	if (path == MLSCHED_PATH_STEAL && !c->cpu_idle)
+		c->cpu_idle = 1;
+	c->cpu_idle = mlsched_clamp_field(c->cpu_idle);
+	c->cpu_not_idle = mlsched_clamp_field(c->cpu_not_idle);
+	c->path = path;
+	c->key = mlsched_pack_key(c->cpu, c->cpu_idle, c->cpu_not_idle, c->src_load_q,
+				  c->dst_load_q);
+	cnt_inc(MLSCHED_CNT_CANDIDATES);
+	if (path == MLSCHED_PATH_STEAL)
+		cnt_inc(MLSCHED_CNT_STEAL_CANDIDATES);
+	return true;
 }
 
-/* Tasks that cannot run everywhere stay with the kernel's default CPU choice. */
-static __always_inline bool is_restricted(struct task_struct *p)
+static __always_inline s64 grid_index(struct mlsched_candidate *c)
 {
-	return p->nr_cpus_allowed < nr_cpus;
+	if (!grid_cpus)
+		return -1;
+	return mlsched_grid_index(grid_cpus, grid_dom_cpus, c->cpu, c->cpu_idle, c->cpu_not_idle,
+				  c->src_load_q, c->dst_load_q);
 }
 
-/* State of the search for the least loaded other domain (a bpf_loop callback). */
-struct dst_search {
-	u32 src;		/* the waking task's domain */
-	u32 src_load;		/* its load, 0..LOAD_SCALE */
-	u32 src_busy;		/* its busy CPUs */
-	u32 best;		/* lowest load seen so far */
-	u32 dst;		/* the domain with that load */
-	bool found;
-};
+/* The table's answer for a candidate, as an enum mlsched_grid_code. */
+static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
+{
+	s64 gi = grid_index(c);
+	u64 *word;
+	u32 *v, w;
+
+	if (gi >= 0) {
+		w = gi >> 3;
+		word = bpf_map_lookup_elem(&decision_grid, &w);
+		return word ? (*word >> ((gi & 7) * 8)) & 0xff : MLSCHED_GRID_UNDECIDED;
+	}
+	v = bpf_map_lookup_elem(&decisions, &c->key);
+	/* An entry of an older model's generation is a miss. */
+	if (!v || (*v >> MLSCHED_GEN_SHIFT) != (u32)cfg_get(MLSCHED_CFG_MODEL_GEN))
+		return MLSCHED_GRID_UNDECIDED;
+	return (*v & 0xff) == MLSCHED_MIGRATE ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+}
 
 /*
- * bpf_loop callbacks are verified once, whatever the trip count: a plain loop
- * over 64 domains tracking the best one explodes the verifier's state space.
+ * --inference kernel: decide a miss with the weights of the serving
+ * generation and keep the answer in the table. Returns -1 without weights.
  */
-static long find_dst_cb(u64 d, void *data)
+static int kernel_decide(struct mlsched_candidate *c)
 {
-	struct dst_search *s = data;
-	u32 busy, load;
+	u32 gen = cfg_get(MLSCHED_CFG_MODEL_GEN), w, v;
+	u64 t0 = bpf_ktime_get_ns(), *word, *ns;
+	s64 gi;
+	int r;
 
-	if (d == s->src)
-		return 0;
-	load = dom_load_q(d, &busy);
-	if (load < s->src_load && load < s->best) {
-		s->best = load;
-		s->dst = d;
-		s->found = true;
+	r = mlp_decide(gen & 1, gen, c->key);
+	if (r < 0)
+		return r;
+	cnt_inc(MLSCHED_CNT_KINFER);
+	w = MLSCHED_CNT_KINFER_NS;
+	ns = bpf_map_lookup_elem(&counters, &w);
+	if (ns)
+		*ns += bpf_ktime_get_ns() - t0;
+	gi = grid_index(c);
+	if (gi >= 0) {
+		w = gi >> 3;
+		word = bpf_map_lookup_elem(&decision_grid, &w);
+		/* One byte of the word: user space only clears whole generations. */
+		if (word)
+			*((u8 *)word + (gi & 7)) = r ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+	} else {
+		v = (gen << MLSCHED_GEN_SHIFT) | (r ? MLSCHED_MIGRATE : MLSCHED_KEEP);
+		bpf_map_update_elem(&decisions, &c->key, &v, BPF_ANY);
 	}
-	return 0;
+	return r;
 }
+
+/* The one decision for every cross-domain move: sets c->action and c->source. */
+static bool decide(struct mlsched_candidate *c)
+{
+	bool migrate, fb;
+	u32 code;
+
+	if (collect) {
+		fb = fallback_migrate(c);
+		if (explore && (bpf_get_prandom_u32() % MLSCHED_EXPLORE_SCALE) < explore) {
+			migrate = bpf_get_prandom_u32() & 1;
+			c->source = MLSCHED_SRC_EXPLORE;
+			cnt_inc(MLSCHED_CNT_EXPLORED);
+		} else {
+			migrate = fb;
+			c->source = MLSCHED_SRC_FALLBACK;
+		}
+		cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
+		c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+		c->prob_q16 = mlsched_propensity_q16(explore, fb, migrate);
+		push(c, bpf_ktime_get_ns());
+		return migrate;
+	}
+
+	code = lookup_decision(c);
+	if (code != MLSCHED_GRID_UNDECIDED) {
+		cnt_inc(MLSCHED_CNT_HITS);
+		migrate = code == MLSCHED_GRID_MIGRATE;
+		cnt_inc(migrate ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
+		c->source = MLSCHED_SRC_MODEL;
+		c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+		return migrate;
+	}
+	cnt_inc(MLSCHED_CNT_MISSES);
+	if (kernel_inference) {
+		int r = kernel_decide(c);
+
+		if (r >= 0) {
+			c->source = MLSCHED_SRC_MODEL;
+			c->action = r ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+			cnt_inc(r ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
+			return r;
+		}
+	}
+	migrate = fallback_migrate(c);
+	cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
+	c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+	c->source = MLSCHED_SRC_FALLBACK;
+	c->prob_q16 = MLSCHED_EXPLORE_SCALE;
+	submit_once(c);
+	return migrate;
+}
+
+static __always_inline void count_move(struct mlsched_candidate *c)
+{
+	cnt_inc(c->source == MLSCHED_SRC_MODEL ? MLSCHED_CNT_MIGR_MODEL : MLSCHED_CNT_MIGR_FALLBACK);
+}
+
+/* --- ops ------------------------------------------------------------------------------------ */
 
 s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 wake_flags)
 {
 	struct mlsched_candidate c = {};
-	struct dst_search search = {};
+	struct task_ctx *tc = task_get(p);
 	const struct cpumask *mask;
+	struct dom_ctx *sd, *dd;
 	u32 src, dst;
-	u32 *decision;
-	bool migrate;
 	s32 cpu;
 
 	cnt_inc(MLSCHED_CNT_SELECT);
+	src = dom_of(prev_cpu);
 
-	if (is_restricted(p) || is_loader(p)) {
+	/* The loader, and tasks that may not use all of their domain: the kernel's choice. */
+	if (is_loader(p) || !full_in(tc, src)) {
 		bool is_idle = false;
 
+		if (!is_loader(p))
+			cnt_inc(MLSCHED_CNT_RESTRICTED);
 		cpu = scx_bpf_select_cpu_dfl(p, prev_cpu, wake_flags, &is_idle);
 		if (is_idle)
 			scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL, slice_ns, 0);
 		return cpu;
 	}
 
-	src = dom_of(prev_cpu);
-	mask = dom_cpus(src);
-	if (!mask)
-		return prev_cpu;
-	/* An idle CPU where the task last ran, else in its domain: stay. */
-	if (scx_bpf_test_and_clear_cpu_idle(prev_cpu))
-		cpu = prev_cpu;
-	else
-		cpu = scx_bpf_pick_idle_cpu(mask, 0);
-	if (cpu >= 0) {
+	/* Stay on the previous CPU when it is idle, else on an idle CPU of the domain. */
+	if (scx_bpf_test_and_clear_cpu_idle(prev_cpu)) {
 		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL, slice_ns, 0);
 		cnt_inc(MLSCHED_CNT_LOCAL);
+		return prev_cpu;
+	}
+	sd = dom_get(src);
+	if (!sd)
+		return prev_cpu;
+	mask = (const struct cpumask *)sd->cpus;
+	if (!mask)
+		return prev_cpu;
+	cpu = scx_bpf_pick_idle_cpu(mask, 0);
+	if (cpu >= 0) {
+		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL, slice_ns, 0);
+		cnt_inc(MLSCHED_CNT_MIGR_DOMAIN);
 		return cpu;
 	}
 
-	/* No idle CPU at home: is another domain less loaded? */
-	search.src = src;
-	search.src_load = dom_load_q(src, &search.src_busy);
-	search.best = MLSCHED_LOAD_SCALE + 1;
-	bpf_loop(nr_doms, find_dst_cb, &search, 0);
-	if (!search.found) {
+	/* No idle CPU at home: the least loaded other domain the task may fully use. */
+	dst = least_dom == src ? second_dom : least_dom;
+	dd = dom_get(dst);
+	if (!dd || dst == src || dd->load_q >= sd->load_q || !full_in(tc, dst)) {
 		cnt_inc(MLSCHED_CNT_NO_CANDIDATE);
 		return prev_cpu;
 	}
-	dst = search.dst;
-
-	cnt_inc(MLSCHED_CNT_CANDIDATES);
-	c.pid = p->pid;
-	c.cpu = prev_cpu;
-	c.src_dom = src;
-	c.dst_dom = dst;
-	c.src_load_q = search.src_load;
-	c.dst_load_q = search.best;
-	c.cpu_not_idle = clamp_field(search.src_busy);
-	{
-		struct dom_ctx *dc = bpf_map_lookup_elem(&dom_ctxs, &dst);
-
-		c.cpu_idle = dc ? clamp_field(dc->nr_idle) : 0;
-	}
-	c.key = pack_key(&c);
-
-	if (collect) {
-		if (explore && (bpf_get_prandom_u32() & 0xffff) < explore) {
-			migrate = bpf_get_prandom_u32() & 1;
-			c.source = MLSCHED_SRC_EXPLORE;
-			cnt_inc(MLSCHED_CNT_EXPLORED);
-		} else {
-			migrate = fallback_migrate(&c);
-			c.source = MLSCHED_SRC_FALLBACK;
-		}
-		cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
-		c.action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
-		push(&c, bpf_ktime_get_ns());
-		goto apply;
-	}
-
-	decision = bpf_map_lookup_elem(&decisions, &c.key);
-	if (decision) {
-		cnt_inc(MLSCHED_CNT_HITS);
-		migrate = *decision == MLSCHED_MIGRATE;
-		cnt_inc(migrate ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
-	} else {
-		cnt_inc(MLSCHED_CNT_MISSES);
-		migrate = fallback_migrate(&c);
-		cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
-		c.action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
-		c.source = MLSCHED_SRC_FALLBACK;
-		submit_once(&c);
-	}
-apply:
-	if (!migrate)
+	if (!build(&c, p, prev_cpu, src, dst, MLSCHED_PATH_WAKEUP) || !decide(&c))
 		return prev_cpu;
 
-	mask = dom_cpus(dst);
+	mask = (const struct cpumask *)dd->cpus;
 	if (!mask)
 		return prev_cpu;
 	cpu = scx_bpf_pick_idle_cpu(mask, 0);
 	if (cpu >= 0) {
 		scx_bpf_dsq_insert(p, SCX_DSQ_LOCAL, slice_ns, 0);
 	} else {
-		/* No idle CPU there: queue on the destination domain all the same. */
+		/* No idle CPU there any more: queue on one of its CPUs all the same. */
 		cpu = scx_bpf_pick_any_cpu(mask, 0);
 		if (cpu < 0)
 			return prev_cpu;
 	}
-	cnt_inc(MLSCHED_CNT_MIGRATIONS);
+	count_move(&c);
 	return cpu;
-}
-
-static __always_inline void insert_vtime(struct task_struct *p, u64 dsq_id, u64 enq_flags)
-{
-	struct scx_bpf_dsq_insert_vtime_args args = {
-		.dsq_id = dsq_id,
-		.slice = slice_ns,
-		.vtime = p->scx.dsq_vtime,
-		.enq_flags = enq_flags,
-	};
-
-	/*
-	 * A sleeper may bank at most one slice of credit, and a task of low
-	 * weight may be queued at most VTIME_MAX_LAG_SLICES ahead: its wait
-	 * stays far below the watchdog's timeout whatever its nice value.
-	 */
-	if ((s64)(args.vtime - (vtime_now - slice_ns)) < 0)
-		args.vtime = vtime_now - slice_ns;
-	else if ((s64)(args.vtime - (vtime_now + VTIME_MAX_LAG_SLICES * slice_ns)) > 0)
-		args.vtime = vtime_now + VTIME_MAX_LAG_SLICES * slice_ns;
-	__scx_bpf_dsq_insert_vtime(p, &args);
 }
 
 void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 {
 	s32 cpu = scx_bpf_task_cpu(p), idle;
-	const struct cpumask *mask;
-	u32 dom;
+	struct task_ctx *tc = task_get(p);
+	struct cpu_ctx *cc;
+	struct dom_ctx *dc;
+	u64 vtime, slice;
+	u32 key = cpu;
+	s32 waiting;
 
 	if (is_loader(p) && (enq_flags & SCX_ENQ_WAKEUP)) {
 		cnt_inc(MLSCHED_CNT_LOADER_WAKEUPS);
@@ -512,78 +672,137 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 		scx_bpf_kick_cpu(cpu, SCX_KICK_PREEMPT);
 		return;
 	}
-	if (is_restricted(p)) {
-		/*
-		 * Its own CPU is always allowed; a domain queue might not be.
-		 * Not the local DSQ: a CPU whose local DSQ never empties (a
-		 * pinned hog) would never serve its domain queue again.
-		 */
-		cnt_inc(MLSCHED_CNT_PINNED);
-		insert_vtime(p, CPU_DSQ(cpu), enq_flags);
+	if (tc)
+		tc->queued_at = bpf_ktime_get_ns();
+
+	waiting = scx_bpf_dsq_nr_queued(CPU_DSQ(cpu));
+	slice = mlsched_slice(slice_ns, slice_min_ns, waiting > 0 ? waiting : 0);
+	vtime = mlsched_vtime_clamp(p->scx.dsq_vtime, vtime_now, slice_ns);
+	scx_bpf_dsq_insert_vtime(p, CPU_DSQ(cpu), slice, vtime, enq_flags);
+
+	/*
+	 * A woken task more than a minimum slice behind the one running on its
+	 * CPU (a sleeper behind a hog) preempts it, as EEVDF would.
+	 */
+	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+	if ((enq_flags & SCX_ENQ_WAKEUP) && cc && cc->run_vtime &&
+	    (s64)(vtime + slice_min_ns - cc->run_vtime) < 0) {
+		cnt_inc(MLSCHED_CNT_PREEMPTS);
+		scx_bpf_kick_cpu(cpu, SCX_KICK_PREEMPT);
+		return;
+	}
+	if (scx_bpf_test_and_clear_cpu_idle(cpu)) {
 		scx_bpf_kick_cpu(cpu, SCX_KICK_IDLE);
 		return;
 	}
-
-	dom = dom_of(cpu);
-	insert_vtime(p, DOM_DSQ(dom), enq_flags);
-
-	/* Wake an idle CPU of the domain, or any idle CPU: it will steal. */
-	mask = dom_cpus(dom);
-	idle = mask ? scx_bpf_pick_idle_cpu(mask, 0) : -1;
+	/* Its CPU is busy: wake an idle sibling to pull it, or any idle CPU to consider a steal. */
+	dc = dom_get(dom_of(cpu));
+	idle = dc && dc->cpus ? scx_bpf_pick_idle_cpu((const struct cpumask *)dc->cpus, 0) : -1;
 	if (idle < 0)
 		idle = scx_bpf_pick_idle_cpu(p->cpus_ptr, 0);
 	if (idle >= 0)
 		scx_bpf_kick_cpu(idle, SCX_KICK_IDLE);
 }
 
-/* State of the search for the domain to steal from (a bpf_loop callback). */
-struct victim_search {
-	u32 home;
-	u32 victim;
-	s32 most;		/* deepest DSQ seen so far */
-};
-
-static long find_victim_cb(u64 d, void *data)
+/* Pull from the sibling with the deepest queue, inside the domain. */
+static bool pull_in_domain(s32 cpu, struct dom_ctx *dc)
 {
-	struct victim_search *s = data;
-	s32 queued;
+	u32 i, most = 0;
+	s32 from = -1;
 
-	if (d == s->home)
-		return 0;
-	queued = scx_bpf_dsq_nr_queued(DOM_DSQ(d));
-	if (queued > s->most) {
-		s->most = queued;
-		s->victim = d;
+	bpf_for(i, 0, dc->nr_cpus) {
+		u32 idx = dc->first + i;
+		s32 q, sib;
+
+		if (idx >= MLSCHED_MAX_CPUS)
+			break;
+		sib = cpu_order[idx];
+		if (sib == cpu)
+			continue;
+		q = scx_bpf_dsq_nr_queued(CPU_DSQ(sib));
+		if (q > most) {
+			most = q;
+			from = sib;
+		}
 	}
-	return 0;
+	if (from < 0 || !scx_bpf_dsq_move_to_local(CPU_DSQ(from), 0))
+		return false;
+	cnt_inc(MLSCHED_CNT_MIGR_DOMAIN);
+	return true;
+}
+
+/* Ask about the first task of another domain's deepest queue that may run here. */
+static void steal(s32 cpu, u32 home)
+{
+	struct mlsched_candidate c = {};
+	u32 victim = busiest_dom == home ? second_busiest : busiest_dom;
+	struct dom_ctx *vd = dom_get(victim);
+	struct task_struct *p;
+	u64 now = bpf_ktime_get_ns();
+
+	if (!vd || victim == home || !vd->queued)
+		return;
+	bpf_for_each(scx_dsq, p, CPU_DSQ(vd->deepest), 0) {
+		struct task_ctx *tc;
+		bool forced;
+
+		if (!bpf_cpumask_test_cpu(cpu, p->cpus_ptr))
+			continue;
+		tc = task_get(p);
+		forced = tc && now - tc->queued_at > starve_ns;
+		if (!build(&c, p, vd->deepest, victim, home, MLSCHED_PATH_STEAL))
+			break;
+		if (forced) {
+			cnt_inc(MLSCHED_CNT_MIGR_FORCED);
+		} else if (!decide(&c)) {
+			break;
+		}
+		if (scx_bpf_dsq_move(BPF_FOR_EACH_ITER, p, SCX_DSQ_LOCAL, 0) && !forced)
+			count_move(&c);
+		break;
+	}
 }
 
 void BPF_STRUCT_OPS(mlsched_dispatch, s32 cpu, struct task_struct *prev)
 {
-	struct victim_search search = { .home = dom_of(cpu) };
-	u64 first = DOM_DSQ(search.home), second = CPU_DSQ(cpu);
-	u32 zero = 0;
-	struct cpu_ctx *cc = bpf_map_lookup_elem(&cpu_ctxs, &zero);
+	u32 home = dom_of(cpu);
+	struct dom_ctx *dc;
 
-	/* Serve the CPU's own queue and its domain's in turn: neither starves. */
-	if (cc && (cc->dispatches++ & 1)) {
-		first = CPU_DSQ(cpu);
-		second = DOM_DSQ(search.home);
-	}
-	if (scx_bpf_dsq_move_to_local(first) || scx_bpf_dsq_move_to_local(second))
+	if (scx_bpf_dsq_move_to_local(CPU_DSQ(cpu), 0))
 		return;
+	dc = dom_get(home);
+	if (!dc)
+		return;
+	if (pull_in_domain(cpu, dc))
+		return;
+	steal(cpu, home);
+}
 
-	/* Home queue empty: steal from the busiest other domain. */
-	bpf_loop(nr_doms, find_victim_cb, &search, 0);
-	if (search.most > 0 && scx_bpf_dsq_move_to_local(DOM_DSQ(search.victim)))
-		cnt_inc(MLSCHED_CNT_STEALS);
+void BPF_STRUCT_OPS(mlsched_tick, struct task_struct *p)
+{
+	refresh(scx_bpf_task_cpu(p));
 }
 
 void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
 {
+	s32 cpu = scx_bpf_task_cpu(p);
+	struct task_ctx *tc = task_get(p);
+	struct cpu_ctx *cc;
+	u32 key = cpu;
+
+	if (tc) {
+		tc->started_at = bpf_ktime_get_ns();
+		if (tc->last_cpu >= 0 && tc->last_cpu != cpu)
+			cnt_inc(dom_of(tc->last_cpu) == dom_of(cpu) ? MLSCHED_CNT_RAN_DOMAIN
+								     : MLSCHED_CNT_RAN_CROSS);
+		tc->last_cpu = cpu;
+	}
 	/* The loader jumps the queue on wakeup: it must not drive the clock. */
 	if (is_loader(p))
 		return;
+	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+	if (cc)
+		cc->run_vtime = p->scx.dsq_vtime;
 	/* Racy but contained: vtime_now only moves forward, roughly. */
 	if ((s64)(vtime_now - p->scx.dsq_vtime) < 0)
 		vtime_now = p->scx.dsq_vtime;
@@ -591,8 +810,58 @@ void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
 
 void BPF_STRUCT_OPS(mlsched_stopping, struct task_struct *p, bool runnable)
 {
-	/* Charge the slice used, scaled by the inverse of the task's weight. */
-	p->scx.dsq_vtime += (slice_ns - p->scx.slice) * 100 / p->scx.weight;
+	struct task_ctx *tc = task_get(p);
+	struct cpu_ctx *cc;
+	u32 key = scx_bpf_task_cpu(p);
+
+	if (tc)
+		p->scx.dsq_vtime += mlsched_vtime_charge(
+			mlsched_ran_ns(bpf_ktime_get_ns(), tc->started_at), p->scx.weight);
+	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+	if (cc)
+		cc->run_vtime = 0;
+}
+
+void BPF_STRUCT_OPS(mlsched_update_idle, s32 cpu, bool idle)
+{
+	refresh(cpu);
+}
+
+/* Which domains the task may use whole; O(domains), only when its affinity changes. */
+static void set_doms(struct task_ctx *tc, const struct cpumask *allowed)
+{
+	u64 full = 0;
+	u32 d;
+
+	bpf_for(d, 0, nr_doms) {
+		struct dom_ctx *dc = dom_get(d);
+
+		if (!dc || !dc->cpus || d >= 64)
+			break;
+		if (bpf_cpumask_subset((const struct cpumask *)dc->cpus, allowed))
+			full |= 1ULL << d;
+	}
+	tc->full_doms = full;
+}
+
+void BPF_STRUCT_OPS(mlsched_set_cpumask, struct task_struct *p, const struct cpumask *cpumask)
+{
+	struct task_ctx *tc = task_get(p);
+
+	if (tc)
+		set_doms(tc, cpumask);
+}
+
+s32 BPF_STRUCT_OPS(mlsched_init_task, struct task_struct *p, struct scx_init_task_args *args)
+{
+	struct task_ctx *tc;
+
+	tc = bpf_task_storage_get(&task_ctxs, p, NULL, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!tc)
+		return -ENOMEM;
+	tc->last_cpu = -1;
+	set_doms(tc, p->cpus_ptr);
+	return 0;
 }
 
 void BPF_STRUCT_OPS(mlsched_enable, struct task_struct *p)
@@ -600,31 +869,13 @@ void BPF_STRUCT_OPS(mlsched_enable, struct task_struct *p)
 	p->scx.dsq_vtime = vtime_now;
 }
 
-void BPF_STRUCT_OPS(mlsched_update_idle, s32 cpu, bool idle)
-{
-	u32 zero = 0, dom = dom_of(cpu);
-	struct dom_ctx *dc;
-	struct cpu_ctx *cc;
-
-	/* Each CPU reports only itself, so its own flag has a single writer. */
-	cc = bpf_map_lookup_elem(&cpu_ctxs, &zero);
-	dc = bpf_map_lookup_elem(&dom_ctxs, &dom);
-	if (!cc || !dc || cc->idle == idle)
-		return;
-	cc->idle = idle;
-	if (idle)
-		__sync_fetch_and_add(&dc->nr_idle, 1);
-	else
-		__sync_fetch_and_sub(&dc->nr_idle, 1);
-}
-
-/* Add one CPU to its domain's cpumask; returns 1 (stop) on failure. */
+/* Add one CPU to its domain's cpumask and queue order; returns 1 (stop) on failure. */
 static long add_cpu_cb(u64 cpu, void *data)
 {
 	struct bpf_cpumask *mask, *old;
 	struct mlsched_dom_stat *ds;
 	struct dom_ctx *dc;
-	u32 d = dom_of(cpu);
+	u32 d = dom_of(cpu), idx;
 
 	if (scx_bpf_create_dsq(CPU_DSQ(cpu), -1))
 		return 1;
@@ -641,13 +892,28 @@ static long add_cpu_cb(u64 cpu, void *data)
 	old = bpf_kptr_xchg(&dc->cpus, mask);
 	if (old)
 		bpf_cpumask_release(old);
-	ds->nr_cpus++;
+	idx = dc->first + dc->nr_cpus;
+	if (idx >= MLSCHED_MAX_CPUS)
+		return 1;
+	cpu_order[idx] = cpu;
+	dc->nr_cpus++;
+	ds->nr_cpus = dc->nr_cpus;
+	return 0;
+}
+
+/* Count the CPUs of each domain, so each domain's slice of cpu_order is known. */
+static long count_cpu_cb(u64 cpu, void *data)
+{
+	u32 d = dom_of(cpu), *sizes = data;
+
+	if (d < MLSCHED_MAX_DOMS)
+		sizes[d]++;
 	return 0;
 }
 
 s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 {
-	u32 d;
+	u32 sizes[MLSCHED_MAX_DOMS] = {}, d, first = 0;
 	s32 ret;
 
 	nr_cpus = cfg_get(MLSCHED_CFG_NR_CPUS);
@@ -655,30 +921,39 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	fallback_policy = cfg_get(MLSCHED_CFG_FALLBACK);
 	if (cfg_get(MLSCHED_CFG_SLICE_NS))
 		slice_ns = cfg_get(MLSCHED_CFG_SLICE_NS);
+	if (cfg_get(MLSCHED_CFG_SLICE_MIN_NS))
+		slice_min_ns = cfg_get(MLSCHED_CFG_SLICE_MIN_NS);
+	if (slice_min_ns > slice_ns)
+		slice_min_ns = slice_ns;
+	if (cfg_get(MLSCHED_CFG_STARVE_NS))
+		starve_ns = cfg_get(MLSCHED_CFG_STARVE_NS);
 	if (cfg_get(MLSCHED_CFG_RESUBMIT_NS))
 		resubmit_ns = cfg_get(MLSCHED_CFG_RESUBMIT_NS);
 	collect = cfg_get(MLSCHED_CFG_COLLECT);
-	loader_tgid = cfg_get(MLSCHED_CFG_LOADER_TGID);
+	loader_tid = cfg_get(MLSCHED_CFG_LOADER_TID);
 	explore = cfg_get(MLSCHED_CFG_EXPLORE);
+	grid_cpus = cfg_get(MLSCHED_CFG_GRID_CPUS);
+	grid_dom_cpus = cfg_get(MLSCHED_CFG_GRID_DOM_CPUS);
+	kernel_inference = cfg_get(MLSCHED_CFG_INFERENCE);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
-		mlsched_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
+		scx_bpf_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;
 	}
 
-	for (d = 0; d < MLSCHED_MAX_DOMS; d++) {
-		if (d >= nr_doms)
-			break;
-		ret = scx_bpf_create_dsq(DOM_DSQ(d), -1);
-		if (ret) {
-			mlsched_error("failed to create DSQ for domain %u (%d)", d, ret);
-			return ret;
-		}
+	bpf_loop(nr_cpus, count_cpu_cb, sizes, 0);
+	bpf_for(d, 0, nr_doms) {
+		struct dom_ctx *dc = dom_get(d);
+
+		if (!dc || d >= MLSCHED_MAX_DOMS)
+			return -ENOENT;
+		dc->first = first;
+		first += sizes[d];
 	}
 
-	/* Build each domain's cpumask one CPU at a time. */
+	/* Build each domain's cpumask and queue order one CPU at a time. */
 	ret = bpf_loop(nr_cpus, add_cpu_cb, NULL, 0);
 	if (ret < 0 || ret != nr_cpus) {
-		mlsched_error("failed to build the domain cpumasks (%d)", ret);
+		scx_bpf_error("failed to build the domain cpumasks (%d)", ret);
 		return ret < 0 ? ret : -ENOMEM;
 	}
 	return 0;
@@ -695,22 +970,23 @@ void BPF_STRUCT_OPS(mlsched_exit, struct scx_exit_info *ei)
 	bpf_probe_read_kernel_str(info->msg, sizeof(info->msg), ei->msg);
 	info->exit_code = ei->exit_code;
 	/* Written last: user space treats kind != 0 as "the scheduler left". */
-	info->kind = ei->kind;
+	__sync_val_compare_and_swap(&info->kind, info->kind, ei->kind);
 }
 
-SEC(".struct_ops.link")
-struct sched_ext_ops mlsched_ops = {
-	.select_cpu	= (void *)mlsched_select_cpu,
-	.enqueue	= (void *)mlsched_enqueue,
-	.dispatch	= (void *)mlsched_dispatch,
-	.running	= (void *)mlsched_running,
-	.stopping	= (void *)mlsched_stopping,
-	.enable		= (void *)mlsched_enable,
-	.update_idle	= (void *)mlsched_update_idle,
-	.init		= (void *)mlsched_init,
-	.exit		= (void *)mlsched_exit,
-	/* update_idle is ours, but pick_idle_cpu still needs the kernel's tracking. */
-	.flags		= SCX_OPS_KEEP_BUILTIN_IDLE,
-	.timeout_ms	= WATCHDOG_TIMEOUT_MS,
-	.name		= "mlsched",
-};
+SCX_OPS_DEFINE(mlsched_ops,
+	       .select_cpu	= (void *)mlsched_select_cpu,
+	       .enqueue		= (void *)mlsched_enqueue,
+	       .dispatch	= (void *)mlsched_dispatch,
+	       .tick		= (void *)mlsched_tick,
+	       .running		= (void *)mlsched_running,
+	       .stopping	= (void *)mlsched_stopping,
+	       .update_idle	= (void *)mlsched_update_idle,
+	       .set_cpumask	= (void *)mlsched_set_cpumask,
+	       .init_task	= (void *)mlsched_init_task,
+	       .enable		= (void *)mlsched_enable,
+	       .init		= (void *)mlsched_init,
+	       .exit		= (void *)mlsched_exit,
+	       /* update_idle is ours, but pick_idle_cpu needs the kernel's tracking too. */
+	       .flags		= SCX_OPS_KEEP_BUILTIN_IDLE,
+	       .timeout_ms	= WATCHDOG_TIMEOUT_MS,
+	       .name		= "mlsched");

@@ -1,7 +1,9 @@
-"""Map and ring-buffer access through bcc's libbcc, on map fds that libbpf created.
+"""Map and ring-buffer access through bcc's libbcc_bpf, on map fds that libbpf created.
 
-Nothing here compiles a bcc program (that costs seconds and needs kernel headers): libbcc's
-map and ring-buffer calls work on any map fd, including maps pinned by another process.
+libbcc_bpf.so.0 is bcc's own map and ring-buffer library (Debian's libbpfcc, which python3-bpfcc
+depends on): the calls bcc.libbcc makes, without the LLVM and clang that libbcc.so.0 links
+(~60 MB of mappings). Nothing here compiles a bcc program (that costs seconds and needs
+kernel headers): these calls work on any map fd, including maps pinned by another process.
 """
 
 from __future__ import annotations
@@ -11,8 +13,28 @@ import os
 from collections.abc import Callable
 
 import numpy as np
-from bcc.libbcc import _RINGBUF_CB_TYPE
-from bcc.libbcc import lib as bcc
+
+BCC_BPF_LIB = "libbcc_bpf.so.0"
+bcc = ctypes.CDLL(BCC_BPF_LIB, use_errno=True)
+_vp, _int, _u32p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32)
+# Prototypes from bcc's src/cc/libbpf.h.
+for _name, _res, _args in (
+    ("bpf_update_elem", _int, [_int, _vp, _vp, ctypes.c_ulonglong]),
+    ("bpf_lookup_elem", _int, [_int, _vp, _vp]),
+    ("bpf_delete_elem", _int, [_int, _vp]),
+    ("bpf_get_first_key", _int, [_int, _vp, ctypes.c_size_t]),
+    ("bpf_get_next_key", _int, [_int, _vp, _vp]),
+    ("bpf_update_batch", _int, [_int, _vp, _vp, _u32p]),
+    ("bpf_lookup_batch", _int, [_int, _u32p, _u32p, _vp, _vp, _u32p]),
+    ("bpf_new_ringbuf", _vp, [_int, _vp, _vp]),
+    ("bpf_free_ringbuf", None, [_vp]),
+    ("bpf_poll_ringbuf", _int, [_vp, _int]),
+    ("bpf_consume_ringbuf", _int, [_vp]),
+):
+    _fn = getattr(bcc, _name)
+    _fn.restype, _fn.argtypes = _res, _args
+# ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
+_RINGBUF_CB_TYPE = ctypes.CFUNCTYPE(_int, _vp, _vp, ctypes.c_size_t)
 
 
 class MapError(Exception):
@@ -99,6 +121,12 @@ class StructArray:
         return val
 
 
+def write_struct(fd: int, index: int, value: ctypes.Structure) -> None:
+    """Write one ARRAY map element whose value is a C struct."""
+    key = ctypes.c_uint32(index)
+    _check(bcc.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "update")
+
+
 def set_u32_array(fd: int, values: list[int]) -> None:
     """Write values[i] at index i of a u32 ARRAY map."""
     for i, v in enumerate(values):
@@ -169,6 +197,10 @@ class RingBufferReader:
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for records; returns how many were consumed (or -errno)."""
         return bcc.bpf_poll_ringbuf(self._mgr, timeout_ms)
+
+    def consume(self) -> int:
+        """Take every record already in the ring, without waiting; returns how many."""
+        return bcc.bpf_consume_ringbuf(self._mgr)
 
     def close(self) -> None:
         if self._mgr:

@@ -47,6 +47,8 @@ MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
 # Map names in bpf/mlsched.bpf.c.
 MAP_CANDIDATES = "candidates"  # ring buffer of struct mlsched_candidate
 MAP_DECISIONS = "decisions"  # u64 key -> u32 enum Decision
+MAP_DECISION_GRID = "decision_grid"  # mmapable u64[] holding one GridCode byte per grid key
+MAP_MLP_WEIGHTS = "mlp_weights"  # struct mlsched_mlp[2]: the in-kernel network, two slots
 MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
 MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
 MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
@@ -76,6 +78,18 @@ class Decision(IntEnum):
     MIGRATE = 1
 
 
+class GridCode(IntEnum):
+    """A decision grid byte."""
+
+    UNDECIDED = 0
+    KEEP = 1
+    MIGRATE = 2
+
+
+GRID_MAX_KEYS = 1 << 26
+GEN_SHIFT = 8  # decisions hash value: (generation << GEN_SHIFT) | Decision
+
+
 class Source(IntEnum):
     """Who chose a candidate's action."""
 
@@ -84,7 +98,15 @@ class Source(IntEnum):
     EXPLORE = 2
 
 
-EXPLORE_SCALE = 65536  # Config.EXPLORE is a probability in 1/EXPLORE_SCALE units
+EXPLORE_SCALE = 65536  # Config.EXPLORE, Candidate.prob_q16: probabilities in 1/EXPLORE_SCALE
+VTIME_MAX_LAG_SLICES = 4
+
+
+class Path(IntEnum):
+    """Where a candidate was built."""
+
+    WAKEUP = 0
+    STEAL = 1
 
 
 class Fallback(IntEnum):
@@ -106,11 +128,19 @@ class Counter(IntEnum):
     FALLBACK_KEEP = 9
     SUBMITTED = 10
     RB_DROPS = 11
-    MIGRATIONS = 12
-    STEALS = 13
-    PINNED = 14
-    EXPLORED = 15
-    LOADER_WAKEUPS = 16
+    STEAL_CANDIDATES = 12
+    MIGR_MODEL = 13
+    MIGR_FALLBACK = 14
+    MIGR_FORCED = 15
+    MIGR_DOMAIN = 16
+    RAN_CROSS = 17
+    RAN_DOMAIN = 18
+    PREEMPTS = 19
+    RESTRICTED = 20
+    EXPLORED = 21
+    LOADER_WAKEUPS = 22
+    KINFER = 23
+    KINFER_NS = 24
 
 
 NR_COUNTERS = len(Counter)
@@ -129,6 +159,12 @@ class LoaderStat(IntEnum):
     LOADER_PID = 9
     EV_LAT_NS_SUM = 10
     TABLE_ENTRIES = 11
+    RESTARTS = 12
+    RELOADS = 13
+    RELOAD_FAILURES = 14
+    MODEL_DIGEST = 15
+    GRID_KEYS = 16
+    GRID_DECIDED = 17
 
 
 NR_LOADER_STATS = len(LoaderStat)
@@ -157,6 +193,7 @@ class Backend(IntEnum):
     NONE = 0
     TF = 1
     NUMPY = 2
+    KERNEL = 3
 
 
 class Config(IntEnum):
@@ -167,7 +204,13 @@ class Config(IntEnum):
     RESUBMIT_NS = 4
     COLLECT = 5
     EXPLORE = 6
-    LOADER_TGID = 7
+    LOADER_TID = 7
+    SLICE_MIN_NS = 8
+    STARVE_NS = 9
+    GRID_CPUS = 10
+    GRID_DOM_CPUS = 11
+    MODEL_GEN = 12
+    INFERENCE = 13
 
 
 NR_CONFIG = len(Config)
@@ -189,6 +232,8 @@ class Candidate(ctypes.Structure):
         ("dst_load_q", ctypes.c_uint32),
         ("action", ctypes.c_uint32),
         ("source", ctypes.c_uint32),
+        ("path", ctypes.c_uint32),
+        ("prob_q16", ctypes.c_uint32),
     ]
 
 
@@ -201,6 +246,36 @@ class ExitInfo(ctypes.Structure):
         ("pad", ctypes.c_uint32),
         ("reason", ctypes.c_char * EXIT_REASON_LEN),
         ("msg", ctypes.c_char * EXIT_MSG_LEN),
+    ]
+
+
+MLP_MAX_LAYERS = 3
+MLP_MAX_UNITS = 64
+MLP_FRAC_BITS = 16
+
+
+class MlpAct(IntEnum):
+    LINEAR = 0
+    RELU = 1
+
+
+class MlpOut(IntEnum):
+    LOGIT = 0  # the final sigmoid dropped: migrate when z > 0
+    LINEAR = 1  # a linear output: migrate when z > 0.5
+
+
+class Mlp(ctypes.Structure):
+    """struct mlsched_mlp."""
+
+    _fields_ = [
+        ("generation", ctypes.c_uint32),
+        ("nr_layers", ctypes.c_uint32),
+        ("out_rule", ctypes.c_uint32),
+        ("nr_in", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("nr_out", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("act", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("weight", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_UNITS * MLP_MAX_LAYERS),
+        ("bias", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_LAYERS),
     ]
 
 
@@ -230,6 +305,36 @@ def pack_key(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_lo
     )
 
 
+def heuristic_migrate(src_load_q: np.ndarray, dst_load_q: np.ndarray,
+                      cpu_idle: np.ndarray) -> np.ndarray:
+    """The kernel's heuristic fallback (mlsched_heuristic in bpf/mlsched_policy.h), vectorised:
+    migrate when the source is a quarter of LOAD_SCALE busier and the destination has an idle
+    CPU. tests/host/test_policy.py checks it against the compiled C."""
+    src = np.asarray(src_load_q, dtype=np.int64)
+    dst = np.asarray(dst_load_q, dtype=np.int64)
+    return (src >= dst + LOAD_SCALE // 4) & (np.asarray(cpu_idle) > 0)
+
+
+def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray) -> np.ndarray:
+    """P(logging policy took `action`), 0..1: a coin flip with probability explore_q16/65536,
+    else the fallback's own choice (mlsched_propensity_q16 in bpf/mlsched_policy.h)."""
+    same = np.asarray(fallback_action).astype(bool) == np.asarray(action).astype(bool)
+    p = explore_q16 // 2 + np.where(same, EXPLORE_SCALE - explore_q16, 0)
+    return p / EXPLORE_SCALE
+
+
+def pack_keys(cpu: np.ndarray, cpu_idle: np.ndarray, cpu_not_idle: np.ndarray,
+              src_load_q: np.ndarray, dst_load_q: np.ndarray) -> np.ndarray:
+    """Vectorised pack_key: uint64 keys from integer field arrays (fields clamped as BPF does)."""
+    u = np.uint64
+    f = u(KEY_FIELD_MAX)
+    return ((np.asarray(cpu).astype(u) << u(KEY_CPU_SHIFT))
+            | (np.minimum(np.asarray(cpu_idle).astype(u), f) << u(KEY_IDLE_SHIFT))
+            | (np.minimum(np.asarray(cpu_not_idle).astype(u), f) << u(KEY_NOT_IDLE_SHIFT))
+            | (np.asarray(src_load_q).astype(u) << u(KEY_SRC_SHIFT))
+            | (np.asarray(dst_load_q).astype(u) << u(KEY_DST_SHIFT)))
+
+
 def unpack_keys(keys: np.ndarray) -> np.ndarray:
     """Model input [n, 10] float32 for packed keys: exactly what the kernel quantized."""
     keys = np.asarray(keys, dtype=np.uint64)
@@ -241,6 +346,38 @@ def unpack_keys(keys: np.ndarray) -> np.ndarray:
     x[:, 3] = ((keys >> np.uint64(KEY_SRC_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
     x[:, 4] = ((keys >> np.uint64(KEY_DST_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
     return x
+
+
+def grid_size(nr_cpus: int, dom_cpus: int) -> int:
+    """Keys in the dense decision grid (mlsched_grid_size in bpf/mlsched_policy.h)."""
+    return nr_cpus * (dom_cpus + 1) ** 2 * (LOAD_SCALE + 1) ** 2
+
+
+def grid_index(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int,
+               nr_cpus: int, dom_cpus: int) -> int:
+    """A key's place in the grid, or -1 (mlsched_grid_index in bpf/mlsched_policy.h)."""
+    if (cpu >= nr_cpus or cpu_idle > dom_cpus or cpu_not_idle > dom_cpus
+            or src_load_q > LOAD_SCALE or dst_load_q > LOAD_SCALE):
+        return -1
+    d, n = dom_cpus + 1, LOAD_SCALE + 1
+    return (((cpu * d + cpu_idle) * d + cpu_not_idle) * n + src_load_q) * n + dst_load_q
+
+
+def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Packed keys of grid indices [start, stop), in index order (every key the machine can
+    produce, on the wakeup path and the steal path alike)."""
+    stop = grid_size(nr_cpus, dom_cpus) if stop is None else stop
+    idx = np.arange(start, stop, dtype=np.uint64)
+    d, n = np.uint64(dom_cpus + 1), np.uint64(LOAD_SCALE + 1)
+    dst = idx % n
+    idx //= n
+    src = idx % n
+    idx //= n
+    busy = idx % d
+    idx //= d
+    idle = idx % d
+    cpu = idx // d
+    return pack_keys(cpu, idle, busy, src, dst)
 
 
 def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:

@@ -1,20 +1,21 @@
 """The kernel's own policies in Python: the fallback, and collection mode's logging policy.
 
-One definition each of what bpf/mlsched.bpf.c does without the model, for the layers above
-(training, evaluation, the dataset reader):
+For the layers above (training, evaluation, the dataset reader), on arrays:
 
 - fallback_migrate() is fallback_migrate() of the BPF side: `keep`, `migrate`, or the
-  heuristic: migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination domain
-  has an idle CPU (cpu_idle > 0). It is a pure function of a candidate's features, so it can be
-  recomputed from any row or decision key.
-- In collection mode select_cpu flips a coin with probability P = explore / EXPLORE_SCALE
-  (`(bpf_get_prandom_u32() & 0xffff) < explore`), and a second, fair coin then picks the
+  heuristic (contract.heuristic_migrate, mlsched_heuristic in bpf/mlsched_policy.h, checked
+  against the compiled C by tests/host/test_policy.py): migrate when src_load_q >= dst_load_q +
+  LOAD_SCALE / 4 and the destination domain has an idle CPU. A pure function of a candidate's
+  features, so it can be recomputed from any row or decision key.
+- In collection mode decide() flips a coin with probability P = explore / EXPLORE_SCALE
+  (`bpf_get_prandom_u32() % EXPLORE_SCALE < explore`), and a second, fair coin then picks the
   action; otherwise the fallback decides. The probability that the logging policy took the
   action it took (its propensity) is therefore P/2 + (1 - P) when the fallback would have
-  chosen that action, and P/2 when not. With explore as an integer it is exact in units of
-  1 / PROPENSITY_SCALE (= 1 / (2 * EXPLORE_SCALE)): propensity_q() computes it so.
+  chosen that action, and P/2 when not. propensity_q() gives it exactly, in units of
+  1 / PROPENSITY_SCALE (= 1 / (2 * EXPLORE_SCALE)); the kernel records it in the candidate as
+  prob_q16 (mlsched_propensity_q16) in 1/65536 units, rounded down: propensity_q() >> 1.
 
-No TensorFlow, numpy only; the numpy functions take arrays (or scalars) of any shape.
+No TensorFlow, numpy only.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ PROPENSITY_SCALE = 2 * contract.EXPLORE_SCALE  # propensities are exact in these
 def heuristic_migrate(cpu_idle: np.ndarray, src_load_q: np.ndarray, dst_load_q: np.ndarray
                       ) -> np.ndarray:
     """The kernel's heuristic on quantized features: bool array, True = migrate."""
-    gap = np.asarray(src_load_q, dtype=np.int64) - np.asarray(dst_load_q, dtype=np.int64)
-    return (gap >= HEURISTIC_GAP_Q) & (np.asarray(cpu_idle) > 0)
+    return contract.heuristic_migrate(src_load_q, dst_load_q, cpu_idle)
 
 
 def fallback_migrate(policy: contract.Fallback | int, cpu_idle: np.ndarray,
@@ -75,6 +75,12 @@ def propensity_q(action: np.ndarray, fallback_action: np.ndarray, explore_q: np.
     explore = np.asarray(explore_q, dtype=np.int64)
     same = np.asarray(action, dtype=np.int64) == np.asarray(fallback_action, dtype=np.int64)
     return explore + np.where(same, 2 * (contract.EXPLORE_SCALE - explore), 0)
+
+
+def kernel_prob_q16(action: np.ndarray, fallback_action: np.ndarray, explore_q: np.ndarray
+                    ) -> np.ndarray:
+    """What the kernel records as the candidate's prob_q16: propensity_q() >> 1."""
+    return propensity_q(action, fallback_action, explore_q) >> 1
 
 
 def propensity(action: np.ndarray, fallback_action: np.ndarray, explore_q: np.ndarray

@@ -5,8 +5,8 @@ SavedModel out of the graph TF itself runs, evaluates both TF and numpy on the w
 feature grid of a sizeable machine plus random inputs, and only when every decision agrees
 writes assets/mlsched_fastpath.npz, stamped with the digest of the model's files.
 NumpyModel (loader side, no TensorFlow) runs that file. check_model_dir() accepts the file
-only while the digest still matches, so a re-exported model falls back to TF, never to stale
-weights.
+only while the digest still matches, so a model changed behind the manifest's back (see
+loader/model_check.py) falls back to TF, never to stale weights.
 
 How the Dense stack is found: the `serving_default` concrete function is frozen with
 convert_variables_to_constants_v2, which inlines the nested Keras call functions and turns
@@ -285,11 +285,13 @@ def write_fastpath(
 ) -> FastpathResult:
     """Verify a plain Dense stack against TF and write its fast-path file (needs TensorFlow).
 
-    Raises ModelError when the directory fails check_model_dir. Otherwise returns a result;
+    Raises ModelError when the directory fails check_model_dir (its manifest aside: the
+    caller writes it afterwards, see model_dir/export_verified.py) or TF cannot load it.
+    Otherwise returns a result;
     when the model is not a Dense stack or numpy disagrees with TF, nothing is written (and an
     older fast-path file is removed).
     """
-    info = check_model_dir(model_dir)
+    info = check_model_dir(model_dir, manifest=False)  # the caller writes the manifest next
     file = info.fastpath_file
     removed = ""
     if file.exists():
@@ -301,7 +303,13 @@ def write_fastpath(
         convert_variables_to_constants_v2,
     )
 
-    loaded = tf.saved_model.load(str(info.path))  # keep: the signature only weakly holds vars
+    try:  # keep `loaded`: the signature only weakly holds the variables
+        loaded = tf.saved_model.load(str(info.path))
+    except Exception as e:  # damaged variables (TF checks their crc32c), a broken graph...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(
+            f"TensorFlow cannot load {info.path}: {type(e).__name__}: {first} (re-export it)"
+        ) from e
     sig = loaded.signatures[SIGNATURE_KEY]
     try:
         try:

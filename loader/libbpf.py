@@ -39,6 +39,26 @@ _lib.bpf_obj_get.restype = ctypes.c_int
 _lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
 _lib.libbpf_get_error.restype = ctypes.c_long
 _lib.libbpf_get_error.argtypes = [_vp]
+_lib.bpf_object__find_program_by_name.restype = _vp
+_lib.bpf_object__find_program_by_name.argtypes = [_vp, ctypes.c_char_p]
+_lib.bpf_program__fd.restype = ctypes.c_int
+_lib.bpf_program__fd.argtypes = [_vp]
+_lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, _vp]
+_lib.bpf_map__initial_value.restype = _vp
+_lib.bpf_map__initial_value.argtypes = [_vp, ctypes.POINTER(ctypes.c_size_t)]
+_lib.bpf_object__btf.restype = _vp
+_lib.bpf_object__btf.argtypes = [_vp]
+_lib.btf__load_vmlinux_btf.restype = _vp
+_lib.btf__load_vmlinux_btf.argtypes = []
+_lib.btf__free.restype = None
+_lib.btf__free.argtypes = [_vp]
+_lib.btf__find_by_name_kind.restype = ctypes.c_int
+_lib.btf__find_by_name_kind.argtypes = [_vp, ctypes.c_char_p, ctypes.c_uint32]
+_lib.btf__type_by_id.restype = _vp
+_lib.btf__type_by_id.argtypes = [_vp, ctypes.c_uint32]
+_lib.btf__name_by_offset.restype = ctypes.c_char_p
+_lib.btf__name_by_offset.argtypes = [_vp, ctypes.c_uint32]
 
 # libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *fmt, va_list args)
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, _vp)
@@ -90,6 +110,119 @@ def obj_get(path: str) -> int:
     return fd
 
 
+# BTF kinds and records (include/uapi/linux/btf.h): libbpf returns raw struct btf_type
+# pointers, each followed by vlen records of the kind's own layout.
+BTF_KIND_STRUCT, BTF_KIND_ENUM, BTF_KIND_DATASEC, BTF_KIND_ENUM64 = 4, 6, 15, 19
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32),
+                ("size_or_type", ctypes.c_uint32)]
+
+
+class _Rec3(ctypes.Structure):
+    """btf_member, btf_var_secinfo and btf_enum64 are all three u32s."""
+
+    _fields_ = [("a", ctypes.c_uint32), ("b", ctypes.c_uint32), ("c", ctypes.c_uint32)]
+
+
+class _BtfEnum(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val", ctypes.c_int32)]
+
+
+class Btf:
+    """Read-only view of a libbpf struct btf (the object's, or the running kernel's)."""
+
+    def __init__(self, ptr: int, owned: bool) -> None:
+        self._ptr = ptr
+        self._owned = owned
+
+    @classmethod
+    def vmlinux(cls) -> Btf:
+        ptr = _lib.btf__load_vmlinux_btf()
+        if not ptr or _lib.libbpf_get_error(ptr):
+            raise LibbpfError("cannot read the kernel's BTF (/sys/kernel/btf/vmlinux)")
+        return cls(ptr, owned=True)
+
+    def close(self) -> None:
+        if self._owned and self._ptr:
+            _lib.btf__free(self._ptr)
+        self._ptr = 0
+
+    def _records(self, type_id: int, rec: type[ctypes.Structure]) -> tuple[int, list]:
+        t = _BtfType.from_address(_lib.btf__type_by_id(self._ptr, type_id))
+        vlen = t.info & 0xFFFF
+        base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+        return t.info >> 24 & 0x1F, [rec.from_address(base + i * ctypes.sizeof(rec))
+                                     for i in range(vlen)]
+
+    def _name(self, off: int) -> str:
+        return (_lib.btf__name_by_offset(self._ptr, off) or b"").decode()
+
+    def find(self, name: str, kind: int) -> int:
+        """Type id of a named type of this kind, or -1."""
+        tid = _lib.btf__find_by_name_kind(self._ptr, name.encode(), kind)
+        return tid if tid > 0 else -1
+
+    def enum_values(self, name: str) -> dict[str, int]:
+        """Members of enum `name` (32- or 64-bit); empty when the kernel has no such enum."""
+        for kind in (BTF_KIND_ENUM64, BTF_KIND_ENUM):
+            tid = self.find(name, kind)
+            if tid < 0:
+                continue
+            if kind == BTF_KIND_ENUM:
+                return {self._name(e.name_off): e.val & 0xFFFFFFFF
+                        for e in self._records(tid, _BtfEnum)[1]}
+            return {self._name(r.a): r.b | (r.c << 32) for r in self._records(tid, _Rec3)[1]}
+        return {}
+
+    def datasec_vars(self, section: str) -> dict[str, tuple[int, int]]:
+        """Variable name -> (offset, size) in a data section such as .rodata."""
+        tid = self.find(section, BTF_KIND_DATASEC)
+        if tid < 0:
+            return {}
+        out = {}
+        for r in self._records(tid, _Rec3)[1]:  # btf_var_secinfo: type, offset, size
+            var = _BtfType.from_address(_lib.btf__type_by_id(self._ptr, r.a))
+            out[self._name(var.name_off)] = (r.b, r.c)
+        return out
+
+    def member_offset(self, struct: str, member: str) -> int:
+        """Byte offset of a struct member; -1 when the struct or member is unknown."""
+        tid = self.find(struct, BTF_KIND_STRUCT)
+        if tid < 0:
+            return -1
+        for r in self._records(tid, _Rec3)[1]:  # btf_member: name_off, type, offset (bits)
+            if self._name(r.a) == member:
+                return (r.c & 0xFFFFFF) // 8
+        return -1
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf >= 1.0)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", _vp), ("data_out", _vp),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", _vp), ("ctx_out", _vp),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def test_run(prog_fd: int, ctx: ctypes.Structure) -> int:
+    """Run a syscall program once on ctx (the kernel writes it back in place, ctx_out must be
+    unset for this program type); returns the program's return value."""
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
+    opts.ctx_in = ctypes.addressof(ctx)
+    opts.ctx_size_in = ctypes.sizeof(ctx)
+    if _lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)) != 0:
+        raise _errno_error("BPF_PROG_TEST_RUN", ctypes.get_errno())
+    return opts.retval
+
+
 class BpfObject:
     """One opened BPF object file; close() releases it (and detaches nothing by itself)."""
 
@@ -111,6 +244,27 @@ class BpfObject:
         if err:
             raise _errno_error(f"set max_entries of {map_name}", err)
 
+    def initial_value(self, map_name: str) -> tuple[int, int]:
+        """(address, size) of a map's data before load: .rodata, or a struct_ops map's struct."""
+        size = ctypes.c_size_t(0)
+        addr = _lib.bpf_map__initial_value(self._map(map_name), ctypes.byref(size))
+        if not addr:
+            raise LibbpfError(f"{self.path}: map {map_name} has no initial value")
+        return addr, size.value
+
+    def btf(self) -> Btf:
+        ptr = _lib.bpf_object__btf(self._obj)
+        if not ptr:
+            raise LibbpfError(f"{self.path} has no BTF")
+        return Btf(ptr, owned=False)
+
+    def set_u64(self, map_name: str, offset: int, value: int) -> None:
+        """Write a u64 into a map's initial value (before load)."""
+        addr, size = self.initial_value(map_name)
+        if offset < 0 or offset + 8 > size:
+            raise LibbpfError(f"{map_name}: offset {offset} outside its {size} bytes")
+        ctypes.c_uint64.from_address(addr + offset).value = value & (1 << 64) - 1
+
     def load(self) -> None:
         err = _lib.bpf_object__load(self._obj)
         if err:
@@ -121,6 +275,12 @@ class BpfObject:
         if fd < 0:
             raise _errno_error(f"fd of map {name}", fd)
         return fd
+
+    def prog_fd(self, name: str) -> int:
+        prog = _lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        if not prog:
+            raise LibbpfError(f"{self.path} has no program named {name!r}")
+        return _lib.bpf_program__fd(prog)
 
     def attach_struct_ops(self, map_name: str) -> StructOpsLink:
         link = _lib.bpf_map__attach_struct_ops(self._map(map_name))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from loader import contract
-from loader.cli import Stop, interval_s, number_in, positive_int, ringbuf_size
+from loader.cli import Reload, Stop, interval_s, number_in, positive_int, ringbuf_size
 
 log = logging.getLogger("mlsched")
 
@@ -33,7 +33,9 @@ examples:
   sudo mlsched-load --model DIR --stats 2                   # print the stats block every 2 s
   mlsched-stats --once                                       # in another shell: the counters
 
-Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. If the kernel ejects the
+Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. SIGHUP checks the model
+directory again and switches to it without detaching (the old model's decisions are dropped;
+a model that fails its checks is refused and the old one keeps serving). If the kernel ejects the
 scheduler, the reason is printed and the exit status is 1.
 """
 
@@ -70,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         "model has one, else TensorFlow (default: auto)",
     )
     p.add_argument(
+        "--inference",
+        choices=("user", "kernel"),
+        default="user",
+        help="user: the loader decides candidates the table misses (ring buffer); kernel: the "
+        "scheduler evaluates the model's Dense stack in fixed point on a miss, the loader only "
+        "loads the weights (refused when it agrees with the model on < 99.9%% of keys) "
+        "(default: user)",
+    )
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=64,
@@ -103,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=20000,
         metavar="US",
         help="time slice in microseconds (default: 20000)",
+    )
+    p.add_argument(
+        "--slice-min-us",
+        type=positive_int,
+        default=1000,
+        metavar="US",
+        help="shortest slice, given when a CPU's queue is deep: the slice is "
+        "slice-us / (1 + tasks waiting), at least this (default: 1000)",
+    )
+    p.add_argument(
+        "--starve-ms",
+        type=positive_int,
+        default=80,
+        metavar="MS",
+        help="starvation guard: a task queued longer than this is stolen by an idle CPU of "
+        "another domain whatever the decision, counted as forced (default: 80)",
     )
     p.add_argument(
         "--ringbuf-size",
@@ -180,52 +207,130 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_domains(args.domains)
     except DomainError as e:
         return fail(str(e))
+    args.kernel_mlp = None
+    if args.inference == "kernel":
+        from loader.kernel_mlp import prepare
+
+        try:
+            args.kernel_mlp = prepare(model_info.path, plan.nr_cpus, plan.max_dom_cpus)
+        except ModelError as e:
+            return fail(str(e))
     return run(args, model_info, plan)
 
 
+def since_start_s() -> float:
+    """Seconds since this process started (interpreter start-up and imports included)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def attach(args: argparse.Namespace, plan: object) -> object:
+    """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
+    from loader.scheduler import Scheduler, clean_stale_pins
+    from loader.table import grid_dims
+
+    clean_stale_pins(args.pin_dir)
+    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose,
+                      grid_dims(plan.nr_cpus, plan.max_dom_cpus))
+    try:
+        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
+                        args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
+                        starve_ns=args.starve_ms * 1_000_000)
+        if args.kernel_mlp is not None:
+            sched.load_kernel_mlp(args.kernel_mlp)
+        sched.attach()
+        sched.pin(args.pin_dir)
+    except BaseException:
+        sched.close()
+        raise
+    return sched
+
+
 def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
+    """Attach, serve, detach; again after a CPU hotplug exit (scx's restart loop)."""
     from loader import libbpf
-    from loader.bpfmaps import RingBufferReader
+    from loader.domains import DomainError, plan_domains
     from loader.pipeline import DecisionPipeline
-    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins, scx_state
+    from loader.scheduler import SchedulerError, scx_state
     from loader.stats_publisher import StatsPublisher
 
     stop = Stop()
     stop.install()
-
+    reload = Reload().install()
     if scx_state() == "unsupported":
         return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
-    try:
-        clean_stale_pins(args.pin_dir)
-        sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
-    except (libbpf.LibbpfError, SchedulerError) as e:
-        return fail(str(e), 1)
-    try:
-        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
-                        args.resubmit_ms * 1_000_000)
-        sched.attach()
-        sched.pin(args.pin_dir)
-    except (libbpf.LibbpfError, SchedulerError, OSError) as e:
-        sched.close()
-        return fail(str(e), 1)
-    log.info(
-        "attached %s: %d CPUs in %s; fallback %s until the model is ready",
-        contract.SCHED_NAME,
-        sum(len(d) for d in plan.domains),
-        plan.reason,
-        args.fallback,
-    )
 
-    pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
-    publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
-    loader_thread = threading.Thread(
-        target=load_model, args=(model_info, args.backend, pipeline, publisher), daemon=True
-    )
-    if not args.no_model:
-        loader_thread.start()
+    pipeline = publisher = None
+    while True:
+        try:
+            sched = attach(args, plan)
+        except (libbpf.LibbpfError, SchedulerError, OSError) as e:
+            return fail(str(e), 1)
+        log.info(
+            "attached %s %.1f s after start: %d CPUs in %s; %s",
+            contract.SCHED_NAME,
+            since_start_s(),
+            sum(len(d) for d in plan.domains),
+            plan.reason,
+            "model serving" if pipeline and pipeline.model else
+            f"fallback {args.fallback} until the model is ready",
+        )
+        if pipeline is None:
+            pipeline = DecisionPipeline(sched.table, args.batch_size, args.max_wait_ms / 1000)
+            publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
+            if args.kernel_mlp is not None:
+                from loader.kernel_mlp import KernelBackend
+
+                pipeline.set_model(KernelBackend(args.kernel_mlp), model_info)
+            elif not args.no_model:
+                threading.Thread(target=load_model, daemon=True,
+                                 args=(model_info, args.backend, pipeline, publisher)).start()
+        else:
+            pipeline.rebind(sched.table)
+            publisher.rebind(sched.loader_stats, sched.latency_hist)
+        status, restart = serve(args, sched, pipeline, publisher, stop, reload)
+        if not restart:
+            break
+        # A CPU came or went: the kernel asked for a re-attach. Plan the domains again for
+        # the CPUs online now; the model stays loaded.
+        publisher.restarts += 1
+        try:
+            plan = plan_domains(replan_domains(args.domains))
+        except DomainError as e:
+            return fail(f"re-planning the domains after CPU hotplug: {e}", 1)
+        log.info("restarting after CPU hotplug (restart %d): CPUs now %s", publisher.restarts,
+                 ",".join(str(c) for d in plan.domains for c in d))
+    if stop.requested:
+        log.info("%s: detached mlsched after %d decisions", stop.signame, pipeline.stats.decisions)
+    return status
+
+
+def replan_domains(requested: int | None) -> int | None:
+    """--domains for the CPUs online now: never more domains than CPUs."""
+    from loader.domains import online_cpus
+
+    if requested is None:
+        return None
+    n = min(requested, len(online_cpus()))
+    if n != requested:
+        log.info("only %d CPUs online: %d domains instead of %d", n, n, requested)
+    return n
+
+
+def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: object,
+          stop: Stop, reload: Reload) -> tuple[int, bool]:
+    """Feed decisions until a signal or an exit; returns (status, re-attach?)."""
+    from loader.bpfmaps import RingBufferReader
+    from loader.pipeline import pump
+
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
-
-    status = 0
+    status, restart = 0, False
     batch_poll_ms = max(1, int(args.max_wait_ms))
     printer = None
     try:
@@ -234,11 +339,24 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
 
             printer = StatsPrinter(LoaderMaps(sched), os.path.abspath(args.model), args.stats)
         while not stop.requested:
-            # Sleep long when no batch is filling: every wakeup of the loader costs the
-            # workload a preemption (the scheduler runs the loader first).
-            reader.poll(batch_poll_ms if pipeline.filling() else IDLE_POLL_MS)
-            if pipeline.due():
-                pipeline.flush()
+            switched = pipeline.take_model()
+            if switched is not None:
+                publisher.model_ready(switched[0], getattr(switched[1], "digest", ""))
+            if pipeline.precompute_pending:
+                t0 = time.monotonic()
+                n = pipeline.precompute()
+                if n:
+                    log.info("decided all %d keys of the grid in %.3f s", n,
+                             time.monotonic() - t0)
+            if reload.take():
+                threading.Thread(target=reload_model, daemon=True,
+                                 args=(args, pipeline, publisher)).start()
+            if args.kernel_mlp is not None and switched is not None:
+                # --inference kernel: the weights of the table's generation (a reload has
+                # just started a new one) go to its slot; until then the fallback serves.
+                args.kernel_mlp = switched[0].q  # what a re-attach after hotplug loads
+                sched.load_kernel_mlp(args.kernel_mlp, sched.table.generation)
+            pump(reader, pipeline, IDLE_POLL_MS, batch_poll_ms)
             publisher.maybe_publish()
             if printer is not None:
                 printer.maybe_print()
@@ -249,16 +367,18 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
             kind = sched.exit_kind()
             if kind:
                 _, text = sched.exit_report()
-                log.error("the kernel ejected mlsched: %s", text or f"exit kind {kind}")
-                status = 1
+                if sched.should_restart():
+                    log.info("the kernel ended mlsched for a re-attach: %s", text)
+                    restart = True
+                else:
+                    log.error("the kernel ejected mlsched: %s", text or f"exit kind {kind}")
+                    status = 1
                 break
     finally:
         reader.close()
         publisher.publish()
         sched.close()
-    if stop.requested:
-        log.info("%s: detached mlsched after %d decisions", stop.signame, pipeline.stats.decisions)
-    return status
+    return status, restart
 
 
 def load_model(model_info: object, want: str, pipeline: object, publisher: object) -> None:
@@ -275,9 +395,42 @@ def load_model(model_info: object, want: str, pipeline: object, publisher: objec
     except Exception as e:  # a model that passed the checks but will not load
         publisher.model_failed = f"model failed to load: {type(e).__name__}: {e}"
         return
-    pipeline.set_model(backend)
-    publisher.model_ready(backend)
-    log.info("model ready in %.1f s, backend %s", time.monotonic() - t0, reason)
+    pipeline.set_model(backend, model_info)
+    log.info("model ready in %.1f s (%.1f s after start), backend %s", time.monotonic() - t0,
+             since_start_s(), reason)
+
+
+def reload_model(args: argparse.Namespace, pipeline: object, publisher: object) -> None:
+    """SIGHUP, in a thread: check the model directory again and hand over a new backend; a
+    model that fails is refused in one line and the serving one stays."""
+    from loader.backends import open_backend
+    from loader.domains import online_cpus
+    from loader.kernel_mlp import KernelBackend, prepare
+    from loader.model_check import ModelError, check_model_dir
+
+    path, want = args.model, args.backend
+    try:
+        info = check_model_dir(path)
+        if want == "numpy" and not info.fastpath_ok:
+            raise ModelError(f"--backend numpy: {info.fastpath_reason}")
+        if args.kernel_mlp is not None:
+            dims = pipeline.table.grid.dims if pipeline.table.grid else (
+                max(online_cpus()) + 1, contract.KEY_FIELD_MAX)
+            backend, reason = KernelBackend(prepare(info.path, *dims)), "in-kernel fixed point"
+        else:
+            backend, reason = open_backend(info, want)
+    except ModelError as e:
+        publisher.reload_failures += 1
+        log.error("reload refused, the previous model keeps serving: %s", e)
+        return
+    except Exception as e:  # passed the checks but will not load
+        publisher.reload_failures += 1
+        log.error("reload refused, the previous model keeps serving: %s: %s",
+                  type(e).__name__, e)
+        return
+    publisher.reloads += 1
+    pipeline.set_model(backend, info)
+    log.info("reload: switching to %s (digest %s), backend %s", path, info.digest[:8], reason)
 
 
 if __name__ == "__main__":

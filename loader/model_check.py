@@ -1,80 +1,44 @@
-"""Check a model directory against the model contract, without TensorFlow.
+"""Check a model directory against the model contract, before attach and without TensorFlow.
 
 The loader attaches the scheduler before it imports TensorFlow (72 s under TCG), yet a bad
-model must be refused before attach. So this module reads saved_model.pb with a small
-protobuf wire-format decoder, checks the `serving_default` signature and the variables files,
-and tells whether a verified fast-path weights file (see loader/fastpath.py) matches them.
-
-Field numbers (checked against the descriptors of TF 2.21's saved_model_pb2/meta_graph_pb2/
-tensor_shape_pb2; tests/host/test_model.py compares this decoder with TF's own parse):
-  SavedModel.meta_graphs = 2            MetaGraphDef.meta_info_def = 1, signature_def = 5
-  MetaInfoDef.tags = 4                  map entries: key = 1, value = 2
-  SignatureDef.inputs = 1, outputs = 2  TensorInfo.dtype = 2, tensor_shape = 3
-  TensorShapeProto.dim = 2, unknown_rank = 3                     Dim.size = 1 (-1 = unknown)
+model must be refused before attach. So:
+- saved_model.pb is parsed by protobuf with TensorFlow's own message definitions, as
+  tensorboard ships them (tensorboard.compat.proto, no TF import). tensorboard has
+  MetaGraphDef but not the SavedModel wrapper around it, so that one message is declared here
+  (public descriptor_pb2 + message_factory API; tests/host/test_model.py compares it with TF's).
+- every file is checked against mlsched_manifest.json, the sha256 of each file of the
+  directory, which the model tools write once TensorFlow has loaded the model (and checked the
+  variables' own crc32c). A damaged file is refused here, not found by TF after attach.
+- it tells whether a verified fast-path weights file (see loader/fastpath.py) matches the model.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loader import contract
-from loader.checkpoint_index import CheckpointError, verify_checkpoint
-from loader.protowire import read_varint
 
 SIGNATURE_KEY = "serving_default"
 SERVE_TAG = "serve"
 FASTPATH_FILE = "assets/mlsched_fastpath.npz"
 FASTPATH_VERSION = 1
+MANIFEST_FILE = "mlsched_manifest.json"
+MANIFEST_FORMAT = "mlsched model manifest"
+MANIFEST_VERSION = 1
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
-
-# tensorflow/core/framework/types.proto, the ones a model is likely to use.
-DTYPE_NAMES = {
-    0: "invalid",
-    1: "float32",
-    2: "float64",
-    3: "int32",
-    4: "uint8",
-    5: "int16",
-    6: "int8",
-    7: "string",
-    9: "int64",
-    10: "bool",
-    14: "bfloat16",
-    19: "float16",
-    20: "resource",
-    21: "variant",
-}
-DT_FLOAT = 1
+DT_FLOAT = 1  # tensorflow/core/framework/types.proto
 
 _SHARD_RE = re.compile(r"^variables\.data-(\d{5})-of-(\d{5})$")
 
 
 class ModelError(Exception):
     """A model the loader cannot use; str() is one line for the user, with the fix."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    dtype: int  # a tensorflow DataType enum value
-    shape: tuple[int, ...] | None  # -1 for an unknown dimension; None for an unknown rank
-
-    def dtype_name(self) -> str:
-        return DTYPE_NAMES.get(self.dtype, f"dtype {self.dtype}")
-
-    def shape_str(self) -> str:
-        if self.shape is None:
-            return "unknown rank"
-        return "[" + ", ".join("?" if d < 0 else str(d) for d in self.shape) + "]"
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
 
 
 @dataclass(frozen=True)
@@ -91,132 +55,91 @@ class ModelInfo:
         return self.path / FASTPATH_FILE
 
 
-class DecodeError(ValueError):
-    """saved_model.pb is not the protobuf we expect."""
+# --- saved_model.pb -------------------------------------------------------------------------
 
 
-# --- protobuf wire format -------------------------------------------------------------------
+@functools.cache
+def saved_model_class() -> Any:
+    """The SavedModel message class: {int64 saved_model_schema_version = 1; repeated
+    tensorboard.MetaGraphDef meta_graphs = 2}, as in tensorflow/core/protobuf/saved_model.proto.
+
+    Imported here, not at the top, so that importing this module stays cheap.
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from tensorboard.compat.proto import meta_graph_pb2
+
+    field = descriptor_pb2.FieldDescriptorProto
+    message = descriptor_pb2.DescriptorProto(name="SavedModel")
+    message.field.add(name="saved_model_schema_version", number=1, type=field.TYPE_INT64)
+    message.field.add(
+        name="meta_graphs",
+        number=2,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".tensorboard.MetaGraphDef",
+    )
+    file = descriptor_pb2.FileDescriptorProto(
+        name="mlsched/saved_model.proto",
+        package="mlsched",
+        syntax="proto3",
+        dependency=[meta_graph_pb2.DESCRIPTOR.name],
+        message_type=[message],
+    )
+    pool = descriptor_pool.Default()
+    pool.AddSerializedFile(file.SerializeToString())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("mlsched.SavedModel"))
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    return read_varint(buf, pos, DecodeError)
-
-
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-    """(field number, wire type, value) of every field of one message, in file order."""
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _varint(buf, pos)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise DecodeError("field number 0")
-        value: int | memoryview
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire in (1, 5):  # fixed64, fixed32: no field we read uses them
-            size = 8 if wire == 1 else 4
-            if pos + size > len(buf):
-                raise DecodeError("truncated fixed-width field")
-            value = int.from_bytes(buf[pos : pos + size], "little")
-            pos += size
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if pos + size > len(buf):
-                raise DecodeError("truncated length-delimited field")
-            value = buf[pos : pos + size]
-            pos += size
-        else:  # groups (3, 4) are proto2-only; TensorFlow's protos have none
-            raise DecodeError(f"unsupported wire type {wire}")
-        yield field, wire, value
-
-
-def _messages(buf: memoryview, number: int) -> Iterator[memoryview]:
-    for field, wire, value in _fields(buf):
-        if field == number:
-            if wire != 2 or not isinstance(value, memoryview):
-                raise DecodeError(f"field {number} is not a message")
-            yield value
-
-
-def _varint_field(buf: memoryview, number: int, default: int = 0) -> int:
-    result = default
-    for field, wire, value in _fields(buf):
-        if field == number:
-            if wire != 0 or not isinstance(value, int):
-                raise DecodeError(f"field {number} is not a varint")
-            result = value  # proto3: the last one wins
-    return result
-
-
-def _string(buf: memoryview) -> str:
-    try:
-        return bytes(buf).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DecodeError("string is not UTF-8") from e
-
-
-def _map_entries(buf: memoryview, number: int) -> Iterator[tuple[str, memoryview]]:
-    """map<string, Message> field: (key, value message) pairs."""
-    for entry in _messages(buf, number):
-        key = ""
-        value = memoryview(b"")
-        for field, wire, item in _fields(entry):
-            if field in (1, 2) and (wire != 2 or not isinstance(item, memoryview)):
-                raise DecodeError("map entry field is not length-delimited")
-            if field == 1:
-                key = _string(item)  # type: ignore[arg-type]
-            elif field == 2:
-                value = item  # type: ignore[assignment]
-        yield key, value
-
-
-def _tensor_spec(buf: memoryview) -> TensorSpec:
-    dtype = _varint_field(buf, 2)
-    shape: tuple[int, ...] | None = ()
-    for shape_buf in _messages(buf, 3):
-        if _varint_field(shape_buf, 3):
-            shape = None
-            continue
-        dims = []
-        for dim in _messages(shape_buf, 2):
-            size = _varint_field(dim, 1)
-            dims.append(size - (1 << 64) if size >= 1 << 63 else size)  # int64 two's complement
-        shape = tuple(dims)
-    return TensorSpec(dtype, shape)
-
-
-def _tags(meta_graph: memoryview) -> list[str]:
-    tags: list[str] = []
-    for info in _messages(meta_graph, 1):
-        for field, wire, value in _fields(info):
-            if field == 4 and wire == 2 and isinstance(value, memoryview):
-                tags.append(_string(value))
-    return tags
-
-
-def parse_signatures(data: bytes) -> dict[str, Signature]:
-    """The signatures of a saved_model.pb's serving meta graph; DecodeError when malformed.
+def read_meta_graph(data: bytes) -> Any:
+    """The serving MetaGraphDef of saved_model.pb's contents; ValueError when malformed.
 
     Like tf.saved_model.load: the only meta graph, or else the one tagged "serve".
     """
-    buf = memoryview(data)
-    meta_graphs = list(_messages(buf, 2))
+    from google.protobuf.message import DecodeError
+
+    try:
+        meta_graphs = list(saved_model_class().FromString(data).meta_graphs)
+    except DecodeError as e:
+        raise ValueError("not a SavedModel protobuf (corrupt or truncated)") from e
     if not meta_graphs:
-        raise DecodeError("no meta graph")
+        raise ValueError("no meta graph")
     if len(meta_graphs) > 1:
-        meta_graphs = [m for m in meta_graphs if SERVE_TAG in _tags(m)]
+        meta_graphs = [m for m in meta_graphs if SERVE_TAG in m.meta_info_def.tags]
         if not meta_graphs:
-            raise DecodeError(f"several meta graphs and none tagged {SERVE_TAG!r}")
-    signatures = {}
-    for name, sig in _map_entries(meta_graphs[0], 5):
-        signatures[name] = Signature(
-            inputs={k: _tensor_spec(v) for k, v in _map_entries(sig, 1)},
-            outputs={k: _tensor_spec(v) for k, v in _map_entries(sig, 2)},
+            raise ValueError(f"several meta graphs and none tagged {SERVE_TAG!r}")
+    return meta_graphs[0]
+
+
+def _shape(info: Any) -> tuple[int, ...] | None:
+    """A TensorInfo's shape, -1 for an unknown dimension; None for an unknown rank."""
+    shape = info.tensor_shape
+    return None if shape.unknown_rank else tuple(d.size for d in shape.dim)
+
+
+def _shape_str(shape: tuple[int, ...] | None) -> str:
+    if shape is None:
+        return "unknown rank"
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def _dtype_str(dtype: int) -> str:
+    from tensorboard.compat.proto import types_pb2
+
+    try:
+        return types_pb2.DataType.Name(dtype).removeprefix("DT_").lower()
+    except ValueError:
+        return f"dtype {dtype}"
+
+
+def _expect_shape(path: Path, what: str, info: Any, width: int, fix: str) -> None:
+    shape = _shape(info)
+    if shape is None or len(shape) != 2 or shape[0] >= 0 or shape[1] != width:
+        raise ModelError(
+            f"{path}: expected {what} shape [?, {width}], got {_shape_str(shape)} ({fix})"
         )
-    return signatures
 
 
-# --- the model directory --------------------------------------------------------------------
+# --- the files ------------------------------------------------------------------------------
 
 
 def variables_files(path: Path) -> list[Path]:
@@ -239,6 +162,7 @@ def variables_files(path: Path) -> list[Path]:
 def model_digest(path: Path) -> str:
     """sha256 over saved_model.pb and the variables files, each prefixed by name and size.
 
+    The fast-path file carries it: it names the model the weights were verified for.
     saved_model.pb is included because the fast path mirrors the graph too: a re-export with
     another activation and the same weights leaves the variables files byte-identical.
     """
@@ -250,6 +174,66 @@ def model_digest(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """sha256 (hex) of every file under path but the manifest, by relative POSIX path, sorted.
+
+    What mlsched_manifest.json records (model_dir/export_verified.py writes it) and the check
+    compares.
+    """
+    digests = {}
+    for file in sorted(path.rglob("*")):
+        rel = file.relative_to(path).as_posix()
+        if rel == MANIFEST_FILE or not file.is_file():
+            continue
+        with open(file, "rb") as f:
+            digests[rel] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def _names(rels: list[str]) -> str:
+    return ", ".join(rels[:3]) + (f" and {len(rels) - 3} more" if len(rels) > 3 else "")
+
+
+def verify_manifest(path: Path) -> None:
+    """ModelError unless the directory holds exactly the files its manifest lists, unchanged."""
+    fix = f"run model_dir/verify_model.py {path}"
+    file = path / MANIFEST_FILE
+    if not file.is_file():
+        raise ModelError(
+            f"{path}: no {MANIFEST_FILE}, so damaged files cannot be detected before attach "
+            f"({fix}: it loads the model with TensorFlow, then writes one)"
+        )
+    try:
+        manifest = json.loads(file.read_bytes())
+        version, listed = manifest["version"], manifest["files"]
+        if not isinstance(listed, dict):
+            raise TypeError("files is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: {MANIFEST_FILE} unreadable ({type(e).__name__}; {fix})") from e
+    if version != MANIFEST_VERSION:
+        raise ModelError(
+            f"{path}: {MANIFEST_FILE} is format v{version}, not v{MANIFEST_VERSION} ({fix})"
+        )
+    try:
+        found = file_digests(path)
+    except OSError as e:
+        raise ModelError(f"{path}: {e.filename} unreadable ({e.strerror})") from e
+    problems = []
+    changed = sorted(k for k in listed.keys() & found.keys() if listed[k] != found[k])
+    for rels, what in (
+        (changed, "changed"),
+        (sorted(listed.keys() - found.keys()), "missing"),
+        (sorted(found.keys() - listed.keys()), "not listed"),
+    ):
+        if rels:
+            problems.append(f"{_names(rels)} {what}")
+    if problems:
+        raise ModelError(
+            f"corrupt model at {path}: {'; '.join(problems)} since {MANIFEST_FILE} was written "
+            f"(damaged, or modified after export: re-export the model, or {fix})"
+        )
 
 
 def _fastpath_status(path: Path, digest: str) -> tuple[bool, str]:
@@ -275,17 +259,11 @@ def _fastpath_status(path: Path, digest: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _expect_shape(path: Path, what: str, spec: TensorSpec, width: int, fix: str) -> None:
-    shape = spec.shape
-    if shape is None or len(shape) != 2 or shape[0] >= 0 or shape[1] != width:
-        raise ModelError(
-            f"{path}: expected {what} shape [?, {width}], got {spec.shape_str()} ({fix})"
-        )
+# --- the check ------------------------------------------------------------------------------
 
 
-def check_model_dir(path: str | Path) -> ModelInfo:
-    """Validate a SavedModel directory against the model contract; ModelError if unusable."""
-    path = Path(path)
+def _find_saved_model(path: Path) -> Path:
+    """path/saved_model.pb, or ModelError saying what path is instead."""
     if not path.exists():
         raise ModelError(f"model not found at {path} (run model_dir/create_dummy_model.py)")
     if path.suffix.lower() in KERAS_SUFFIXES and path.is_file():
@@ -309,14 +287,25 @@ def check_model_dir(path: str | Path) -> ModelInfo:
             f"invalid SavedModel format at {path}: no saved_model.pb "
             "(export with model.export(DIR))"
         )
+    return pb
+
+
+def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
+    """Validate a SavedModel directory against the model contract; ModelError if unusable.
+
+    manifest=False skips mlsched_manifest.json: only for the model tools, which
+    check a model they are about to (re)write the manifest of.
+    """
+    path = Path(path)
+    pb = _find_saved_model(path)
     try:
-        signatures = parse_signatures(pb.read_bytes())
-    except DecodeError as e:
+        meta_graph = read_meta_graph(pb.read_bytes())
+    except ValueError as e:
         raise ModelError(f"invalid SavedModel format at {path}: saved_model.pb: {e}") from e
 
-    sig = signatures.get(SIGNATURE_KEY)
+    sig = meta_graph.signature_def.get(SIGNATURE_KEY)
     if sig is None:
-        found = ", ".join(sorted(signatures)) or "none"
+        found = ", ".join(sorted(meta_graph.signature_def)) or "none"
         raise ModelError(
             f"{path}: no {SIGNATURE_KEY!r} signature (found: {found}; "
             "export with model.export(DIR))"
@@ -326,29 +315,28 @@ def check_model_dir(path: str | Path) -> ModelInfo:
             f"{path}: expected 1 input and 1 output, got {len(sig.inputs)} and {len(sig.outputs)}"
             f" (the contract is features [?, {contract.NR_FEATURES}] -> [?, 1])"
         )
-    (input_key, in_spec), (output_key, out_spec) = *sig.inputs.items(), *sig.outputs.items()
-    if in_spec.dtype != DT_FLOAT:
+    (input_key, in_info), (output_key, out_info) = *sig.inputs.items(), *sig.outputs.items()
+    if in_info.dtype != DT_FLOAT:
         raise ModelError(
-            f"{path}: expected float32 input, got {in_spec.dtype_name()} "
+            f"{path}: expected float32 input, got {_dtype_str(in_info.dtype)} "
             f"(build the model on a float32 keras.Input named {contract.MODEL_INPUT_KEY!r})"
         )
-    width = in_spec.shape[1] if in_spec.shape is not None and len(in_spec.shape) == 2 else -1
+    in_shape = _shape(in_info)
+    width = in_shape[1] if in_shape is not None and len(in_shape) == 2 else -1
     if 0 <= width < contract.NR_FEATURES:
         fix = "pad with zeros"
     else:
         fix = f"the contract is {contract.NR_FEATURES} features and a free batch dimension"
-    _expect_shape(path, "input", in_spec, contract.NR_FEATURES, fix)
-    if out_spec.dtype != DT_FLOAT:
+    _expect_shape(path, "input", in_info, contract.NR_FEATURES, fix)
+    if out_info.dtype != DT_FLOAT:
         raise ModelError(
-            f"{path}: expected float32 output, got {out_spec.dtype_name()} "
+            f"{path}: expected float32 output, got {_dtype_str(out_info.dtype)} "
             "(end with Dense(1, activation='sigmoid'))"
         )
-    _expect_shape(path, "output", out_spec, 1, "end with Dense(1, activation='sigmoid')")
+    _expect_shape(path, "output", out_info, 1, "end with Dense(1, activation='sigmoid')")
 
     digest = model_digest(path)  # also raises "missing variables"
-    try:  # the stored checksums: TF would only find damaged variables after attach
-        verify_checkpoint(path / "variables")
-    except CheckpointError as e:
-        raise ModelError(f"corrupt variables at {path}/variables: {e} (re-export the model)") from e
+    if manifest:
+        verify_manifest(path)
     ok, reason = _fastpath_status(path, digest)
     return ModelInfo(path, input_key, output_key, digest, ok, reason)

@@ -28,6 +28,7 @@ from loader.fastpath import DenseLayer, NumpyModel, grid_decisions, import_tenso
 from loader.fastpath import write_fastpath as write_fastpath_file
 from loader.model_check import ModelError, ModelInfo, check_model_dir
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
+from model_dir.export_verified import write_manifest
 
 if TYPE_CHECKING:
     import keras
@@ -137,6 +138,7 @@ def create(output: Path, seed: int = 0, hidden: tuple[int, ...] = DEFAULT_HIDDEN
     log.info("%s", result.message)
     if not result.written:
         raise ModelError(f"seed {seed}: the fast path did not verify; try another --seed")
+    write_manifest(output)
     info = check_model_dir(output)
     numpy_model = NumpyModel.load(output)
     for name, grid in (("VM", VM_GRID), ("wide", WIDE_GRID)):

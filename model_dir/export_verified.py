@@ -1,14 +1,19 @@
 """Export a Keras model as a SavedModel the loader accepts, verified, all or nothing.
 
 Used by model_dir/model_export.py and model_dir/transfer.py. The model is exported next to
-the output directory, checked there exactly as the loader checks it (check_model_dir, no TF),
-given verified fast-path weights when it is a plain Dense stack (write_fastpath, TF), and only
-then moved into place. A model that fails the contract leaves nothing behind, and an existing
-output is only ever replaced when it is plainly an old SavedModel (or an empty directory).
+the output directory, checked there as the loader checks it (check_model_dir, no TF), given
+verified fast-path weights when it is a plain Dense stack (write_fastpath, TF), its manifest
+written (write_manifest), and only then moved into place. A model that fails the contract
+leaves nothing behind, and an existing output is only ever replaced when it is plainly an old
+SavedModel (or an empty directory).
+
+write_manifest() is the one writer of mlsched_manifest.json: every tool that makes or changes
+a model directory calls it last (this module, create_dummy_model.py, verify_model.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,7 +22,15 @@ from typing import TYPE_CHECKING
 
 from loader import contract
 from loader.fastpath import FastpathResult, write_fastpath
-from loader.model_check import ModelError, ModelInfo, check_model_dir
+from loader.model_check import (
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    ModelError,
+    ModelInfo,
+    check_model_dir,
+    file_digests,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -30,6 +43,27 @@ def check_replaceable(output: Path) -> None:
     if output.is_dir() and ((output / "saved_model.pb").exists() or not any(output.iterdir())):
         return
     raise ModelError(f"{output} exists and is not a SavedModel; not replacing it")
+
+
+def write_manifest(path: Path) -> Path:
+    """Write path/mlsched_manifest.json: the sha256 of every other file of the directory.
+
+    Call it last, once TensorFlow has loaded the model (write_fastpath does, and TF checks the
+    variables' crc32c as it restores them): the loader then refuses, before attach, any file
+    that changed since. Written then renamed, so a loader never reads half a manifest.
+    """
+    path = Path(path)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "files": file_digests(path),
+    }
+    file = path / MANIFEST_FILE
+    tmp = file.with_name(f".{MANIFEST_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, file)
+    return file
 
 
 def with_contract_input(model: keras.Model) -> keras.Model:
@@ -64,15 +98,17 @@ def export_verified(model: keras.Model, output: Path) -> tuple[ModelInfo, Fastpa
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
     try:
         model.export(str(tmp), verbose=False)
-        info = check_model_dir(tmp)
+        info = check_model_dir(tmp, manifest=False)
         if info.input_key != contract.MODEL_INPUT_KEY:
             raise ModelError(
                 f"exported input key is {info.input_key!r}, not {contract.MODEL_INPUT_KEY!r} "
                 f"(name the keras.Input {contract.MODEL_INPUT_KEY!r})"
             )
         result = write_fastpath(tmp)
+        write_manifest(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the model is shipped and read by others
-        # The fast-path digest covers paths relative to the directory: a rename keeps it valid.
+        # The digest and the manifest cover paths relative to the directory: a rename keeps
+        # them valid.
         old = None
         if output.exists():
             check_replaceable(output)

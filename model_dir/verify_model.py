@@ -1,12 +1,14 @@
-"""Check a SavedModel against the model contract and give it verified fast-path weights.
+"""Check a SavedModel against the model contract, verify its fast path, write its manifest.
 
 usage: model_dir/verify_model.py DIR [--nr-cpus-probe N] [--max-dom-cpus-probe M] [--strict]
 
-Run it after anything that writes a model (model_dir/transfer.py, a training script): it
-checks DIR as the loader will (loader/model_check.py), then, for a plain Dense stack, compares
-numpy with TensorFlow over the whole feature grid of an N-CPU machine plus random inputs and
-writes DIR/assets/mlsched_fastpath.npz, which lets the loader run the model without importing
-TensorFlow. Exit status: 0 the model is usable, 1 no fast path and --strict, 2 model refused.
+Run it after anything else that writes a model (a training script, model.export(DIR)): it
+checks DIR as the loader will (loader/model_check.py), loads it with TensorFlow, and for a
+plain Dense stack compares numpy with TensorFlow over the whole feature grid of an N-CPU
+machine plus random inputs and writes DIR/assets/mlsched_fastpath.npz, which lets the loader
+run the model without importing TensorFlow. Last it writes DIR/mlsched_manifest.json, the
+sha256 of every file, without which the loader refuses the model. Exit status: 0 the model is
+usable, 1 no fast path and --strict, 2 model refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from loader.backends import open_backend
 from loader.fastpath import grid_decisions, write_fastpath
 from loader.model_check import ModelError, check_model_dir
+from model_dir.export_verified import write_manifest
 
 log = logging.getLogger("verify_model")
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:
-        info = check_model_dir(args.model_dir)
+        info = check_model_dir(args.model_dir, manifest=False)  # (re)written below
         log.info(
             "contract ok: input %r [?, 10] float32, output %r [?, 1]",
             info.input_key,
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = write_fastpath(info.path, args.nr_cpus_probe, args.max_dom_cpus_probe)
         log.info("%s", result.message)
+        log.info("manifest written: %s", write_manifest(info.path))
         info = check_model_dir(info.path)  # what the loader will see now
         backend, reason = open_backend(info, "auto")
     except ModelError as e:

@@ -49,16 +49,32 @@ COUNTED: tuple[tuple[str, str, int, str], ...] = (
     ("fallback_keep", "counters", C.FALLBACK_KEEP, "misses the fallback policy kept"),
     ("submitted", "counters", C.SUBMITTED, "candidates pushed to the ring buffer"),
     ("rb_drops", "counters", C.RB_DROPS, "candidates not pushed: ring buffer full"),
-    ("migrations", "counters", C.MIGRATIONS, "tasks sent to another domain's CPU"),
-    ("steals", "counters", C.STEALS, "dispatches taken from another domain's queue"),
-    ("pinned", "counters", C.PINNED, "enqueues of tasks with restricted CPU affinity"),
+    ("steal_candidates", "counters", C.STEAL_CANDIDATES,
+     "candidates built when an idle CPU eyed another domain's queue"),
+    ("migr_model", "counters", C.MIGR_MODEL, "cross-domain moves a model decision made"),
+    ("migr_fallback", "counters", C.MIGR_FALLBACK,
+     "cross-domain moves the fallback policy (or a coin flip) made"),
+    ("migr_forced", "counters", C.MIGR_FORCED,
+     "steals of a task queued past the starvation guard, whatever the decision"),
+    ("migr_domain", "counters", C.MIGR_DOMAIN,
+     "moves inside a domain: to an idle sibling on wakeup, or pulled by one"),
+    ("ran_cross", "counters", C.RAN_CROSS, "runs on a CPU of another domain than the last run"),
+    ("ran_domain", "counters", C.RAN_DOMAIN, "runs on another CPU of the same domain"),
+    ("preempts", "counters", C.PREEMPTS, "woken tasks that preempted a task a slice ahead"),
+    ("restricted", "counters", C.RESTRICTED,
+     "wakeups of tasks that may not use every CPU of their domain (kernel's placement)"),
     ("explored", "counters", C.EXPLORED, "candidates decided by a coin flip (collection mode)"),
+    ("kinfer", "counters", C.KINFER, "misses the scheduler decided itself (--inference kernel)"),
+    ("kinfer_ns", "counters", C.KINFER_NS, "time spent in those in-kernel inferences, ns"),
     ("loader_wakeups", "counters", C.LOADER_WAKEUPS,
      "wakeups of the loader, run ahead of the queue"),
     ("records", "loader", LS.RECORDS, "candidate records the loader read from the ring buffer"),
     ("batches", "loader", LS.BATCHES, "model batches run"),
     ("decisions", "loader", LS.DECISIONS, "decisions written to the decision map"),
     ("model_errors", "loader", LS.MODEL_ERRORS, "batches whose decisions were not written"),
+    ("restarts", "loader", LS.RESTARTS, "re-attaches after a CPU hotplug exit"),
+    ("reloads", "loader", LS.RELOADS, "models switched in on SIGHUP"),
+    ("reload_failures", "loader", LS.RELOAD_FAILURES, "SIGHUPs whose new model was refused"),
 )
 
 
@@ -83,6 +99,14 @@ def _fields() -> tuple[Field, ...]:
     out += [
         Field("hit_rate", "0..1", "gauge",
               "hits / candidates over the interval (absent when no candidate)"),
+        Field("decided_share", "0..1", "gauge",
+              "cross-domain moves a decision made (model + fallback) / cross-domain runs "
+              "seen, over the interval (absent when none)"),
+        Field("kinfer_avg_ns", "ns", "gauge",
+              "mean in-kernel inference time over the interval (absent when none)"),
+        Field("model_digest", "hex", "label", "first 16 hex digits of the serving model's sha256"),
+        Field("grid_keys", "keys", "gauge", "keys of the dense decision grid (0: hash only)"),
+        Field("grid_decided", "keys", "gauge", "grid keys holding a decision"),
         Field("table_entries", "keys", "gauge", "decisions in the decision map"),
         Field("table_capacity", "keys", "gauge", "size of the decision map"),
         Field("table_occupancy", "0..1", "gauge", "table_entries / table_capacity"),
@@ -207,8 +231,16 @@ def compute(prev: Sample, cur: Sample) -> dict[str, object]:
         return None if ns is None else round(ns / 1000.0, 3)
 
     occupancy = ratio(cur.table_entries, cur.table_capacity)
+    decided = delta("counters", C.MIGR_MODEL) + delta("counters", C.MIGR_FALLBACK)
+    kinfer = delta("counters", C.KINFER)
+    cross = delta("counters", C.RAN_CROSS)
     out.update({
         "hit_rate": None if not cands else round(hits / cands, 4),
+        "decided_share": None if not cross else round(min(decided / cross, 1.0), 4),
+        "kinfer_avg_ns": None if not kinfer else round(delta("counters", C.KINFER_NS) / kinfer),
+        "model_digest": f"{cur.loader[LS.MODEL_DIGEST]:016x}",
+        "grid_keys": cur.loader[LS.GRID_KEYS],
+        "grid_decided": cur.loader[LS.GRID_DECIDED],
         "table_entries": cur.table_entries,
         "table_capacity": cur.table_capacity,
         "table_occupancy": None if occupancy is None else round(occupancy, 4),
@@ -314,14 +346,19 @@ def render_text(s: dict[str, object]) -> str:
         f"###### {stamp}  {s['ops'] or '-'} {s['state']}  interval {s['interval_s']:.1f} s ######",
         f"loader     pid {s['loader_pid']}  up {uptime if uptime is not None else '-'} s  "
         f"{ready} ({s['backend']})  fallback {s['fallback']}",
-        f"model      {s['model']}",
+        f"model      {s['model']}  digest {s['model_digest']}"
+        + (f"  in-kernel {_rate(s['kinfer_per_s'])} avg {s['kinfer_avg_ns']} ns"
+           if s["kinfer_total"] else "")
+        + (f"  reloads {s['reloads_total']} (refused {s['reload_failures_total']})"
+           if s["reloads_total"] or s["reload_failures_total"] else ""),
         f"decide     cand {_rate(s['candidates_per_s'])}  hit {_pct(s['hit_rate'])}  "
         f"migrate {_rate(s['migrate_per_s'])}  keep {_rate(s['keep_per_s'])}  "
         f"fallback {_rate(s['fallback_migrate_per_s'])} migr + "
         f"{_rate(s['fallback_keep_per_s'])} keep"
         + (f"  explored {_rate(s['explored_per_s'])}" if s["explored_total"] else ""),
         f"table      written {_rate(s['decisions_per_s'])} (total {s['decisions_total']})  "
-        f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})",
+        f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})"
+        + (f"  grid {s['grid_decided']}/{s['grid_keys']}" if s["grid_keys"] else ""),
         f"ring       submitted {_rate(s['submitted_per_s'])}  read {_rate(s['records_per_s'])}  "
         f"drops {_rate(s['rb_drops_per_s'])} (total {s['rb_drops_total']})",
         f"batch      {_rate(s['batches_per_s'])}  size "
@@ -331,8 +368,13 @@ def render_text(s: dict[str, object]) -> str:
         f"errors {s['model_errors_total']}",
         f"event->map latency p50 {_us(s['event_latency_p50_us'])} "
         f"p99 {_us(s['event_latency_p99_us'])} avg {_us(s['event_latency_avg_us'])}",
-        f"migrations {_rate(s['migrations_per_s'])}  steals {_rate(s['steals_per_s'])}  "
-        f"wakeups {_rate(s['select_per_s'])} (local {_rate(s['local_per_s'])})",
+        f"moves      model {_rate(s['migr_model_per_s'])}  fallback "
+        f"{_rate(s['migr_fallback_per_s'])}  forced {_rate(s['migr_forced_per_s'])}  "
+        f"in-domain {_rate(s['migr_domain_per_s'])}  decided {_pct(s['decided_share'])} of "
+        f"{_rate(s['ran_cross_per_s'])} cross-domain runs",
+        f"wakeups    {_rate(s['select_per_s'])} (prev CPU idle {_rate(s['local_per_s'])})  "
+        f"steal cand {_rate(s['steal_candidates_per_s'])}  preempts {_rate(s['preempts_per_s'])}  "
+        f"restricted {_rate(s['restricted_per_s'])}  restarts {s['restarts_total']}",
     ]
     for d in s.get("domains") or []:  # type: ignore[attr-defined]
         lines.append(f"dom{d['dom']:<7} cpus {d['nr_cpus']}  load {d['load']:.2f}  "

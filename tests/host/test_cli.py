@@ -80,13 +80,31 @@ def test_wrong_dtype(int32: Path) -> None:
     assert_refused(res, 2, "expected float32 input")
 
 
-def test_corrupt_variables_with_numpy_backend(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["auto", "numpy", "tf"])
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_variables(tmp_path: Path, backend: str, damage: str) -> None:
+    """Caught through the manifest, whatever the backend, before attach."""
     model = tmp_path / "m"
     shutil.copytree(BUNDLED, model)
     data = model / "variables" / "variables.data-00000-of-00001"
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
-    res = run_loader("--model", str(model), "--backend", "numpy")
-    assert_refused(res, 2, "")
+    content = bytearray(data.read_bytes())
+    if damage == "truncate":
+        del content[len(content) // 2 :]
+    else:
+        content[len(content) // 2] ^= 0x01
+    data.write_bytes(bytes(content))
+    res = run_loader("--model", str(model), "--backend", backend)
+    assert_refused(res, 2, f"corrupt model at {model}: variables/variables.data-00000-of-00001 "
+                           "changed since mlsched_manifest.json was written")
+
+
+def test_model_without_manifest(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    shutil.copytree(BUNDLED, model)
+    (model / "mlsched_manifest.json").unlink()
+    res = run_loader("--model", str(model))
+    assert_refused(res, 2, f"{model}: no mlsched_manifest.json, so damaged files cannot be "
+                           f"detected before attach (run model_dir/verify_model.py {model}")
 
 
 @pytest.mark.parametrize("args,pattern", [

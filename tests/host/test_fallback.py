@@ -1,8 +1,9 @@
 """loader/fallback.py: the kernel's fallback and collection mode's logging policy in Python.
 
 The propensities are checked three ways: by hand on the formula, against a simulation of the
-kernel's own draws, and against bpf/mlsched.bpf.c's source (the two sides must not drift).
-No TensorFlow.
+kernel's own draws, and against contract.propensity / contract.heuristic_migrate, which
+tests/host/test_policy.py checks against the compiled C of bpf/mlsched_policy.h (the kernel's
+prob_q16 must be propensity_q >> 1). No TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,16 +20,26 @@ BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "mlsched.bpf.c"
 P30 = fallback.explore_q_for(0.3)  # 19661, as mlsched-collect --explore 0.3 configures it
 
 
-def test_heuristic_is_the_kernels() -> None:
-    """fallback_migrate() in the BPF source is the rule this module implements."""
+def test_the_kernels_draws_and_heuristic() -> None:
+    """decide() in collection mode draws as simulated below; the heuristic is the contract's."""
     src = re.sub(r"\s+", " ", BPF_SOURCE.read_text())
-    assert re.search(
-        r"case MLSCHED_FALLBACK_HEURISTIC: return c->src_load_q - c->dst_load_q >= "
-        r"MLSCHED_LOAD_SCALE / 4 && c->cpu_idle > 0;", src), "fallback_migrate() changed"
-    # Collection mode: a coin with probability explore / 65536, then a fair bit for the action.
-    assert "(bpf_get_prandom_u32() & 0xffff) < explore" in src
+    assert "(bpf_get_prandom_u32() % MLSCHED_EXPLORE_SCALE) < explore" in src
     assert "migrate = bpf_get_prandom_u32() & 1;" in src
+    assert "c->prob_q16 = mlsched_propensity_q16(explore, fb, migrate);" in src
     assert contract.EXPLORE_SCALE == 0x10000
+    s, d, i = np.meshgrid(np.arange(17), np.arange(17), np.arange(4), indexing="ij")
+    assert np.array_equal(fallback.heuristic_migrate(i, s, d), contract.heuristic_migrate(s, d, i))
+
+
+def test_kernel_prob_q16_is_the_exact_propensity_rounded_down() -> None:
+    for explore in (0, 1, 6554, P30, 32768, 65535, 65536):
+        for fb in (0, 1):
+            for action in (0, 1):
+                q = int(fallback.propensity_q(action, fb, explore))
+                assert int(fallback.kernel_prob_q16(action, fb, explore)) == q >> 1
+                kernel = contract.propensity(explore, fb, action) * contract.EXPLORE_SCALE
+                assert q >> 1 == round(kernel)
+                assert abs(q / fallback.PROPENSITY_SCALE - kernel / 65536) <= 0.5 / 65536
 
 
 def test_heuristic_on_quantized_features() -> None:
@@ -80,7 +91,7 @@ def test_propensity_matches_a_simulation_of_the_kernels_draws() -> None:
     rng = np.random.default_rng(20261201)
     n = 400_000
     chosen = rng.integers(0, 2, n)  # what the fallback would do for each candidate
-    coin = (rng.integers(0, 1 << 32, n, dtype=np.uint64) & np.uint64(0xFFFF)) < P30
+    coin = (rng.integers(0, 1 << 32, n, dtype=np.uint64) % np.uint64(65536)) < P30
     action = np.where(coin, rng.integers(0, 1 << 32, n, dtype=np.uint64) & np.uint64(1), chosen)
     for a in (0, 1):
         rows = chosen == a

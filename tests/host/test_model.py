@@ -1,10 +1,11 @@
-"""The model contract: check_model_dir without TF, the verified numpy fast path, backends.
+"""The model contract: check_model_dir without TF, the manifest, the numpy fast path, backends.
 
 Real TensorFlow, small models built in a session temp dir; no mocks.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -19,14 +20,19 @@ from loader.backends import NumpyBackend, TFBackend, open_backend
 from loader.fastpath import MAX_ABS_DIFF, DenseLayer, NumpyModel, write_fastpath
 from loader.model_check import (
     FASTPATH_FILE,
+    MANIFEST_FILE,
     ModelError,
     check_model_dir,
-    parse_signatures,
+    file_digests,
+    read_meta_graph,
+    saved_model_class,
 )
-from model_dir import create_dummy_model
+from model_dir import create_dummy_model, verify_model
+from model_dir.export_verified import write_manifest
 from tests.host.conftest import _copy
 
 REPO = Path(__file__).resolve().parents[2]
+BUNDLED = REPO / "model_dir" / "model_path"
 GRIDS = [(2, 1), (8, 4)]
 
 
@@ -100,17 +106,16 @@ def test_missing_variables(tmp_path, dummy, victim):
     _refused(path, rf"^missing variables at {re.escape(str(path))}/variables ")
 
 
-# --- the protobuf decoder -------------------------------------------------------------------
+# --- saved_model.pb through protobuf and tensorboard's copy of TF's protos ------------------
 
 
-def _tf_signatures(path: Path) -> dict:
-    from tensorflow.core.protobuf import saved_model_pb2
+def _summary(signature_def) -> dict:
+    """{name: ({input: (dtype, shape)}, {output: (dtype, shape)})} of a signature_def map.
 
-    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-    assert len(saved.meta_graphs) == 1
-    result = {}
-    for name, sig in saved.meta_graphs[0].signature_def.items():
-        result[name] = tuple(
+    The same attribute names in TF's protos and tensorboard's copies of them.
+    """
+    return {
+        name: tuple(
             {
                 key: (
                     info.dtype,
@@ -122,21 +127,214 @@ def _tf_signatures(path: Path) -> dict:
             }
             for tensors in (sig.inputs, sig.outputs)
         )
-    return result
+        for name, sig in signature_def.items()
+    }
+
+
+def test_saved_model_wrapper_matches_tf(tf):
+    """The one message declared here has TF's SavedModel's fields, numbers and types."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    def fields(descriptor) -> dict:
+        return {
+            f.name: (f.number, f.type, f.is_repeated, f.message_type and f.message_type.name)
+            for f in descriptor.fields
+        }
+
+    ours = saved_model_class().DESCRIPTOR
+    assert fields(ours) == fields(saved_model_pb2.SavedModel.DESCRIPTOR)
+    assert ours.fields_by_name["meta_graphs"].message_type.full_name == "tensorboard.MetaGraphDef"
 
 
 @pytest.mark.parametrize("model", ["dummy", "width5", "int32", "tanh_stack"])
-def test_decoder_agrees_with_tf(request, model):
-    path = request.getfixturevalue(model)
-    ours = {
-        name: tuple(
-            {key: (spec.dtype, spec.shape) for key, spec in tensors.items()}
-            for tensors in (sig.inputs, sig.outputs)
-        )
-        for name, sig in parse_signatures((path / "saved_model.pb").read_bytes()).items()
-    }
-    assert ours == _tf_signatures(path)
-    assert "serving_default" in ours
+def test_parse_agrees_with_tf(request, model):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    data = (request.getfixturevalue(model) / "saved_model.pb").read_bytes()
+    saved = saved_model_pb2.SavedModel.FromString(data)
+    assert len(saved.meta_graphs) == 1
+    ours = read_meta_graph(data)
+    assert list(ours.meta_info_def.tags) == list(saved.meta_graphs[0].meta_info_def.tags)
+    assert _summary(ours.signature_def) == _summary(saved.meta_graphs[0].signature_def)
+    assert "serving_default" in ours.signature_def
+
+
+def test_bundled_signature():
+    meta_graph = read_meta_graph((BUNDLED / "saved_model.pb").read_bytes())
+    assert list(meta_graph.meta_info_def.tags) == ["serve"]
+    assert _summary(meta_graph.signature_def)["serving_default"] == (
+        {"features": (1, (-1, 10))},
+        {"output_0": (1, (-1, 1))},
+    )
+
+
+def test_check_does_not_import_tensorflow():
+    """A subprocess: the whole check, on a model with and without a fast path, no TF."""
+    code = f"""
+import sys
+from loader.model_check import ModelError, check_model_dir
+info = check_model_dir({str(BUNDLED)!r})
+assert info.fastpath_ok, info.fastpath_reason
+try:
+    check_model_dir({str(BUNDLED / "saved_model.pb")!r})
+except ModelError:
+    pass
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
+assert not loaded, loaded
+assert "tensorboard.compat.proto.meta_graph_pb2" in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_import_is_lazy():
+    """Importing loader.model_check does not import protobuf: only a check does."""
+    code = """
+import sys
+import loader.model_check
+assert not any(m.startswith(("google.protobuf", "tensorboard")) for m in sys.modules)
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# --- the manifest ---------------------------------------------------------------------------
+
+
+def _flip(file: Path, pos: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[pos] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+def _corrupt(path: Path, pattern: str) -> str:
+    message = _refused(path, rf"^corrupt model at {re.escape(str(path))}: {pattern}")
+    assert message.endswith(
+        f"since {MANIFEST_FILE} was written (damaged, or modified after export: re-export the "
+        f"model, or run model_dir/verify_model.py {path})"
+    ), message
+    return message
+
+
+@pytest.mark.parametrize("model", [BUNDLED, BUNDLED.with_name("model_path_trained")],
+                         ids=lambda p: p.name)  # fmt: skip
+def test_bundled_models_have_manifests(model):
+    listed = json.loads((model / MANIFEST_FILE).read_text())
+    assert listed["version"] == 1
+    assert listed["files"] == file_digests(model)
+    assert {FASTPATH_FILE, "saved_model.pb", "variables/variables.index"} <= set(listed["files"])
+    assert check_model_dir(model).fastpath_ok
+
+
+def test_every_file_is_covered(tmp_path, dummy):
+    """A flipped bit anywhere in any file: refused, naming the file (the pb may fail to parse)."""
+    files = sorted(file_digests(dummy))
+    assert len(files) == 5 and MANIFEST_FILE not in files
+    for i, rel in enumerate(files):
+        size = (dummy / rel).stat().st_size
+        for pos in sorted({0, size // 2, size - 1}):
+            path = _copy(dummy, tmp_path / f"{i}-{pos}")
+            _flip(path / rel, pos)
+            if rel == "saved_model.pb":
+                message = _refused(path, "^")
+                assert message.startswith(("invalid SavedModel format", "corrupt model")), message
+                if message.startswith("corrupt model"):
+                    assert f": {rel} changed since" in message
+            else:
+                _corrupt(path, f"{re.escape(rel)} changed since")
+
+
+@pytest.mark.parametrize("keep", [0, 100, -1])
+def test_truncated_variables(tmp_path, dummy, keep):
+    path = _copy(dummy, tmp_path / "m")
+    data = path / "variables" / "variables.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:keep])
+    _corrupt(path, r"variables/variables\.data-00000-of-00001 changed since")
+
+
+def test_corruption_tf_would_find_only_after_attach(tmp_path, tf, dummy):
+    """What the manifest catches before attach, TF's restore catches only at load."""
+    path = _copy(dummy, tmp_path / "m")
+    _flip(path / "variables" / "variables.data-00000-of-00001", 10)
+    _corrupt(path, "variables/variables")
+    # Without the manifest, the fast path's digest would only send the model to TF...
+    info = check_model_dir(path, manifest=False)
+    assert info.fastpath_reason.startswith("fast-path weights are stale")
+    with pytest.raises(Exception, match="[Cc]hecksum"):  # ...which fails after attach
+        tf.saved_model.load(str(path))
+
+
+@pytest.mark.parametrize(
+    "victim", ["fingerprint.pb", FASTPATH_FILE], ids=["fingerprint", "fastpath"]
+)
+def test_listed_file_missing(tmp_path, dummy, victim):
+    path = _copy(dummy, tmp_path / "m")
+    (path / victim).unlink()
+    _corrupt(path, f"{re.escape(victim)} missing since")
+
+
+@pytest.mark.parametrize(
+    "extra", ["variables/variables.data-00001-of-00002", "assets/vocab.txt", "notes"]
+)
+def test_unlisted_file(tmp_path, dummy, extra):
+    path = _copy(dummy, tmp_path / "m")
+    (path / extra).write_bytes(b"x")
+    _corrupt(path, f"{re.escape(extra)} not listed since")
+
+
+def test_several_problems_in_one_line(tmp_path, dummy):
+    path = _copy(dummy, tmp_path / "m")
+    (path / "fingerprint.pb").unlink()
+    (path / "extra").write_bytes(b"")
+    _flip(path / "variables" / "variables.index", 3)
+    _corrupt(path, "variables/variables.index changed; fingerprint.pb missing; extra not listed")
+
+
+def test_no_manifest(tmp_path, dummy):
+    path = _copy(dummy, tmp_path / "m")
+    (path / MANIFEST_FILE).unlink()
+    _refused(
+        path,
+        rf"^{re.escape(str(path))}: no {MANIFEST_FILE}, so damaged files cannot be detected "
+        rf"before attach \(run model_dir/verify_model.py {re.escape(str(path))}: ",
+    )
+    assert check_model_dir(path, manifest=False).fastpath_ok  # what the model tools check
+
+
+@pytest.mark.parametrize(
+    "content,pattern",
+    [
+        (b"{not json", r"unreadable \(JSONDecodeError; "),
+        (b"[1, 2]", r"unreadable \(TypeError; "),
+        (b'{"version": 1}', r"unreadable \(KeyError; "),
+        (b'{"version": 1, "files": []}', r"unreadable \(TypeError; "),
+        (b'{"version": 2, "files": {}}', r"is format v2, not v1 "),
+        (b"\xff\xfe", r"unreadable \((JSONDecodeError|UnicodeDecodeError); "),
+    ],
+    ids=["garbage", "list", "no-files", "files-list", "v2", "binary"],
+)
+def test_damaged_manifest(tmp_path, dummy, content, pattern):
+    path = _copy(dummy, tmp_path / "m")
+    (path / MANIFEST_FILE).write_bytes(content)
+    _refused(path, rf"^{re.escape(str(path))}: {MANIFEST_FILE} {pattern}")
+
+
+def test_verify_model_writes_the_manifest(tmp_path, tanh_stack, caplog):
+    """A SavedModel made without the tools: refused, until verify_model.py has vouched for it."""
+    path = _copy(tanh_stack, tmp_path / "m")
+    _refused(path, f"no {MANIFEST_FILE}")
+    assert verify_model.main([str(path), "--nr-cpus-probe", "2", "--max-dom-cpus-probe", "1"]) == 0
+    assert check_model_dir(path).fastpath_ok
+    assert json.loads((path / MANIFEST_FILE).read_text())["files"] == file_digests(path)
+
+
+def test_verify_model_does_not_bless_damaged_variables(tmp_path, dummy, caplog):
+    """verify_model.py rewrites the manifest only for a model TensorFlow loads."""
+    path = _copy(dummy, tmp_path / "m")
+    _flip(path / "variables" / "variables.data-00000-of-00001", 10)
+    assert verify_model.main([str(path), "--nr-cpus-probe", "2", "--max-dom-cpus-probe", "1"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert errors[0].startswith(f"error: TensorFlow cannot load {path}: "), errors
+    _corrupt(path, "variables/variables")  # the old manifest still stands
 
 
 # --- the fast path --------------------------------------------------------------------------
@@ -200,10 +398,12 @@ def test_dummy_model_is_deterministic(tf):
 
 def test_plain_stack_gets_verified(tmp_path, tanh_stack):
     path = _copy(tanh_stack, tmp_path / "m")
-    assert check_model_dir(path).fastpath_reason.startswith("no verified fast-path weights")
+    info = check_model_dir(path, manifest=False)
+    assert info.fastpath_reason.startswith("no verified fast-path weights")
     result = write_fastpath(path, nr_cpus_probe=4, max_dom_cpus_probe=2, nr_random=1000)
     assert result.written, result.message
     assert "relu" not in result.message and "tanh" in result.message
+    write_manifest(path)
     assert check_model_dir(path).fastpath_ok
 
 
@@ -216,6 +416,7 @@ def test_not_dense_stack_refused(tmp_path, not_dense, dummy):
     assert result.message.startswith("not a plain Dense stack: op ")
     assert not (path / FASTPATH_FILE).exists()
 
+    write_manifest(path)
     info = check_model_dir(path)
     assert not info.fastpath_ok
     backend, reason = open_backend(info, "auto")
@@ -243,6 +444,10 @@ def test_stale_fastpath(tmp_path, dummy, tf, change):
         create_dummy_model.build_model(seed=1).export(str(path), verbose=False)
     assert (path / FASTPATH_FILE).exists()
 
+    # First line of defence: the manifest no longer matches, the model is refused.
+    _corrupt(path, r".*(saved_model\.pb|variables\.data-00000-of-00001).* changed since")
+    # Second: a manifest rewritten without re-verifying still leaves the weights unused.
+    write_manifest(path)
     info = check_model_dir(path)
     assert not info.fastpath_ok
     assert info.fastpath_reason.startswith("fast-path weights are stale")
@@ -255,6 +460,7 @@ def test_stale_fastpath(tmp_path, dummy, tf, change):
 
     # Re-verifying fixes it, with the new weights.
     assert write_fastpath(path, nr_cpus_probe=2, max_dom_cpus_probe=1, nr_random=100).written
+    write_manifest(path)
     info = check_model_dir(path)
     assert info.fastpath_ok
     x = contract.unpack_keys(contract.feature_grid(4, 2))
@@ -267,7 +473,8 @@ def test_stale_fastpath(tmp_path, dummy, tf, change):
 def test_damaged_fastpath_file(tmp_path, dummy):
     path = _copy(dummy, tmp_path / "m")
     (path / FASTPATH_FILE).write_bytes(b"PK\x03\x04 garbage")
-    info = check_model_dir(path)
+    _corrupt(path, f"{re.escape(FASTPATH_FILE)} changed since")  # the manifest covers it
+    info = check_model_dir(path, manifest=False)  # and without it, only the fast path is lost
     assert not info.fastpath_ok and "unreadable" in info.fastpath_reason
     assert open_backend(info)[0].kind == contract.Backend.TF
 
@@ -302,5 +509,5 @@ assert not loaded, loaded
 
 def test_bundled_model():
     """model_dir/model_path, committed with the repository, is valid and verified."""
-    info = check_model_dir(REPO / "model_dir" / "model_path")
+    info = check_model_dir(BUNDLED)
     assert info.fastpath_ok, info.fastpath_reason

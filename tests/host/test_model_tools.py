@@ -118,8 +118,9 @@ def keras2_converted(models, tf) -> Path:
 
 
 def test_dataset_columns_follow_the_candidate_record():
-    """The file is struct mlsched_candidate without its key, then the label."""
-    record = [name for name, _ in contract.Candidate._fields_ if name != "key"]
+    """v1 is struct mlsched_candidate without its key, up to `source`, then the label."""
+    names = [name for name, _ in contract.Candidate._fields_]
+    record = names[1 : names.index("source") + 1]
     assert list(dataset.COLUMN_NAMES) == [*record, "label"]
 
 

@@ -71,7 +71,7 @@ def busy() -> dict[str, object]:
     prev = sample(
         11.0,
         {C.CANDIDATES: 1000, C.HITS: 900, C.MIGRATE: 300, C.KEEP: 600, C.RB_DROPS: 5,
-         C.MIGRATIONS: 400},
+         C.MIGR_MODEL: 400},
         {LS.BATCHES: 10, LS.DECISIONS: 100, LS.BATCH_NS_SUM: 10 * 50_000,
          LS.EV_LAT_NS_SUM: 100 * 1_000_000, LS.BATCH_NS_MAX: 90_000},
         batch_hist={10: 10}, event_hist={20: 100},
@@ -79,7 +79,7 @@ def busy() -> dict[str, object]:
     cur = sample(
         13.0,
         {C.CANDIDATES: 1400, C.HITS: 1200, C.MIGRATE: 400, C.KEEP: 800, C.RB_DROPS: 5,
-         C.MIGRATIONS: 500},
+         C.MIGR_MODEL: 500},
         {LS.BATCHES: 110, LS.DECISIONS: 900, LS.BATCH_NS_SUM: 10 * 50_000 + 100 * 20_000,
          LS.EV_LAT_NS_SUM: 100 * 1_000_000 + 800 * 3_000, LS.BATCH_NS_MAX: 90_000},
         batch_hist={10: 10, 14: 98, 16: 2}, event_hist={20: 100, 11: 400, 12: 399, 25: 1},
@@ -95,7 +95,7 @@ def test_rates_are_deltas_over_the_interval(busy: dict[str, object]) -> None:
     assert busy["migrate_per_s"] == 50.0
     assert busy["keep_per_s"] == 100.0
     assert busy["rb_drops_per_s"] == 0.0 and busy["rb_drops_total"] == 5
-    assert busy["migrations_per_s"] == 50.0
+    assert busy["migr_model_per_s"] == 50.0
     assert busy["hit_rate"] == 0.75  # 300 hits of 400 candidates, not 1200 / 1400
     assert busy["batches_per_s"] == 50.0
     assert busy["batch_size_avg"] == 8.0  # 800 decisions in 100 batches
@@ -166,7 +166,8 @@ def test_openmetrics_parses_with_prometheus_client(busy: dict[str, object]) -> N
     assert families["mlsched_candidates_per_s"].samples[0].value == 200.0
     info = families["mlsched_info"].samples[0].labels
     assert info == {"state": "enabled", "ops": "mlsched", "model": '/m/model "x"',
-                    "backend": "numpy", "fallback": "heuristic"}
+                    "backend": "numpy", "fallback": "heuristic",
+                    "model_digest": busy["model_digest"]}
     load = {s.labels["dom"]: s.value for s in families["mlsched_dom_load"].samples}
     assert load == {"0": 0.5, "1": 0.25}
     assert families["mlsched_candidates"].documentation.startswith("migration candidates")

@@ -186,7 +186,9 @@ def test_stale_pins_are_cleaned_at_start() -> None:
         print(second.log())
 
 
-@pytest.mark.parametrize("case", ["missing", "not_saved_model", "h5_file", "wrong_shape"])
+@pytest.mark.parametrize(
+    "case", ["missing", "not_saved_model", "h5_file", "wrong_shape", "corrupt_variables"]
+)
 def test_bad_model_refused_before_attach(case: str, tmp_path: Path) -> None:
     if case == "missing":
         path = tmp_path / "nope"
@@ -197,12 +199,14 @@ def test_bad_model_refused_before_attach(case: str, tmp_path: Path) -> None:
         path = tmp_path / "model.h5"
         path.write_bytes(b"\x89HDF\r\n\x1a\n")
     else:
-        path = TEST_MODELS / "width5"
+        path = TEST_MODELS / ("width5" if case == "wrong_shape" else case)
         assert path.is_dir(), f"{path} missing: run `make vm-test`"
     res = subprocess.run(["mlsched-load", "--model", str(path)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr
+    if case == "corrupt_variables":  # caught through the manifest
+        assert "variables/variables.data-00000-of-00001 changed since" in lines[0], lines[0]
     assert scx_state() == "disabled"
     assert not os.path.exists(contract.PIN_DIR)
 

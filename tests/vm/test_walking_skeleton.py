@@ -20,6 +20,10 @@ def test_attach_enables_mlsched(loader: Loader) -> None:
     mode = os.stat(contract.PIN_DIR).st_mode
     assert stat.S_IMODE(mode) == 0o700
     assert sorted(os.listdir(contract.PIN_DIR)) == sorted(contract.PINNED_MAPS)
+    # bcc's map and ring calls come from libbcc_bpf: nothing of LLVM or clang is mapped.
+    maps = open(f"/proc/{loader.proc.pid}/maps").read()
+    assert "libbcc_bpf.so" in maps
+    assert "libLLVM" not in maps and "libclang" not in maps and "libbcc.so" not in maps
 
 
 def test_decisions_flow_under_stress(loader: Loader) -> None:

@@ -280,7 +280,8 @@ def describe(r: dict[str, Any]) -> str:
         m = r["mlsched"]
         looked = m["hits"] + m["misses"]
         text += (f"; mlsched: {m['candidates']} candidates, hit "
-                 f"{100 * m['hits'] / looked if looked else 0:.0f} %, {m['migrations']} sent, "
+                 f"{100 * m['hits'] / looked if looked else 0:.0f} %, "
+                 f"{m['migr_model'] + m['migr_fallback']} decided moves, "
                  f"loader CPU {r['loader_cpu_s']:.1f} s")
     return text
 

@@ -129,8 +129,8 @@ def outcome_summary(o: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
                 "cross_migrations": _stats([float(r["cross_migrations"]) for r in runs
                                             if "cross_migrations" in r]),
                 "mlsched_candidates": _stats([float(m["candidates"]) for m in ml]),
-                "mlsched_sent": _stats([float(m["migrations"]) for m in ml]),
-                "mlsched_steals": _stats([float(m["steals"]) for m in ml]),
+                "mlsched_sent": _stats([float(m["migr_model"] + m["migr_fallback"]) for m in ml]),
+                "mlsched_steals": _stats([float(m["steal_candidates"]) for m in ml]),
                 "loader_cpu_s": _stats([r["loader_cpu_s"] for r in runs if "loader_cpu_s" in r]),
                 "hit_rate": _stats(hit),
                 "errors": errors,
