@@ -6,13 +6,14 @@ comment lines allowed, then exactly one of these headers and one candidate per r
 field a decimal integer.
 
 v1:  ts_ns,pid,cpu,cpu_idle,cpu_not_idle,src_dom,dst_dom,src_load_q,dst_load_q,action,source,label
-v2:  the same twelve columns, then explore_q,fallback,propensity_q,window_ns,delay_ns,run_ns
+v2:  the same twelve columns, then path,explore_q,fallback,propensity_q,window_ns,delay_ns,run_ns
 
 The first eleven columns are struct mlsched_candidate (bpf/mlsched.h) without its key, in its
 order: `action` is what the scheduler did (0 keep, 1 migrate), `source` who chose it (0 the
 model, 1 the fallback, 2 a coin flip in collection mode); `label` is the better action in
-hindsight (1 migrating was, 0 keeping was). v2 adds what counterfactual learning needs: the
-logging policy (`explore_q`, P in 1/65536 units, and `fallback`, the policy used when the coin
+hindsight (1 migrating was, 0 keeping was). v2 adds where the candidate was built (`path`: 0
+a wakeup, 1 a steal by an idle CPU of the destination) and what counterfactual learning needs:
+the logging policy (`explore_q`, P in 1/65536 units, and `fallback`, the policy used when the coin
 was not flipped), the probability with which it took the row's action (`propensity_q`, in
 1/131072 units: exact), and the outcome (the window's length, the task's run-queue delay and
 run time in it). The reader recomputes every propensity from the row (loader/fallback.py) and
@@ -58,6 +59,7 @@ COLUMNS_V1: tuple[tuple[str, type, int, int], ...] = (
 )
 COLUMNS_V2: tuple[tuple[str, type, int, int], ...] = (
     *COLUMNS_V1,
+    ("path", np.uint8, 0, len(contract.Path) - 1),
     ("explore_q", np.uint32, 0, contract.EXPLORE_SCALE),
     ("fallback", np.uint8, 0, len(contract.Fallback) - 1),
     ("propensity_q", np.uint32, 1, fallback.PROPENSITY_SCALE),
@@ -245,8 +247,9 @@ def read_dataset(path: str | Path) -> Dataset:
                         raise DatasetError(
                             f"{path}:{lineno}: {name} is {v}, expected {lo}..{hi} ({_REF})"
                         )
-                # What the kernel guarantees for every candidate it builds.
-                if row[7] <= row[8]:
+                # What the kernel guarantees for every candidate it builds on a wakeup (a
+                # steal, v2's path 1, may find the source no busier than the destination).
+                if row[7] <= row[8] and (version == 1 or row[12] == contract.Path.WAKEUP):
                     raise DatasetError(
                         f"{path}:{lineno}: src_load_q {row[7]} <= dst_load_q {row[8]}; a "
                         f"candidate's destination is less loaded than its source ({_REF})"

@@ -204,6 +204,7 @@ def simulated_logged_dataset(nr_rows: int, seed: int, explore: float = DEFAULT_S
     cols["action"] = action.astype(np.uint8)
     cols["source"] = np.where(coin, contract.Source.EXPLORE, contract.Source.FALLBACK)
     cols["label"] = optimal_migrate(cols).astype(np.uint8)
+    cols["path"] = np.full(nr_rows, contract.Path.WAKEUP)
     cols.update(logging_columns(cols, explore_q, policy))
     noise = rng.gamma(SIM_NOISE_SHAPE, 1 / SIM_NOISE_SHAPE, nr_rows)
     cost = expected_cost(cols, action) * noise

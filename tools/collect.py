@@ -245,7 +245,7 @@ class Follower:
             self.rows.append((
                 rec.ts_ns, rec.pid, rec.cpu, rec.cpu_idle, rec.cpu_not_idle, rec.src_dom,
                 rec.dst_dom, rec.src_load_q, rec.dst_load_q, rec.action, rec.source, lag,
-                t1 - t0, second[0] - delay0, second[1] - run0,
+                t1 - t0, second[0] - delay0, second[1] - run0, rec.path, rec.prob_q16,
             ))
 
     def columns(self) -> dict[str, np.ndarray]:
@@ -255,6 +255,10 @@ class Follower:
 
 
 # --- labeling and writing -------------------------------------------------------------------
+
+
+class PropensityDrift(Exception):
+    """The kernel's prob_q16 disagrees with loader/fallback.py: one line."""
 
 
 def _pct(n: int, total: int) -> str:
@@ -308,6 +312,16 @@ def label_and_write(
     if nr == 0:
         return 0, 0
     cols.update(logging_columns(cols, cols["explore_q"], cols["fallback"]))
+    if "prob_q16" in cols:  # what the kernel itself said, in 1/65536 (rounded down)
+        want = cols["propensity_q"] >> 1
+        bad = np.flatnonzero(cols["prob_q16"] != want)
+        if len(bad):
+            i = int(bad[0])
+            raise PropensityDrift(
+                f"the kernel's propensities disagree with loader/fallback.py on {len(bad)} of "
+                f"{n} rows (first: prob_q16 {cols['prob_q16'][i]}, expected {want[i]} for "
+                f"action {cols['action'][i]}, source {cols['source'][i]}); dataset not "
+                f"written, the outcomes are (relabel once the two agree)")
     explore = ", ".join(f"{q / contract.EXPLORE_SCALE:g} (explore_q {q})"
                         for q in np.unique(cols["explore_q"]))
     policy = ", ".join(contract.Fallback(int(f)).name.lower() for f in np.unique(cols["fallback"]))
@@ -329,6 +343,8 @@ def relabel(args: argparse.Namespace) -> int:
         return fail(str(e))
     if not len(cols["ts_ns"]):
         return fail(f"{args.relabel}: no rows")
+    if "path" not in cols:  # written before v2: wakeups only, no kernel propensities
+        cols["path"] = np.zeros(len(cols["ts_ns"]), np.int64)
     if "explore_q" not in cols:
         if args.explore is None:
             return fail(f"{args.relabel} predates format v2 and does not say how it was collected: "
@@ -337,7 +353,16 @@ def relabel(args: argparse.Namespace) -> int:
         cols["explore_q"] = np.full(n, fallback.explore_q_for(args.explore))
         cols["fallback"] = np.full(n, int(contract.Fallback[args.fallback.upper()]))
     comments = [f"relabeled from {args.relabel}"]
-    nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, comments)
+    if "prob_q16" not in cols:
+        chosen = fallback.fallback_migrate(cols["fallback"], cols["cpu_idle"], cols["src_load_q"],
+                                           cols["dst_load_q"])
+        cols["prob_q16"] = fallback.kernel_prob_q16(cols["action"], chosen, cols["explore_q"])
+        comments.append("written before v2: prob_q16 computed from --explore and --fallback, "
+                        "not recorded by the kernel")
+    try:
+        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, comments)
+    except PropensityDrift as e:
+        return fail(str(e), 1)
     if nr == 0:
         return fail("no row could be labeled (see above)", 1)
     return 0
@@ -555,7 +580,10 @@ def _finish(args: argparse.Namespace, follower: Follower, sampler: Sampler, coun
     nr_migrate_action = int(cols["action"].sum())
     log.info("rows: %d, action migrate %d / keep %d", len(cols["action"]), nr_migrate_action,
              len(cols["action"]) - nr_migrate_action)
-    nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, lines)
+    try:
+        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, lines)
+    except PropensityDrift as e:
+        return fail(str(e), 1)
     if nr == 0:
         return fail("no row could be labeled (see above); dataset not written", 1)
     return 0

@@ -345,10 +345,11 @@ OUTCOME_COLUMNS_V1 = (
     "dst_load_q", "action", "source", "read_lag_ns", "window_ns", "delay_ns", "run_ns",
     "label", "label_level",
 )
-OUTCOME_COLUMNS = (*OUTCOME_COLUMNS_V1, "explore_q", "fallback")
+# Since v2 also the record's path (wakeup or steal) and the kernel's own prob_q16.
+OUTCOME_COLUMNS = (*OUTCOME_COLUMNS_V1, "path", "prob_q16", "explore_q", "fallback")
 OUTCOME_HEADER = ",".join(OUTCOME_COLUMNS)
 OUTCOME_HEADER_V1 = ",".join(OUTCOME_COLUMNS_V1)
-MEASURED_COLUMNS = OUTCOME_COLUMNS_V1[:-2]  # what the follower records for a row
+MEASURED_COLUMNS = (*OUTCOME_COLUMNS_V1[:-2], "path", "prob_q16")  # a followed record's row
 
 
 class OutcomesError(ValueError):
@@ -376,7 +377,8 @@ def write_outcomes(path: Path, cols: Mapping[str, np.ndarray], comments: tuple[s
 
 
 def read_outcomes(path: Path) -> dict[str, np.ndarray]:
-    """The columns of an outcomes file; explore_q and fallback only when the file has them."""
+    """The columns of an outcomes file; path, prob_q16, explore_q and fallback only when the
+    file has them (written since dataset v2)."""
     from model_dir.dataset import _open_text
 
     if not path.is_file():

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, fallback
 from model_dir.dataset import COLUMN_NAMES, read_dataset
 from tools import collect
 from tools.outcomes import (
@@ -105,10 +105,11 @@ class FakeSampler:
         return n * 1000 * pid, n * 500  # delay grows by 1000 * pid, run by 500 per call
 
 
-def _record(pid: int, action: int = 0) -> bytes:
+def _record(pid: int, action: int = 0, prob_q16: int = 0) -> bytes:
     return bytes(contract.Candidate(pid=pid, ts_ns=time.monotonic_ns(), cpu=1, cpu_idle=1,
                                     src_load_q=8, dst_load_q=2, src_dom=0, dst_dom=1,
-                                    action=action, source=contract.Source.EXPLORE))
+                                    action=action, source=contract.Source.EXPLORE,
+                                    prob_q16=prob_q16))
 
 
 def test_follower_samples_twice_and_counts_what_it_skips() -> None:
@@ -273,11 +274,14 @@ def test_collected_rows_get_their_propensities(tmp_path: Path) -> None:
     """What a collection run writes: the outcomes file with the logging policy, the dataset v2
     with each row's propensity; relabeling the new outcomes file needs no --explore."""
     raw = read_outcomes(VM_OUTCOMES)
-    cols = {name: raw[name] for name in MEASURED_COLUMNS}
+    cols = {name: raw[name] for name in MEASURED_COLUMNS if name in raw}
     n = len(cols["ts_ns"])
+    cols["path"] = np.zeros(n, np.int64)
     cols["explore_q"] = np.full(n, 19661)  # --explore 0.3
     cols["fallback"] = np.full(n, int(contract.Fallback.HEURISTIC))
     cols["source"] = np.full(n, int(contract.Source.EXPLORE))  # every row a coin flip here
+    heur = fallback.heuristic_migrate(cols["cpu_idle"], cols["src_load_q"], cols["dst_load_q"])
+    cols["prob_q16"] = fallback.kernel_prob_q16(cols["action"], heur, 19661)
     out, outcomes = tmp_path / "d.csv.gz", tmp_path / "d.outcomes.csv.gz"
     nr, _ = collect.label_and_write(cols, out, outcomes, 5, ["a test"])
     ds = read_dataset(out)
@@ -376,16 +380,23 @@ def test_a_collection_run_ends_in_a_v2_dataset(tmp_path: Path) -> None:
     import argparse
     import types
 
-    follower = collect.Follower(FakeSampler(), window_ns=0, max_per_s=10**6)
-    for pid in range(100, 110):  # coin flips: 5 migrated, 5 kept; the heuristic migrates here
-        follower.on_record(_record(pid, action=pid % 2))
-    follower.close_due(time.monotonic_ns())
-    args = argparse.Namespace(fallback="heuristic", explore=0.25, window_ms=0.0, max_follow=10,
-                              output=tmp_path / "c.csv", outcomes=tmp_path / "c.outcomes.csv",
-                              min_other=2)
-    plan = types.SimpleNamespace(domains=[[0], [1]], reason="a test")
-    delayacct = types.SimpleNamespace(saved=None)
-    status = collect._finish(args, follower, FakeSampler(), [], 1.0, plan, delayacct)
+    def run(tag: str, wrong: int = -1) -> tuple[int, argparse.Namespace]:
+        follower = collect.Follower(FakeSampler(), window_ns=0, max_per_s=10**6)
+        for pid in range(100, 110):  # coin flips: 5 migrated, 5 kept; the heuristic migrates
+            prob = 8192 + 49152 if pid % 2 else 8192  # what the kernel records at P = 0.25
+            follower.on_record(_record(pid, pid % 2, prob + (pid == wrong)))
+        follower.close_due(time.monotonic_ns())
+        args = argparse.Namespace(
+            fallback="heuristic", explore=0.25, window_ms=0.0, max_follow=10, min_other=2,
+            output=tmp_path / f"{tag}.csv", outcomes=tmp_path / f"{tag}.outcomes.csv")
+        plan = types.SimpleNamespace(domains=[[0], [1]], reason="a test")
+        delayacct = types.SimpleNamespace(saved=None)
+        return collect._finish(args, follower, FakeSampler(), [], 1.0, plan, delayacct), args
+
+    # The kernel's prob_q16 off by one on one row: the outcomes are kept, the dataset refused.
+    status, args = run("drift", wrong=103)
+    assert status == 1 and args.outcomes.exists() and not args.output.exists()
+    status, args = run("c")
     assert status == 0
     ds = read_dataset(args.output)
     assert ds.version == 2 and len(ds) == 10
@@ -393,4 +404,6 @@ def test_a_collection_run_ends_in_a_v2_dataset(tmp_path: Path) -> None:
     assert (ds.columns["fallback"] == contract.Fallback.HEURISTIC).all()
     # P = 0.25: migrating (the heuristic's choice) 0.125 + 0.75, keeping 0.125.
     assert ds.propensities().tolist() == [0.875 if a else 0.125 for a in ds.actions]
-    assert read_outcomes(args.outcomes)["explore_q"].tolist() == [16384] * 10
+    raw = read_outcomes(args.outcomes)
+    assert raw["explore_q"].tolist() == [16384] * 10 and raw["path"].tolist() == [0] * 10
+    assert sorted(set(raw["prob_q16"].tolist())) == [8192, 57344]

@@ -198,7 +198,7 @@ def test_dataset_not_text(tmp_path):
 def test_dataset_v2_extends_v1():
     assert dataset.COLUMN_NAMES_V2[: len(dataset.COLUMN_NAMES)] == dataset.COLUMN_NAMES
     assert dataset.COLUMN_NAMES_V2[len(dataset.COLUMN_NAMES):] == (
-        "explore_q", "fallback", "propensity_q", "window_ns", "delay_ns", "run_ns")
+        "path", "explore_q", "fallback", "propensity_q", "window_ns", "delay_ns", "run_ns")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
@@ -229,8 +229,8 @@ def test_dataset_v2_roundtrip(tmp_path, suffix):
 
 
 # cpu 3, idle 2, busy 4, dom 0 -> 1, loads 12 -> 3: the heuristic migrates. A coin flip (source
-# 2) that kept the task at P = 0.5: propensity 0.25 = 32768 / 131072.
-ROW2 = "5,100,3,2,4,0,1,12,3,0,2,0,32768,2,32768,100000000,2000000,40000000"
+# 2) on a wakeup (path 0) that kept the task at P = 0.5: propensity 0.25 = 32768 / 131072.
+ROW2 = "5,100,3,2,4,0,1,12,3,0,2,0,0,32768,2,32768,100000000,2000000,40000000"
 
 
 def _csv2(row: str) -> str:
@@ -252,13 +252,17 @@ def _csv2(row: str) -> str:
          ":2: a coin-flip row, but explore_q is 0"),
         (_csv2(ROW2.replace(",32768,2,32768,", ",70000,2,32768,")),
          ":2: explore_q is 70000, expected 0..65536"),
-        (_csv2(ROW) , ":2: 12 fields, expected 18 (v2)"),
-        (f"{dataset.HEADER}\n{ROW2}", ":2: 18 fields, expected 12 (v1)"),
+        (_csv2(ROW) , ":2: 12 fields, expected 19 (v2)"),
+        (f"{dataset.HEADER}\n{ROW2}", ":2: 19 fields, expected 12 (v1)"),
+        (_csv2(ROW2.replace(",12,3,0,2,0,0,", ",3,12,0,2,0,0,")),
+         ":2: src_load_q 3 <= dst_load_q 12"),
+        (_csv2(ROW2.replace(",0,2,0,0,", ",0,2,0,2,")), ":2: path is 2, expected 0..1"),
         (_csv2(ROW2) + "\n" + ROW2.replace(",100000000,", ",0,"),
          ":3: window_ns is 0, expected 1..18446744073709551615"),
     ],
     ids=["propensity", "fallback-action", "zero-propensity", "coin-without-explore",
-         "explore-range", "v1-row-v2-header", "v2-row-v1-header", "window"],
+         "explore-range", "v1-row-v2-header", "v2-row-v1-header", "wakeup-src-not-busier",
+         "path", "window"],
 )  # fmt: skip
 def test_dataset_v2_malformed(tmp_path, text, pattern):
     good = tmp_path / "good.csv"
@@ -270,6 +274,18 @@ def test_dataset_v2_malformed(tmp_path, text, pattern):
         dataset.read_dataset(path)
     message = str(exc.value)
     assert "\n" not in message and pattern in message, message
+
+
+def test_dataset_v2_steal_rows(tmp_path):
+    """A steal (path 1) may find its source no busier than its destination: accepted; the
+    heuristic keeps it, so a fallback row keeps and its propensity follows."""
+    path = tmp_path / "steal.csv"
+    steal = ROW2.replace(",12,3,0,2,0,0,", ",3,12,0,1,0,1,").replace(",32768,2,32768,",
+                                                                    ",32768,2,98304,")
+    path.write_text(_csv2(steal))
+    ds = dataset.read_dataset(path)
+    assert ds.columns["path"].tolist() == [1] and ds.propensities().tolist() == [0.75]
+    assert ds.heuristic().tolist() == [False]
 
 
 # --- model_export.py ----------------------------------------------------------------------
