@@ -17,8 +17,9 @@ made of Dense layers so that the fast path still applies, goes inside the export
 - `--features cpu_idle,cpu_not_idle,...` names, in order, the contract feature each of the
   model's k inputs gets (loader/contract.py FEATURE_NAMES; the values as the loader computes
   them, loads 0..1, unscaled); a fixed 0/1 selection matrix [10, k] feeds it from the
-  contract's `features` [?, 10], the other features unused. Without it the input must be
-  [?, 10].
+  contract's `features` [?, 10], the other features unused: folded into the first layer of a
+  Sequential model that starts with a Dense, else a Dense layer of its own in front. Without
+  it the input must be [?, 10].
 - `--output-map threshold`: the model's output y means migrate when y > 0.5 (a linear output
   trained as a 0/1 regression); a 1x1 Dense sigmoid(16 (y - 0.5)) is appended, which is > 0.5
   exactly when y is (for every float32 y: 16 and 0.5 are powers of two, so the subtraction is
@@ -205,6 +206,37 @@ def output_map_weights(kind: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"output map must be one of {', '.join(OUTPUT_MAPS)}, not {kind!r}")
 
 
+def _select_inputs(model: Any, inputs: Any, features: tuple[str, ...]) -> Any:
+    """The model on the contract's inputs: the selection matrix folded into its first layer
+    when the model is a Sequential starting with a Dense (x @ (S @ W) adds only exact zeros to
+    x_sel @ W: one layer less, for the fast path and --inference kernel alike), else a fixed
+    Dense selection layer in front of it."""
+    import keras
+
+    select = selection_matrix(features)
+    layers = list(getattr(model, "layers", []))
+    if isinstance(model, keras.Sequential) and layers and type(layers[0]) is keras.layers.Dense:
+        first, rest = layers[0], layers[1:]
+        weights = first.get_weights()
+        folded = keras.layers.Dense(first.units, activation=first.activation,
+                                    use_bias=first.use_bias, name=f"{first.name}_on_features")
+        x = folded(inputs)
+        folded.set_weights([select @ weights[0], *weights[1:]])
+        log.info("inputs: folded into its first layer %r: kernel %s -> %s, zero rows for the "
+                 "unused features", first.name, list(weights[0].shape),
+                 [contract.NR_FEATURES, first.units])
+        for layer in rest:
+            x = layer(x)
+        return x
+    selector = keras.layers.Dense(len(features), use_bias=False, trainable=False,
+                                  name="mlsched_select_inputs")
+    x = selector(inputs)
+    selector.set_weights([select])
+    log.info("inputs: a fixed selection layer [%d, %d] in front of it", contract.NR_FEATURES,
+             len(features))
+    return model(x)
+
+
 def wrap(model: Any, features: tuple[str, ...] | None, output_map: str | None) -> Any:
     """The model inside the contract: `features` [?, 10] in, > 0.5 = migrate out.
 
@@ -246,12 +278,7 @@ def wrap(model: Any, features: tuple[str, ...] | None, output_map: str | None) -
         return with_contract_input(model)
 
     inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
-    x = inputs
     if features is not None:
-        select = keras.layers.Dense(len(features), use_bias=False, trainable=False,
-                                    name="mlsched_select_inputs")
-        x = select(x)
-        select.set_weights([selection_matrix(features)])
         unused = [n for n in contract.FEATURE_NAMES if n not in features]
         log.info(
             "inputs: its %d inputs get the contract features %s (as the loader computes "
@@ -260,7 +287,9 @@ def wrap(model: Any, features: tuple[str, ...] | None, output_map: str | None) -
             ", ".join(f"{j} <- {n}" for j, n in enumerate(features)),
             ", ".join(unused) or "none",
         )
-    y = model(x)
+        y = _select_inputs(model, inputs, features)
+    else:
+        y = model(inputs)
     if output_map is not None:
         head = keras.layers.Dense(1, activation="sigmoid", trainable=False,
                                   name=f"mlsched_output_{output_map}")

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from loader import contract, fallback
+from loader import contract, fallback, kernel_mlp
 from loader.backends import NumpyBackend, TFBackend, open_backend
 from loader.fastpath import MAX_ABS_DIFF, DenseLayer, NumpyModel
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
@@ -689,7 +689,8 @@ def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
                  "unused: cpu, reserved0, reserved1, reserved2, reserved3, reserved4",
                  "output: layer 'regression' is linear; appended sigmoid(16 (y - 0.5)), > 0.5 "
                  "exactly when y > 0.5",
-                 "fast path verified: 10 -> 4 linear -> 10 relu -> 1 linear -> 1 sigmoid"):
+                 "inputs: folded into its first layer 'hidden': kernel [4, 10] -> [10, 10]",
+                 "fast path verified: 10 -> 10 relu -> 1 linear -> 1 sigmoid"):
         assert text in caplog.text, text
     info = check_model_dir(out)  # what mlsched-load checks before attaching
     assert info.input_key == "features" and info.fastpath_ok
@@ -705,6 +706,28 @@ def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
         assert np.array_equal(got > 0.5, _linear4_outputs(linear4_h5, x) > 0.5)
     decided = backend.predict(contract.unpack_keys(contract.feature_grid(4, 2))) > 0.5
     assert 0 < decided.mean() < 1  # both decisions: the test can tell a wrong mapping
+    # Three Dense layers of <= 64 units: --inference kernel can run it too.
+    q = kernel_mlp.quantize(NumpyModel.load(out))
+    keys = contract.feature_grid(8, 4)
+    assert kernel_mlp.agreement(q, NumpyModel.load(out), keys) >= kernel_mlp.MIN_AGREEMENT
+
+
+def test_transfer_selection_layer_for_a_functional_model(tmp_path, tf):
+    """Not a Sequential: the selection is a layer of its own in front, same decisions."""
+    import keras
+
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input(shape=(2,), name="loads")
+    out = keras.layers.Dense(1, name="logit")(keras.layers.Dense(4, activation="relu")(inputs))
+    src = tmp_path / "f.keras"
+    keras.Model(inputs, out).save(src)
+    dst = tmp_path / "m"
+    transfer.transfer(src, dst, ("src_dom_load", "dst_dom_load"), "sigmoid")
+    assert NumpyModel.load(dst).describe() == "10 -> 2 linear -> 4 relu -> 1 linear -> 1 sigmoid"
+    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    model = keras.models.load_model(src, compile=False)
+    y = model.predict(x[:, 3:5], verbose=0).ravel()
+    assert np.max(np.abs(NumpyBackend(dst).predict(x) - 1 / (1 + np.exp(-y)))) <= 1e-5
 
 
 def test_threshold_map_is_exact_at_the_threshold(tf):
