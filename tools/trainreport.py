@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import contract
+from loader import contract, fallback
 
 log = logging.getLogger("trainreport")
 
@@ -34,10 +34,9 @@ EXAMPLES = """examples:
 
 def heuristic(x: np.ndarray) -> np.ndarray:
     """The kernel's heuristic fallback (fallback_migrate in bpf/mlsched.bpf.c) on model inputs:
-    migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination has an idle CPU."""
-    load_q = np.rint(x[:, 3:5] * contract.LOAD_SCALE).astype(np.int64)
-    gap = load_q[:, 0] - load_q[:, 1]
-    return ((gap >= contract.LOAD_SCALE // 4) & (x[:, 1] > 0)).astype(np.uint8)
+    migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination has an idle CPU
+    (one definition: loader/fallback.py)."""
+    return fallback.heuristic_from_features(x).astype(np.uint8)
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", required=True, type=Path, metavar="DIR", help="SavedModel dir")
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
-                   help="the dataset it was trained on (format v1)")
+                   help="the dataset it was trained on (format v1 or v2)")
     p.add_argument("--seed", type=int, default=0,
                    help="model_export.py's --seed, which fixes the validation split (default 0)")
     p.add_argument("--grid", type=_grid, default=None, metavar="CPUSxDOMCPUS",
