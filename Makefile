@@ -13,6 +13,8 @@ CLANG ?= clang-19
 BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
 	-Wno-microsoft-anon-tag -Wall -Wno-unused-function
 VM_CPUS ?= 2
+# The in-kernel inference code alone, run with BPF_PROG_TEST_RUN on the host (tests, bench).
+MLP_BENCH := build/bench/mlp_bench.bpf.o
 
 .PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-models demo soak lint clean bench-model train install
 
@@ -28,7 +30,7 @@ bpf/vmlinux.h: $(CACHE)/kernel/current
 	@echo "bpf: generating vmlinux.h from $(KERNEL_DIR)/vmlinux"
 	@bpftool btf dump file $(KERNEL_DIR)/vmlinux format c > $@.tmp && mv $@.tmp $@
 
-bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/vmlinux.h Makefile
+bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/mlsched_mlp.h bpf/vmlinux.h Makefile
 	@test -f $(SCX_INC)/scx/common.bpf.h || { echo "bpf: no scx headers in '$(SCX_INC)': run make setup"; exit 1; }
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -I$(SCX_INC) -I$(SCX_INC)/bpf-compat -c $< -o $@
@@ -47,7 +49,7 @@ model_dir/model_path/saved_model.pb:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-host-test: setup bpf
+host-test: setup bpf $(MLP_BENCH)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests/host
 
@@ -117,10 +119,15 @@ bench-model: setup
 .PHONY: bench
 BENCH_PRODUCER := build/bench/ringbuf_producer.bpf.o
 
-$(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/vmlinux.h Makefile
+$(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/vmlinux.h Makefile
 	@mkdir -p $(dir $@)
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
 
-bench: setup bpf $(BENCH_PRODUCER)
+$(MLP_BENCH): tools/bench/mlp_bench.bpf.c bpf/mlsched_mlp.h bpf/mlsched.h bpf/vmlinux.h Makefile
+	@mkdir -p $(dir $@)
+	@echo "bpf: compiling $@"
+	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
+
+bench: setup bpf $(BENCH_PRODUCER) $(MLP_BENCH)
 	$(PY) -m tools.bench $(BENCH_ARGS)

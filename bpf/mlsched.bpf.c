@@ -37,6 +37,7 @@
 #include <scx/common.bpf.h>
 #include "mlsched.h"
 #include "mlsched_policy.h"
+#include "mlsched_mlp.h"
 
 char _license[] SEC("license") = "GPL";
 
@@ -54,13 +55,28 @@ struct {
 	__uint(max_entries, MLSCHED_RINGBUF_DEFAULT_BYTES);
 } candidates SEC(".maps");
 
-/* Decision key -> enum mlsched_decision, written in batches by user space. */
+/*
+ * Decision key -> (generation << 8) | enum mlsched_decision, written in
+ * batches by user space: the table of machines whose grid is too large.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, u64);
 	__type(value, u32);
 } decisions SEC(".maps");
+
+/*
+ * The dense decision grid (see mlsched.h): byte i = key i's enum
+ * mlsched_grid_code; max_entries (u64 words) set by the loader, mmapped there.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, u32);
+	__type(value, u64);
+} decision_grid SEC(".maps");
 
 /* Decision key -> ns when last pushed: one push per key until it is decided. */
 struct {
@@ -192,6 +208,10 @@ enum mlsched_config contract_btf_config;
 enum mlsched_hist contract_btf_hist;
 enum mlsched_source contract_btf_source;
 enum mlsched_path contract_btf_path;
+enum mlsched_grid_code contract_btf_grid_code;
+enum mlsched_mlp_act contract_btf_mlp_act;
+enum mlsched_mlp_out contract_btf_mlp_out;
+struct mlsched_mlp contract_btf_mlp;
 
 /* Copied from "sched_config" at init: read on every wakeup. */
 static u32 nr_cpus;
@@ -200,6 +220,10 @@ static u32 fallback_policy;
 static u64 slice_ns = 20ULL * 1000 * 1000;
 static u64 slice_min_ns = 1000ULL * 1000;
 static u64 starve_ns = STARVE_NS_DFL;
+/* Ring wakeups (mlsched_ring_wake): batch bytes, max wait, start of the unread run. */
+static u64 ring_wake_bytes = 64 * sizeof(struct mlsched_candidate);
+static u64 ring_max_wait_ns = 2ULL * 1000 * 1000;
+static u64 ring_oldest_ns;
 /* A pending candidate is pushed again when its decision has not come by then. */
 static u64 resubmit_ns = 1000ULL * 1000 * 1000;
 /*
@@ -209,6 +233,10 @@ static u64 resubmit_ns = 1000ULL * 1000 * 1000;
  */
 static bool collect;
 static u32 explore;
+/* The dense grid's bounds (grid_cpus = 0: no grid, the hash serves). */
+static u32 grid_cpus, grid_dom_cpus;
+/* --inference kernel: a miss is decided here, by the weights in mlp_weights. */
+static bool kernel_inference;
 /*
  * The loader's ring reader turns candidates into decisions: when it wakes it
  * runs ahead of the queue, or the decisions it owes wait behind a full slice
@@ -374,6 +402,8 @@ static __always_inline void refresh(s32 cpu)
 static __always_inline bool push(struct mlsched_candidate *c, u64 now)
 {
 	struct mlsched_candidate *rec;
+	u64 avail = bpf_ringbuf_query(&candidates, BPF_RB_AVAIL_DATA);
+	bool wake;
 
 	rec = bpf_ringbuf_reserve(&candidates, sizeof(*rec), 0);
 	if (!rec) {
@@ -382,7 +412,12 @@ static __always_inline bool push(struct mlsched_candidate *c, u64 now)
 	}
 	*rec = *c;
 	rec->ts_ns = now;
-	bpf_ringbuf_submit(rec, 0);
+	/* Racy across CPUs but contained: at worst one wakeup early or one max-wait late. */
+	wake = mlsched_ring_wake(avail, sizeof(*rec), now, &ring_oldest_ns, ring_wake_bytes,
+				 ring_max_wait_ns);
+	if (wake)
+		cnt_inc(MLSCHED_CNT_RB_WAKEUPS);
+	bpf_ringbuf_submit(rec, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	cnt_inc(MLSCHED_CNT_SUBMITTED);
 	return true;
 }
@@ -444,11 +479,74 @@ static __always_inline bool build(struct mlsched_candidate *c, struct task_struc
 	return true;
 }
 
-/* The one decision for every cross-domain move: sets c->action and c->source. */
-static bool decide(struct mlsched_candidate *c)
+static __always_inline s64 grid_index(struct mlsched_candidate *c)
+{
+	if (!grid_cpus)
+		return -1;
+	return mlsched_grid_index(grid_cpus, grid_dom_cpus, c->cpu, c->cpu_idle, c->cpu_not_idle,
+				  c->src_load_q, c->dst_load_q);
+}
+
+/* The table's answer for a candidate, as an enum mlsched_grid_code. */
+static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
+{
+	s64 gi = grid_index(c);
+	u64 *word;
+	u32 *v, w;
+
+	if (gi >= 0) {
+		w = gi >> 3;
+		word = bpf_map_lookup_elem(&decision_grid, &w);
+		return word ? (*word >> ((gi & 7) * 8)) & 0xff : MLSCHED_GRID_UNDECIDED;
+	}
+	v = bpf_map_lookup_elem(&decisions, &c->key);
+	/* An entry of an older model's generation is a miss. */
+	if (!v || (*v >> MLSCHED_GEN_SHIFT) != (u32)cfg_get(MLSCHED_CFG_MODEL_GEN))
+		return MLSCHED_GRID_UNDECIDED;
+	return (*v & 0xff) == MLSCHED_MIGRATE ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+}
+
+/*
+ * --inference kernel: decide a miss with the weights of the serving
+ * generation and keep the answer in the table. Returns -1 without weights.
+ */
+static __always_inline int kernel_decide(struct mlsched_candidate *c)
+{
+	u32 gen = cfg_get(MLSCHED_CFG_MODEL_GEN), w, v;
+	u64 t0 = bpf_ktime_get_ns(), *word, *ns;
+	s64 gi;
+	int r;
+
+	r = mlp_decide(gen & 1, gen, c->key);
+	if (r < 0)
+		return r;
+	cnt_inc(MLSCHED_CNT_KINFER);
+	w = MLSCHED_CNT_KINFER_NS;
+	ns = bpf_map_lookup_elem(&counters, &w);
+	if (ns)
+		*ns += bpf_ktime_get_ns() - t0;
+	gi = grid_index(c);
+	if (gi >= 0) {
+		w = gi >> 3;
+		word = bpf_map_lookup_elem(&decision_grid, &w);
+		/* One byte of the word: user space only clears whole generations. */
+		if (word)
+			*((u8 *)word + (gi & 7)) = r ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
+	} else {
+		v = (gen << MLSCHED_GEN_SHIFT) | (r ? MLSCHED_MIGRATE : MLSCHED_KEEP);
+		bpf_map_update_elem(&decisions, &c->key, &v, BPF_ANY);
+	}
+	return r;
+}
+
+/*
+ * The one decision for every cross-domain move: sets c->action and c->source.
+ * Inlined: with mlp_decide() below it, separate frames overflow the 512-byte stack.
+ */
+static __always_inline bool decide(struct mlsched_candidate *c)
 {
 	bool migrate, fb;
-	u32 *decision;
+	u32 code;
 
 	if (collect) {
 		fb = fallback_migrate(c);
@@ -467,16 +565,26 @@ static bool decide(struct mlsched_candidate *c)
 		return migrate;
 	}
 
-	decision = bpf_map_lookup_elem(&decisions, &c->key);
-	if (decision) {
+	code = lookup_decision(c);
+	if (code != MLSCHED_GRID_UNDECIDED) {
 		cnt_inc(MLSCHED_CNT_HITS);
-		migrate = *decision == MLSCHED_MIGRATE;
+		migrate = code == MLSCHED_GRID_MIGRATE;
 		cnt_inc(migrate ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
 		c->source = MLSCHED_SRC_MODEL;
 		c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
 		return migrate;
 	}
 	cnt_inc(MLSCHED_CNT_MISSES);
+	if (kernel_inference) {
+		int r = kernel_decide(c);
+
+		if (r >= 0) {
+			c->source = MLSCHED_SRC_MODEL;
+			c->action = r ? MLSCHED_MIGRATE : MLSCHED_KEEP;
+			cnt_inc(r ? MLSCHED_CNT_MIGRATE : MLSCHED_CNT_KEEP);
+			return r;
+		}
+	}
 	migrate = fallback_migrate(c);
 	cnt_inc(migrate ? MLSCHED_CNT_FALLBACK_MIGRATE : MLSCHED_CNT_FALLBACK_KEEP);
 	c->action = migrate ? MLSCHED_MIGRATE : MLSCHED_KEEP;
@@ -838,6 +946,13 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 	collect = cfg_get(MLSCHED_CFG_COLLECT);
 	loader_tid = cfg_get(MLSCHED_CFG_LOADER_TID);
 	explore = cfg_get(MLSCHED_CFG_EXPLORE);
+	grid_cpus = cfg_get(MLSCHED_CFG_GRID_CPUS);
+	grid_dom_cpus = cfg_get(MLSCHED_CFG_GRID_DOM_CPUS);
+	kernel_inference = cfg_get(MLSCHED_CFG_INFERENCE);
+	if (cfg_get(MLSCHED_CFG_WAKE_BYTES))
+		ring_wake_bytes = cfg_get(MLSCHED_CFG_WAKE_BYTES);
+	if (cfg_get(MLSCHED_CFG_MAX_WAIT_NS))
+		ring_max_wait_ns = cfg_get(MLSCHED_CFG_MAX_WAIT_NS);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		scx_bpf_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;

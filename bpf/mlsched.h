@@ -50,6 +50,27 @@ enum mlsched_decision {
 	MLSCHED_MIGRATE = 1,
 };
 
+/*
+ * The dense decision grid, array "decision_grid" (BPF_F_MMAPABLE, u64 words,
+ * mlsched_grid_index() in mlsched_policy.h): byte i of the array holds key i's
+ * decision, written by user space with plain stores. 0 = not decided yet.
+ * Used when the machine's grid has at most MLSCHED_GRID_MAX_KEYS keys; the
+ * "decisions" hash serves other machines, on demand.
+ */
+enum mlsched_grid_code {
+	MLSCHED_GRID_UNDECIDED = 0,
+	MLSCHED_GRID_KEEP = 1,
+	MLSCHED_GRID_MIGRATE = 2,
+};
+#define MLSCHED_GRID_MAX_KEYS	(1u << 26)	/* 64 MiB of grid at most */
+
+/*
+ * "decisions" hash values: (generation << 8) | enum mlsched_decision. An entry
+ * of another generation than Config.MODEL_GEN (bumped on a model reload) is a
+ * miss, so a reload drops the old model's decisions at once.
+ */
+#define MLSCHED_GEN_SHIFT	8
+
 /* What select_cpu does with a candidate whose key has no decision yet. */
 enum mlsched_fallback {
 	MLSCHED_FALLBACK_KEEP = 0,
@@ -122,6 +143,9 @@ enum mlsched_counter {
 	MLSCHED_CNT_RESTRICTED,		/* wakeups of tasks that may not use all of their domain */
 	MLSCHED_CNT_EXPLORED,		/* candidates decided by a coin flip (collection) */
 	MLSCHED_CNT_LOADER_WAKEUPS,	/* wakeups of the loader's reader, run ahead of the queue */
+	MLSCHED_CNT_KINFER,		/* in-kernel inferences (misses decided by the kernel) */
+	MLSCHED_CNT_KINFER_NS,		/* their total time, ns */
+	MLSCHED_CNT_RB_WAKEUPS,		/* records submitted with a wakeup of the reader */
 	MLSCHED_NR_COUNTERS,
 };
 
@@ -140,6 +164,11 @@ enum mlsched_loader_stat {
 	MLSCHED_LS_EV_LAT_NS_SUM,	/* event ts -> decision in map, summed, ns */
 	MLSCHED_LS_TABLE_ENTRIES,	/* distinct keys the loader has decided */
 	MLSCHED_LS_RESTARTS,		/* re-attaches after a CPU hotplug exit */
+	MLSCHED_LS_RELOADS,		/* models switched in on SIGHUP */
+	MLSCHED_LS_RELOAD_FAILURES,	/* SIGHUPs whose new model was refused */
+	MLSCHED_LS_MODEL_DIGEST,	/* first 8 bytes of the serving model's sha256, big-endian */
+	MLSCHED_LS_GRID_KEYS,		/* keys in the dense grid (0: the hash serves) */
+	MLSCHED_LS_GRID_DECIDED,	/* grid keys holding a decision */
 	MLSCHED_NR_LOADER_STATS,
 };
 
@@ -147,6 +176,7 @@ enum mlsched_backend {
 	MLSCHED_BACKEND_NONE = 0,	/* model not loaded yet: fallback serves */
 	MLSCHED_BACKEND_TF = 1,
 	MLSCHED_BACKEND_NUMPY = 2,
+	MLSCHED_BACKEND_KERNEL = 3,	/* --inference kernel: the scheduler evaluates the model */
 };
 
 /* Loader-set configuration: array "sched_config", written before attach. */
@@ -161,7 +191,50 @@ enum mlsched_config {
 	MLSCHED_CFG_LOADER_TID,		/* the loader's ring reader thread: run first when it wakes */
 	MLSCHED_CFG_SLICE_MIN_NS,	/* shortest slice when a CPU's queue is deep, ns */
 	MLSCHED_CFG_STARVE_NS,		/* a queued task waiting longer is stolen regardless, ns */
+	MLSCHED_CFG_GRID_CPUS,		/* dense grid: its nr_cpus bound (0: no grid) */
+	MLSCHED_CFG_GRID_DOM_CPUS,	/* dense grid: its dom_cpus bound */
+	MLSCHED_CFG_MODEL_GEN,		/* generation of the serving model (live, user space bumps it) */
+	MLSCHED_CFG_INFERENCE,		/* 1: misses are decided in the kernel (mlp_weights) */
+	MLSCHED_CFG_WAKE_BYTES,		/* wake the ring reader once this many bytes wait */
+	MLSCHED_CFG_MAX_WAIT_NS,	/* ... or once the oldest unread record is this old, ns */
 	MLSCHED_NR_CONFIG,
+};
+
+/*
+ * In-kernel inference (--inference kernel): the model's Dense stack in fixed
+ * point, array "mlp_weights" of two slots written by user space; the slot of
+ * Config.MODEL_GEN & 1 serves while its generation equals Config.MODEL_GEN
+ * (a reload fills the other slot, then bumps the generation). Values are
+ * Q16.16: x * 2^MLP_FRAC_BITS rounded. Each layer computes
+ * out[j] = act(((sum_i w[i][j] * in[i]) >> FRAC_BITS) + b[j]) over the inputs rounded up to 16
+ * (weights past nr_in must be zero), in s64, clamped
+ * to s32; the final unit's value z says migrate when z > 0 (OUT_LOGIT: the
+ * logit of a sigmoid) or z > 0.5 (OUT_LINEAR). loader/kernel_mlp.py mirrors
+ * the arithmetic exactly.
+ */
+#define MLSCHED_MLP_MAX_LAYERS	3
+#define MLSCHED_MLP_MAX_UNITS	64
+#define MLSCHED_MLP_FRAC_BITS	16
+
+enum mlsched_mlp_act {
+	MLSCHED_MLP_LINEAR = 0,
+	MLSCHED_MLP_RELU = 1,
+};
+
+enum mlsched_mlp_out {
+	MLSCHED_MLP_OUT_LOGIT = 0,	/* the last layer's sigmoid dropped: migrate when z > 0 */
+	MLSCHED_MLP_OUT_LINEAR = 1,	/* a linear output: migrate when z > 0.5 */
+};
+
+struct mlsched_mlp {
+	__u32 generation;	/* Config.MODEL_GEN this slot serves */
+	__u32 nr_layers;	/* 1..MLP_MAX_LAYERS */
+	__u32 out_rule;		/* enum mlsched_mlp_out */
+	__u32 nr_in[MLSCHED_MLP_MAX_LAYERS];
+	__u32 nr_out[MLSCHED_MLP_MAX_LAYERS];
+	__u32 act[MLSCHED_MLP_MAX_LAYERS];	/* enum mlsched_mlp_act of hidden layers */
+	__s32 weight[MLSCHED_MLP_MAX_LAYERS][MLSCHED_MLP_MAX_UNITS][MLSCHED_MLP_MAX_UNITS];
+	__s32 bias[MLSCHED_MLP_MAX_LAYERS][MLSCHED_MLP_MAX_UNITS];
 };
 
 /* Why the scheduler left: array "exit_info", one entry, written in ops.exit. */

@@ -87,6 +87,48 @@ static inline __u64 mlsched_pack_key(__u32 cpu, __u32 cpu_idle, __u32 cpu_not_id
 }
 
 /*
+ * Wake the ring's reader for this record? Records are submitted with
+ * BPF_RB_NO_WAKEUP unless this says so: the reader is woken when the ring was
+ * empty (it has drained it and sleeps: a lone candidate is decided at once),
+ * when a batch's worth is waiting, or when the oldest waiting record is
+ * max_wait_ns old. avail: bytes waiting before this record; *oldest: when the
+ * current run of unread records began (kept here).
+ */
+static inline int mlsched_ring_wake(__u64 avail, __u64 rec_bytes, __u64 now, __u64 *oldest,
+				    __u64 wake_bytes, __u64 max_wait_ns)
+{
+	if (!avail) {
+		*oldest = now;
+		return 1;
+	}
+	return avail + rec_bytes >= wake_bytes || now - *oldest >= max_wait_ns;
+}
+
+/*
+ * Index of a key in the dense decision grid: the key's fields in key order,
+ * each in 0..its bound (cpu < nr_cpus; cpu_idle and cpu_not_idle <= dom_cpus,
+ * the largest domain's CPU count; loads <= LOAD_SCALE). Returns -1 outside it.
+ */
+static inline __s64 mlsched_grid_index(__u32 nr_cpus, __u32 dom_cpus, __u32 cpu, __u32 cpu_idle,
+				       __u32 cpu_not_idle, __u32 src_load_q, __u32 dst_load_q)
+{
+	__u64 d = dom_cpus + 1, l = MLSCHED_LOAD_SCALE + 1;
+
+	if (cpu >= nr_cpus || cpu_idle > dom_cpus || cpu_not_idle > dom_cpus ||
+	    src_load_q > MLSCHED_LOAD_SCALE || dst_load_q > MLSCHED_LOAD_SCALE)
+		return -1;
+	return ((((__u64)cpu * d + cpu_idle) * d + cpu_not_idle) * l + src_load_q) * l + dst_load_q;
+}
+
+/* Keys in the grid of a machine with nr_cpus CPUs and domains of at most dom_cpus. */
+static inline __u64 mlsched_grid_size(__u32 nr_cpus, __u32 dom_cpus)
+{
+	__u64 d = dom_cpus + 1, l = MLSCHED_LOAD_SCALE + 1;
+
+	return (__u64)nr_cpus * d * d * l * l;
+}
+
+/*
  * Probability, in 1/65536 units, that the logging policy took `action`: with
  * exploration P (explore / 65536) a coin flip picks either action half the
  * time, else the fallback picks its own.

@@ -117,6 +117,12 @@ class StructArray:
         return val
 
 
+def write_struct(fd: int, index: int, value: ctypes.Structure) -> None:
+    """Write one ARRAY map element whose value is a C struct."""
+    key = ctypes.c_uint32(index)
+    _check(bcc.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "update")
+
+
 def set_u32_array(fd: int, values: list[int]) -> None:
     """Write values[i] at index i of a u32 ARRAY map."""
     for i, v in enumerate(values):

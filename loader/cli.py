@@ -64,3 +64,22 @@ class Stop:
         signal.signal(signal.SIGINT, self)
         signal.signal(signal.SIGTERM, self)
         return self
+
+
+class Reload:
+    """Set by SIGHUP: the loader checks its model directory again at its next turn."""
+
+    def __init__(self) -> None:
+        self._requested = False
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self._requested = True
+
+    def install(self) -> Reload:
+        signal.signal(signal.SIGHUP, self)
+        return self
+
+    def take(self) -> bool:
+        """True once per SIGHUP received."""
+        requested, self._requested = self._requested, False
+        return requested

@@ -26,11 +26,11 @@ from loader.schema import (  # noqa: F401
     NR_FEATURES,
     feature_grid,
     pack_key,
+    pack_keys,
     unpack_keys,
 )
 
 MAX_DOMS = 64
-
 RINGBUF_DEFAULT_BYTES = 1 << 20
 EXIT_REASON_LEN = 128
 EXIT_MSG_LEN = 1024
@@ -41,6 +41,8 @@ MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
 # Map names in bpf/mlsched.bpf.c.
 MAP_CANDIDATES = "candidates"  # ring buffer of struct mlsched_candidate
 MAP_DECISIONS = "decisions"  # u64 key -> u32 enum Decision
+MAP_DECISION_GRID = "decision_grid"  # mmapable u64[] holding one GridCode byte per grid key
+MAP_MLP_WEIGHTS = "mlp_weights"  # struct mlsched_mlp[2]: the in-kernel network, two slots
 MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
 MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
 MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
@@ -62,12 +64,25 @@ PINNED_MAPS = (
     MAP_EXIT_INFO,
     MAP_LATENCY_HIST,
     MAP_DECISIONS,
+    MAP_DECISION_GRID,
 )
 
 
 class Decision(IntEnum):
     KEEP = 0
     MIGRATE = 1
+
+
+class GridCode(IntEnum):
+    """A decision grid byte."""
+
+    UNDECIDED = 0
+    KEEP = 1
+    MIGRATE = 2
+
+
+GRID_MAX_KEYS = 1 << 26
+GEN_SHIFT = 8  # decisions hash value: (generation << GEN_SHIFT) | Decision
 
 
 class Source(IntEnum):
@@ -119,6 +134,9 @@ class Counter(IntEnum):
     RESTRICTED = 20
     EXPLORED = 21
     LOADER_WAKEUPS = 22
+    KINFER = 23
+    KINFER_NS = 24
+    RB_WAKEUPS = 25
 
 
 NR_COUNTERS = len(Counter)
@@ -138,6 +156,11 @@ class LoaderStat(IntEnum):
     EV_LAT_NS_SUM = 10
     TABLE_ENTRIES = 11
     RESTARTS = 12
+    RELOADS = 13
+    RELOAD_FAILURES = 14
+    MODEL_DIGEST = 15
+    GRID_KEYS = 16
+    GRID_DECIDED = 17
 
 
 NR_LOADER_STATS = len(LoaderStat)
@@ -166,6 +189,7 @@ class Backend(IntEnum):
     NONE = 0
     TF = 1
     NUMPY = 2
+    KERNEL = 3
 
 
 class Config(IntEnum):
@@ -179,6 +203,12 @@ class Config(IntEnum):
     LOADER_TID = 7
     SLICE_MIN_NS = 8
     STARVE_NS = 9
+    GRID_CPUS = 10
+    GRID_DOM_CPUS = 11
+    MODEL_GEN = 12
+    INFERENCE = 13
+    WAKE_BYTES = 14
+    MAX_WAIT_NS = 15
 
 
 NR_CONFIG = len(Config)
@@ -217,6 +247,36 @@ class ExitInfo(ctypes.Structure):
     ]
 
 
+MLP_MAX_LAYERS = 3
+MLP_MAX_UNITS = 64
+MLP_FRAC_BITS = 16
+
+
+class MlpAct(IntEnum):
+    LINEAR = 0
+    RELU = 1
+
+
+class MlpOut(IntEnum):
+    LOGIT = 0  # the final sigmoid dropped: migrate when z > 0
+    LINEAR = 1  # a linear output: migrate when z > 0.5
+
+
+class Mlp(ctypes.Structure):
+    """struct mlsched_mlp."""
+
+    _fields_ = [
+        ("generation", ctypes.c_uint32),
+        ("nr_layers", ctypes.c_uint32),
+        ("out_rule", ctypes.c_uint32),
+        ("nr_in", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("nr_out", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("act", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        ("weight", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_UNITS * MLP_MAX_LAYERS),
+        ("bias", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_LAYERS),
+    ]
+
+
 class DomStat(ctypes.Structure):
     """struct mlsched_dom_stat."""
 
@@ -248,3 +308,35 @@ def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray
     same = np.asarray(fallback_action).astype(bool) == np.asarray(action).astype(bool)
     p = explore_q16 // 2 + np.where(same, EXPLORE_SCALE - explore_q16, 0)
     return p / EXPLORE_SCALE
+
+
+def grid_size(nr_cpus: int, dom_cpus: int) -> int:
+    """Keys in the dense decision grid (mlsched_grid_size in bpf/mlsched_policy.h)."""
+    return nr_cpus * (dom_cpus + 1) ** 2 * (LOAD_SCALE + 1) ** 2
+
+
+def grid_index(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int,
+               nr_cpus: int, dom_cpus: int) -> int:
+    """A key's place in the grid, or -1 (mlsched_grid_index in bpf/mlsched_policy.h)."""
+    if (cpu >= nr_cpus or cpu_idle > dom_cpus or cpu_not_idle > dom_cpus
+            or src_load_q > LOAD_SCALE or dst_load_q > LOAD_SCALE):
+        return -1
+    d, n = dom_cpus + 1, LOAD_SCALE + 1
+    return (((cpu * d + cpu_idle) * d + cpu_not_idle) * n + src_load_q) * n + dst_load_q
+
+
+def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Packed keys of grid indices [start, stop), in index order (every key the machine can
+    produce, on the wakeup path and the steal path alike)."""
+    stop = grid_size(nr_cpus, dom_cpus) if stop is None else stop
+    idx = np.arange(start, stop, dtype=np.uint64)
+    d, n = np.uint64(dom_cpus + 1), np.uint64(LOAD_SCALE + 1)
+    dst = idx % n
+    idx //= n
+    src = idx % n
+    idx //= n
+    busy = idx % d
+    idx //= d
+    idle = idx % d
+    cpu = idx // d
+    return pack_keys(cpu, idle, busy, src, dst)

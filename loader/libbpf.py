@@ -41,6 +41,12 @@ _lib.bpf_obj_get_info_by_fd.restype = ctypes.c_int
 _lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, _vp, ctypes.POINTER(ctypes.c_uint32)]
 _lib.libbpf_get_error.restype = ctypes.c_long
 _lib.libbpf_get_error.argtypes = [_vp]
+_lib.bpf_object__find_program_by_name.restype = _vp
+_lib.bpf_object__find_program_by_name.argtypes = [_vp, ctypes.c_char_p]
+_lib.bpf_program__fd.restype = ctypes.c_int
+_lib.bpf_program__fd.argtypes = [_vp]
+_lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, _vp]
 _lib.bpf_map__initial_value.restype = _vp
 _lib.bpf_map__initial_value.argtypes = [_vp, ctypes.POINTER(ctypes.c_size_t)]
 _lib.bpf_object__btf.restype = _vp
@@ -203,6 +209,31 @@ class Btf:
         return -1
 
 
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf >= 1.0)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", _vp), ("data_out", _vp),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", _vp), ("ctx_out", _vp),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def test_run(prog_fd: int, ctx: ctypes.Structure) -> int:
+    """Run a syscall program once on ctx (the kernel writes it back in place, ctx_out must be
+    unset for this program type); returns the program's return value."""
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
+    opts.ctx_in = ctypes.addressof(ctx)
+    opts.ctx_size_in = ctypes.sizeof(ctx)
+    if _lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)) != 0:
+        raise _errno_error("BPF_PROG_TEST_RUN", ctypes.get_errno())
+    return opts.retval
+
+
 class BpfObject:
     """One opened BPF object file; close() releases it (and detaches nothing by itself)."""
 
@@ -255,6 +286,12 @@ class BpfObject:
         if fd < 0:
             raise _errno_error(f"fd of map {name}", fd)
         return fd
+
+    def prog_fd(self, name: str) -> int:
+        prog = _lib.bpf_object__find_program_by_name(self._obj, name.encode())
+        if not prog:
+            raise LibbpfError(f"{self.path} has no program named {name!r}")
+        return _lib.bpf_program__fd(prog)
 
     def attach_struct_ops(self, map_name: str) -> StructOpsLink:
         link = _lib.bpf_map__attach_struct_ops(self._map(map_name))

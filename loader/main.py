@@ -15,7 +15,7 @@ import threading
 import time
 
 from loader import contract, paths
-from loader.cli import Stop, number_in, positive_int, ringbuf_size
+from loader.cli import Reload, Stop, number_in, positive_int, ringbuf_size
 from loader.stats_server import add_arguments as add_stats_arguments
 from loader.stats_server import check_group
 
@@ -32,7 +32,9 @@ examples:
   sudo mlsched-load --model DIR --stats 2                   # print the stats block every 2 s
   mlsched-stats --once                                       # in another shell: the counters
 
-Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. If the kernel ejects the
+Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. SIGHUP checks the model
+directory again and switches to it without detaching (the old model's decisions are dropped;
+a model that fails its checks is refused and the old one keeps serving). If the kernel ejects the
 scheduler, the reason is printed and the exit status is 1.
 """
 
@@ -67,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="inference backend; auto uses the verified numpy fast path when the "
         "model has one, else TensorFlow (default: auto)",
+    )
+    p.add_argument(
+        "--inference",
+        choices=("user", "kernel"),
+        default="user",
+        help="user: the loader decides candidates the table misses (ring buffer); kernel: the "
+        "scheduler evaluates the model's Dense stack in fixed point on a miss, the loader only "
+        "loads the weights (refused when it agrees with the model on < 99.9%% of keys) "
+        "(default: user)",
+    )
+    p.add_argument(
+        "--table",
+        choices=("auto", "grid", "hash"),
+        default="auto",
+        help="decision table: grid = every key of this machine decided at once into a dense "
+        "array (auto when it fits); hash = decided on demand as candidates come (the ring "
+        "buffer path, as on large machines) (default: auto)",
     )
     p.add_argument(
         "--batch-size",
@@ -197,6 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_domains(args.domains)
     except DomainError as e:
         return fail(str(e))
+    from loader.table import grid_dims
+
+    args.grid = None if args.table == "hash" else grid_dims(plan.nr_cpus, plan.max_dom_cpus)
+    if args.table == "grid" and args.grid is None:
+        return fail("--table grid: this machine's keys do not fit a dense grid (use auto)")
+    args.kernel_mlp = None
+    if args.inference == "kernel":
+        from loader.kernel_mlp import prepare
+
+        try:
+            args.kernel_mlp = prepare(model_info.path, plan.nr_cpus, plan.max_dom_cpus)
+        except ModelError as e:
+            return fail(str(e))
     if args.check:
         backend = "numpy fast path" if model_info.fastpath_ok else model_info.fastpath_reason
         print(f"mlsched-load: ok: model {model_info.path} (digest {model_info.digest[:12]}, "
@@ -220,13 +252,19 @@ def since_start_s() -> float:
 def attach(args: argparse.Namespace, plan: object) -> object:
     """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
     from loader.scheduler import Scheduler, clean_stale_pins
+    from loader.table import grid_dims
 
     clean_stale_pins(args.pin_dir)
-    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
+    # After a hotplug the plan changed: the grid follows it (unless --table hash).
+    grid = None if args.table == "hash" else grid_dims(plan.nr_cpus, plan.max_dom_cpus)
+    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose, grid)
     try:
         sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                         args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
-                        starve_ns=args.starve_ms * 1_000_000)
+                        starve_ns=args.starve_ms * 1_000_000, batch_size=args.batch_size,
+                        max_wait_ns=int(args.max_wait_ms * 1_000_000))
+        if args.kernel_mlp is not None:
+            sched.load_kernel_mlp(args.kernel_mlp)
         sched.attach()
         sched.pin(args.pin_dir)
     except BaseException:
@@ -247,6 +285,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
 
     stop = Stop()
     stop.install()
+    reload = Reload().install()
     if scx_state() == "unsupported":
         return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
 
@@ -266,18 +305,22 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
             f"fallback {args.fallback} until the model is ready",
         )
         if pipeline is None:
-            pipeline = DecisionPipeline(sched.decisions, args.batch_size, args.max_wait_ms / 1000)
+            pipeline = DecisionPipeline(sched.table, args.batch_size, args.max_wait_ms / 1000)
             publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
             sampler = MapSampler(sched, os.path.abspath(args.model))
             serve_stats(args, sampler.sample)  # until the process exits
-            if not args.no_model:
+            if args.kernel_mlp is not None:
+                from loader.kernel_mlp import KernelBackend
+
+                pipeline.set_model(KernelBackend(args.kernel_mlp), model_info)
+            elif not args.no_model:
                 threading.Thread(target=load_model, daemon=True,
                                  args=(model_info, args.backend, pipeline, publisher)).start()
         else:
-            pipeline.rebind(sched.decisions)
+            pipeline.rebind(sched.table)
             publisher.rebind(sched.loader_stats, sched.latency_hist)
             sampler.rebind(sched)
-        status, restart = serve(args, sched, pipeline, publisher, stop)
+        status, restart = serve(args, sched, pipeline, publisher, stop, reload)
         if not restart:
             break
         # A CPU came or went: the kernel asked for a re-attach. Plan the domains again for
@@ -307,20 +350,34 @@ def replan_domains(requested: int | None) -> int | None:
 
 
 def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: object,
-          stop: Stop) -> tuple[int, bool]:
+          stop: Stop, reload: Reload) -> tuple[int, bool]:
     """Feed decisions until a signal or an exit; returns (status, re-attach?)."""
     from loader.bpfmaps import RingBufferReader
+    from loader.pipeline import pump
 
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
     status, restart = 0, False
     batch_poll_ms = max(1, int(args.max_wait_ms))
     try:
         while not stop.requested:
-            # Sleep long when no batch is filling: every wakeup of the loader costs the
-            # workload a preemption (the scheduler runs the loader first).
-            reader.poll(batch_poll_ms if pipeline.filling() else IDLE_POLL_MS)
-            if pipeline.due():
-                pipeline.flush()
+            switched = pipeline.take_model()
+            if switched is not None:
+                publisher.model_ready(switched[0], getattr(switched[1], "digest", ""))
+            if pipeline.precompute_pending:
+                t0 = time.monotonic()
+                n = pipeline.precompute()
+                if n:
+                    log.info("decided all %d keys of the grid in %.3f s", n,
+                             time.monotonic() - t0)
+            if reload.take():
+                threading.Thread(target=reload_model, daemon=True,
+                                 args=(args, pipeline, publisher)).start()
+            if args.kernel_mlp is not None and switched is not None:
+                # --inference kernel: the weights of the table's generation (a reload has
+                # just started a new one) go to its slot; until then the fallback serves.
+                args.kernel_mlp = switched[0].q  # what a re-attach after hotplug loads
+                sched.load_kernel_mlp(args.kernel_mlp, sched.table.generation)
+            pump(reader, pipeline, IDLE_POLL_MS, batch_poll_ms)
             publisher.maybe_publish()
             if publisher.model_failed is not None:
                 log.error("%s", publisher.model_failed)
@@ -357,10 +414,42 @@ def load_model(model_info: object, want: str, pipeline: object, publisher: objec
     except Exception as e:  # a model that passed the checks but will not load
         publisher.model_failed = f"model failed to load: {type(e).__name__}: {e}"
         return
-    pipeline.set_model(backend)
-    publisher.model_ready(backend)
+    pipeline.set_model(backend, model_info)
     log.info("model ready in %.1f s (%.1f s after start), backend %s", time.monotonic() - t0,
              since_start_s(), reason)
+
+
+def reload_model(args: argparse.Namespace, pipeline: object, publisher: object) -> None:
+    """SIGHUP, in a thread: check the model directory again and hand over a new backend; a
+    model that fails is refused in one line and the serving one stays."""
+    from loader.backends import open_backend
+    from loader.domains import online_cpus
+    from loader.kernel_mlp import KernelBackend, prepare
+    from loader.model_check import ModelError, check_model_dir
+
+    path, want = args.model, args.backend
+    try:
+        info = check_model_dir(path)
+        if want == "numpy" and not info.fastpath_ok:
+            raise ModelError(f"--backend numpy: {info.fastpath_reason}")
+        if args.kernel_mlp is not None:
+            dims = pipeline.table.grid.dims if pipeline.table.grid else (
+                max(online_cpus()) + 1, contract.KEY_FIELD_MAX)
+            backend, reason = KernelBackend(prepare(info.path, *dims)), "in-kernel fixed point"
+        else:
+            backend, reason = open_backend(info, want)
+    except ModelError as e:
+        publisher.reload_failures += 1
+        log.error("reload refused, the previous model keeps serving: %s", e)
+        return
+    except Exception as e:  # passed the checks but will not load
+        publisher.reload_failures += 1
+        log.error("reload refused, the previous model keeps serving: %s: %s",
+                  type(e).__name__, e)
+        return
+    publisher.reloads += 1
+    pipeline.set_model(backend, info)
+    log.info("reload: switching to %s (digest %s), backend %s", path, info.digest[:8], reason)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from loader import contract
 from loader.backends import Predictor
-from loader.bpfmaps import DecisionMap
+from loader.table import DecisionTable
 
 log = logging.getLogger("mlsched.pipeline")
 
@@ -44,27 +46,64 @@ class DecisionPipeline:
     fallback serves those candidates meanwhile.
     """
 
-    def __init__(self, decisions: DecisionMap, batch_size: int, max_wait_s: float) -> None:
-        self.decisions = decisions
+    def __init__(self, table: DecisionTable, batch_size: int, max_wait_s: float) -> None:
+        self.table = table
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.stats = PipelineStats()
         self._model: Predictor | None = None
+        self._lock = threading.Lock()
         # key -> BPF timestamp (ns, CLOCK_MONOTONIC) of its first record, insertion ordered
         self._waiting: dict[int, int] = {}
         self._oldest_s = 0.0
         self._errors_logged: set[str] = set()
-        self._decided: set[int] = set()  # keys written to the decision map
+        # Set by the model thread (load or reload), taken by the decision loop's thread,
+        # which alone writes the table.
+        self._next_model: tuple[Predictor, object] | None = None
+        self.precompute_pending = False
+        self.last_record_s = 0.0  # when the last record arrived (monotonic s)
 
-    def rebind(self, decisions: DecisionMap) -> None:
+    def rebind(self, table: DecisionTable) -> None:
         """A new attach (after a hotplug restart): a new, empty table; the model stays."""
-        self.decisions = decisions
+        self.table = table
         self._waiting.clear()
-        self._decided.clear()
         self.stats.table_entries = 0
+        self.precompute_pending = self._model is not None
 
-    def set_model(self, model: Predictor) -> None:
+    def set_model(self, model: Predictor, info: object = None) -> None:
+        """Called from the model thread; the loop switches at its next turn (take_model)."""
+        with self._lock:
+            self._next_model = (model, info)
+
+    def take_model(self) -> tuple[Predictor, object] | None:
+        """Switch to a model set since the last call: a reload starts a new table
+        generation (the fallback serves until the new model has decided).
+        Returns (model, info) when it switched."""
+        with self._lock:
+            pending, self._next_model = self._next_model, None
+        if pending is None:
+            return None
+        model = pending[0]
+        if self._model is not None:
+            self.table.new_generation()
+            self._waiting.clear()
         self._model = model
+        self.precompute_pending = True
+        return pending
+
+    def precompute(self, chunk: int = 65536) -> int:
+        """Decide every key of the dense grid in one pass (nothing when there is no grid)."""
+        self.precompute_pending = False
+        grid = self.table.grid
+        # --inference kernel: the scheduler fills the table itself, on demand.
+        if self._model is None or grid is None or self._model.kind == contract.Backend.KERNEL:
+            return 0
+        written = 0
+        for start in range(0, grid.size, chunk):
+            keys = contract.grid_keys(*grid.dims, start, min(start + chunk, grid.size))
+            written += self._decide(keys, None)
+        self._waiting.clear()
+        return written
 
     @property
     def model(self) -> Predictor | None:
@@ -73,7 +112,9 @@ class DecisionPipeline:
     def on_record(self, data: bytes) -> None:
         rec = contract.Candidate.from_buffer_copy(data)
         self.stats.records += 1
-        if rec.key in self._waiting:
+        self.last_record_s = time.monotonic()
+        if rec.key in self._waiting or (self._model is not None
+                                        and self.table.is_decided(rec.key)):
             return
         if len(self._waiting) >= MAX_WAITING_KEYS:
             return
@@ -84,6 +125,10 @@ class DecisionPipeline:
     def filling(self) -> bool:
         """A batch is being filled: keys wait and a model is there to decide them."""
         return self._model is not None and bool(self._waiting)
+
+    def full(self) -> bool:
+        """A whole batch is waiting."""
+        return len(self._waiting) >= self.batch_size
 
     def due(self) -> bool:
         """A batch is due when it is full or its oldest key waited max_wait_s."""
@@ -119,7 +164,9 @@ class DecisionPipeline:
                 detail,
             )
 
-    def _decide(self, keys: np.ndarray, stamps: np.ndarray) -> int:
+    def _decide(self, keys: np.ndarray, stamps: np.ndarray | None) -> int:
+        """Run the model on keys and write the decisions; stamps (BPF ns) feed the event
+        latency, None for keys no candidate asked for (precompute)."""
         model = self._model
         assert model is not None
         x = contract.unpack_keys(keys)
@@ -135,8 +182,7 @@ class DecisionPipeline:
         if not np.all(np.isfinite(prob)):
             self._model_error("non-finite", "NaN or Inf in the model output")
             return 0
-        values = (prob > contract.MIGRATE_THRESHOLD).astype(np.uint32)
-        self.decisions.update_batch(keys, values)
+        self.table.write(keys, prob > contract.MIGRATE_THRESHOLD)
         done = time.monotonic_ns()
         spent = done - t0
         s = self.stats
@@ -145,11 +191,37 @@ class DecisionPipeline:
         s.batch_ns_sum += spent
         s.batch_ns_max = max(s.batch_ns_max, spent)
         s.hist[contract.Hist.BATCH, contract.hist_bucket(np.array([spent]))[0]] += 1
-        # BPF timestamps are CLOCK_MONOTONIC, like time.monotonic_ns().
-        ev_lat = np.int64(done) - stamps.astype(np.int64)
-        s.ev_lat_ns_sum += int(np.sum(ev_lat))
-        np.add.at(s.hist[contract.Hist.EVENT], contract.hist_bucket(ev_lat), 1)
-        for k in keys.tolist():
-            self._decided.add(k)
-        s.table_entries = len(self._decided)
+        if stamps is not None:
+            # BPF timestamps are CLOCK_MONOTONIC, like time.monotonic_ns().
+            ev_lat = np.int64(done) - stamps.astype(np.int64)
+            s.ev_lat_ns_sum += int(np.sum(ev_lat))
+            np.add.at(s.hist[contract.Hist.EVENT], contract.hist_bucket(ev_lat), 1)
+        s.table_entries = self.table.entries()
         return len(keys)
+
+
+class Ring(Protocol):
+    def poll(self, timeout_ms: int) -> int: ...
+
+    def consume(self) -> int: ...
+
+
+ACTIVE_S = 0.1  # records came this recently: the ring may hold some it did not wake us for
+
+
+def pump(ring: Ring, pipeline: DecisionPipeline, idle_ms: int, filling_ms: int) -> None:
+    """One turn of the decision loop: wait for records (briefly while a batch fills or
+    records flow, since the kernel holds back wakeups until a batch's worth or max-wait;
+    long when idle: every wakeup of the loader preempts the workload), then take everything
+    the ring holds, up to a batch, and decide it at once, so a lone candidate has no floor."""
+    active = pipeline.filling() or time.monotonic() - pipeline.last_record_s < ACTIVE_S
+    got = ring.poll(filling_ms if active else idle_ms)
+    if got <= 0 and active:
+        got = ring.consume()  # records the kernel did not wake us for
+    if got > 0:
+        while not pipeline.full() and ring.consume() > 0:
+            pass
+        if pipeline.filling():
+            pipeline.flush()
+    elif pipeline.due():
+        pipeline.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -17,8 +18,11 @@ from loader.bpfmaps import (
     StructArray,
     U64Array,
     set_u32_array,
+    write_struct,
 )
 from loader.domains import DomainPlan
+from loader.kernel_mlp import QuantizedMlp
+from loader.table import DecisionGrid, DecisionTable, GridDims, grid_words
 
 log = logging.getLogger("mlsched.scheduler")
 
@@ -101,7 +105,9 @@ def clean_stale_pins(pin_dir: str) -> None:
 class Scheduler:
     """Owns the BPF object, its maps and the struct_ops link."""
 
-    def __init__(self, obj_path: str, ringbuf_bytes: int, verbose: bool) -> None:
+    def __init__(self, obj_path: str, ringbuf_bytes: int, verbose: bool,
+                 grid: GridDims | None = None) -> None:
+        """Open and load the object; `grid` sizes the dense decision grid (None: hash only)."""
         libbpf.set_print(verbose)
         enums = read_enum_list(enums_path(obj_path))
         self.obj = libbpf.BpfObject(obj_path)
@@ -110,6 +116,7 @@ class Scheduler:
         self.restart_code = SCX_ECODE_ACT_RESTART_DFL
         try:
             self.obj.set_max_entries(contract.MAP_CANDIDATES, ringbuf_bytes)
+            self.obj.set_max_entries(contract.MAP_DECISION_GRID, grid_words(grid))
             self._set_kernel_constants(enums)
             t0 = time.monotonic()
             self.obj.load()
@@ -120,12 +127,18 @@ class Scheduler:
         fd = self.obj.map_fd
         self.ringbuf_fd = fd(contract.MAP_CANDIDATES)
         self.decisions = DecisionMap(fd(contract.MAP_DECISIONS))
+        self.grid_dims = grid
         self.counters = PerCpuU64Array(fd(contract.MAP_COUNTERS), contract.NR_COUNTERS)
         self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
         self.config = U64Array(fd(contract.MAP_CONFIG), contract.NR_CONFIG)
         self.exit_info = StructArray(fd(contract.MAP_EXIT_INFO), 1, contract.ExitInfo)
         self.latency_hist = U64Array(
             fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
+        )
+        self.table = DecisionTable(
+            self.decisions,
+            DecisionGrid(fd(contract.MAP_DECISION_GRID), grid) if grid else None,
+            self.config,
         )
 
     def _set_kernel_constants(self, enums: list[tuple[str, str]]) -> None:
@@ -164,8 +177,11 @@ class Scheduler:
         slice_min_ns: int = 0,
         starve_ns: int = 0,
         reader_tid: int | None = None,
+        batch_size: int = 64,
+        max_wait_ns: int = 2_000_000,
     ) -> None:
-        """Write the configuration ops.init reads; reader_tid is boosted on wakeup."""
+        """Write the configuration ops.init reads; reader_tid is boosted on wakeup; the ring
+        wakes the reader once batch_size records or max_wait_ns of the oldest wait."""
         set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())
         self.config.set(contract.Config.NR_CPUS, plan.nr_cpus)
         self.config.set(contract.Config.NR_DOMS, len(plan.domains))
@@ -174,8 +190,21 @@ class Scheduler:
         self.config.set(contract.Config.SLICE_MIN_NS, slice_min_ns)
         self.config.set(contract.Config.STARVE_NS, starve_ns)
         self.config.set(contract.Config.RESUBMIT_NS, resubmit_ns)
+        self.config.set(contract.Config.WAKE_BYTES, batch_size * ctypes.sizeof(contract.Candidate))
+        self.config.set(contract.Config.MAX_WAIT_NS, max_wait_ns)
+        if self.grid_dims is not None:
+            self.config.set(contract.Config.GRID_CPUS, self.grid_dims[0])
+            self.config.set(contract.Config.GRID_DOM_CPUS, self.grid_dims[1])
+        self.loader_stats.set(contract.LoaderStat.GRID_KEYS,
+                              contract.grid_size(*self.grid_dims) if self.grid_dims else 0)
         self.config.set(contract.Config.LOADER_TID,
                         threading.get_native_id() if reader_tid is None else reader_tid)
+
+    def load_kernel_mlp(self, q: QuantizedMlp, generation: int = 0) -> None:
+        """--inference kernel: the weights into the slot of `generation` (see mlsched.h)."""
+        write_struct(self.obj.map_fd(contract.MAP_MLP_WEIGHTS), generation & 1,
+                     q.to_struct(generation))
+        self.config.set(contract.Config.INFERENCE, 1)
 
     def attach(self) -> None:
         state = scx_state()
@@ -226,6 +255,7 @@ class Scheduler:
         if self.link:
             self.link.destroy()
             self.link = None
+        self.table.close()
         if self.pin_dir and os.path.isdir(self.pin_dir):
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             self.pin_dir = None

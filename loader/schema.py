@@ -61,21 +61,26 @@ def load_q(runnable: ArrayLike, nr_cpus: ArrayLike) -> np.ndarray:
     return np.where(nr_cpus > 0, np.minimum(load, LOAD_SCALE), LOAD_SCALE)
 
 
-def pack_keys(fields: Mapping[str, ArrayLike]) -> np.ndarray:
-    """uint64 decision keys of candidates given their key fields (arrays or ints; other entries
-    of the mapping are ignored), as select_cpu packs them: 8-bit fields clamped."""
-    keys = np.zeros(np.broadcast(*(np.asarray(fields[n]) for n in KEY_FIELD_NAMES)).shape,
-                    np.uint64)
-    for f in KEY_FIELDS:
-        v = np.minimum(np.asarray(fields[f.name]).astype(np.uint64), np.uint64(f.mask))
-        keys |= v << np.uint64(f.shift)
+def pack_keys(*fields: ArrayLike) -> np.ndarray:
+    """uint64 decision keys from the key fields in KEY_FIELDS order (arrays or ints), as
+    select_cpu packs them (mlsched_pack_key): 8-bit fields clamped."""
+    if len(fields) != len(KEY_FIELDS):
+        raise TypeError(f"pack_keys takes the {len(KEY_FIELDS)} key fields, {KEY_FIELD_NAMES}")
+    values = [np.asarray(v) for v in fields]
+    keys = np.zeros(np.broadcast(*values).shape, np.uint64)
+    for f, v in zip(KEY_FIELDS, values, strict=True):
+        keys |= np.minimum(v.astype(np.uint64), np.uint64(f.mask)) << np.uint64(f.shift)
     return keys
+
+
+def pack_columns(columns: Mapping[str, ArrayLike]) -> np.ndarray:
+    """pack_keys of the key fields of a table (a dataset's columns, say), found by name."""
+    return pack_keys(*(columns[name] for name in KEY_FIELD_NAMES))
 
 
 def pack_key(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int) -> int:
     """One candidate's decision key."""
-    return int(pack_keys(dict(zip(KEY_FIELD_NAMES, (cpu, cpu_idle, cpu_not_idle, src_load_q,
-                                                    dst_load_q), strict=True))))
+    return int(pack_keys(cpu, cpu_idle, cpu_not_idle, src_load_q, dst_load_q))
 
 
 def key_fields(keys: ArrayLike) -> dict[str, np.ndarray]:
@@ -109,4 +114,4 @@ def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:
     axes = [np.arange(his.get(f.name, f.hi) + 1, dtype=np.uint64) for f in KEY_FIELDS]
     grid = dict(zip(KEY_FIELD_NAMES, np.meshgrid(*axes, indexing="ij"), strict=True))
     keep = grid["src_load_q"] > grid["dst_load_q"]
-    return pack_keys({name: v[keep] for name, v in grid.items()})
+    return pack_keys(*(grid[name][keep] for name in KEY_FIELD_NAMES))

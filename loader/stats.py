@@ -74,6 +74,7 @@ keep                 events  event u64    hits the model said to keep on their d
 fallback_migrate     events  event u64    misses the fallback policy migrated
 fallback_keep        events  event u64    misses the fallback policy kept
 submitted            events  event u64    candidates pushed to the ring buffer
+rb_wakeups           events  event u64    candidates pushed with a wakeup of the loader
 rb_drops             events  event u64    candidates not pushed: ring buffer full
 steal_candidates     events  event u64    candidates built when an idle CPU eyed another domain's
                                           queue
@@ -90,17 +91,26 @@ preempts             events  event u64    woken tasks that preempted a task a sl
 restricted           events  event u64    wakeups of tasks that may not use every CPU of their
                                           domain (kernel's placement)
 explored             events  event u64    candidates decided by a coin flip (collection mode)
+kinfer               events  event u64    misses the scheduler decided itself (--inference kernel)
+kinfer_ns            events  event u64    time spent in those in-kernel inferences, ns
 loader_wakeups       events  event u64    wakeups of the loader, run ahead of the queue
 records              events  event u64    candidate records the loader read from the ring buffer
 batches              events  event u64    model batches run
 decisions            events  event u64    decisions written to the decision map
 model_errors         events  event u64    batches whose decisions were not written
 restarts             events  event u64    re-attaches after a CPU hotplug exit
+reloads              events  event u64    models switched in on SIGHUP
+reload_failures      events  event u64    SIGHUPs whose new model was refused
 hit_rate             0..1    gauge float  hits / candidates over the interval (absent when no
                                           candidate)
 decided_share        0..1    gauge float  cross-domain moves a decision made (model + fallback) /
                                           cross-domain runs seen, over the interval (absent when
                                           none)
+kinfer_avg_ns        ns      gauge float  mean in-kernel inference time over the interval (absent
+                                          when none)
+model_digest         hex     label string first 16 hex digits of the serving model's sha256
+grid_keys            keys    gauge u64    keys of the dense decision grid (0: hash only)
+grid_decided         keys    gauge u64    grid keys holding a decision
 table_entries        keys    gauge u64    decisions the loader wrote to the map
 table_capacity       keys    gauge u64    size of the decision map
 table_occupancy      0..1    gauge float  table_entries / table_capacity
@@ -253,6 +263,10 @@ def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
     out.update({
         "hit_rate": ratio(delta("counters", C.HITS), delta("counters", C.CANDIDATES), 4),
         "decided_share": None if not cross else round(min(decided / cross, 1.0), 4),
+        "kinfer_avg_ns": ratio(delta("counters", C.KINFER_NS), delta("counters", C.KINFER), 0),
+        "model_digest": f"{ls[LS.MODEL_DIGEST]:016x}",
+        "grid_keys": ls[LS.GRID_KEYS],
+        "grid_decided": ls[LS.GRID_DECIDED],
         "table_entries": ls[LS.TABLE_ENTRIES],
         "table_capacity": cur.table_capacity,
         "table_occupancy": ratio(ls[LS.TABLE_ENTRIES], cur.table_capacity, 4),
@@ -304,15 +318,21 @@ def render_text(r: dict[str, Any]) -> str:
         f"interval {r.get('interval_s', 0):.1f} s ######",
         f"loader     pid {s['loader_pid']}  up {s['uptime_s']} s  {ready} ({s['backend']})  "
         f"fallback {s['fallback']}",
-        f"model      {s['model']}",
+        f"model      {s['model']}  digest {s['model_digest']}"
+        + (f"  in-kernel {_rate(s['kinfer_per_s'])} avg {s['kinfer_avg_ns']} ns"
+           if r.get("kinfer_total") else "")
+        + (f"  reloads {s['reloads_total']} (refused {s['reload_failures_total']})"
+           if r.get("reloads_total") or r.get("reload_failures_total") else ""),
         f"decide     cand {_rate(s['candidates_per_s'])}  hit {_pct(s['hit_rate'])}  "
         f"migrate {_rate(s['migrate_per_s'])}  keep {_rate(s['keep_per_s'])}  "
         f"fallback {_rate(s['fallback_migrate_per_s'])} migr + "
         f"{_rate(s['fallback_keep_per_s'])} keep"
         + (f"  explored {_rate(s['explored_per_s'])}" if r.get("explored_total") else ""),
         f"table      written {_rate(s['decisions_per_s'])} (total {s['decisions_total']})  "
-        f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})",
+        f"entries {s['table_entries']}/{s['table_capacity']} ({_pct(s['table_occupancy'])})"
+        + (f"  grid {s['grid_decided']}/{s['grid_keys']}" if r.get("grid_keys") else ""),
         f"ring       submitted {_rate(s['submitted_per_s'])}  read {_rate(s['records_per_s'])}  "
+        f"wakeups {_rate(s['rb_wakeups_per_s'])}  "
         f"drops {_rate(s['rb_drops_per_s'])} (total {s['rb_drops_total']})",
         f"batch      {_rate(s['batches_per_s'])}  size {s['batch_size_avg']}  latency p50 "
         f"{_us(s['batch_latency_p50_us'])} p99 {_us(s['batch_latency_p99_us'])} "

@@ -21,6 +21,9 @@ class StatsPublisher:
         self.pipeline = pipeline
         self.model_failed: str | None = None  # set by the model thread when loading fails
         self.restarts = 0
+        self.reloads = 0
+        self.reload_failures = 0
+        self.digest = 0  # first 8 bytes of the serving model's sha256
         self._backend: Predictor | None = None
         self._last = 0.0
 
@@ -31,8 +34,11 @@ class StatsPublisher:
             self.model_ready(self._backend)
         self.publish()
 
-    def model_ready(self, backend: Predictor) -> None:
+    def model_ready(self, backend: Predictor, digest_hex: str = "") -> None:
+        """The loop switched to this model (digest: its sha256 in hex)."""
         self._backend = backend
+        if digest_hex:
+            self.digest = int(digest_hex[:16], 16)
         self.map.set(LS.BACKEND, int(backend.kind))
         self.map.set(LS.MODEL_READY, 1)
 
@@ -54,6 +60,11 @@ class StatsPublisher:
             (LS.EV_LAT_NS_SUM, s.ev_lat_ns_sum),
             (LS.TABLE_ENTRIES, s.table_entries),
             (LS.RESTARTS, self.restarts),
+            (LS.RELOADS, self.reloads),
+            (LS.RELOAD_FAILURES, self.reload_failures),
+            (LS.MODEL_DIGEST, self.digest),
+            (LS.GRID_DECIDED, self.pipeline.table.grid.decided()
+             if self.pipeline.table.grid is not None else 0),
         ):
             self.map.set(index, value)
         self.hist_map.write_all(s.hist.reshape(-1))

@@ -1,8 +1,9 @@
 """Create the dummy model: a seeded, untrained Dense stack that honours the model contract.
 
-usage: model_dir/create_dummy_model.py [--output DIR] [--seed N]
+usage: model_dir/create_dummy_model.py [--output DIR] [--seed N] [--hidden 64,64]
 
-The model is 10 -> 16 relu -> 8 relu -> 1 sigmoid on a keras.Input named `features`, exported
+The model is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the hidden
+widths) on a keras.Input named `features`, exported
 with model.export() as a SavedModel, then given verified fast-path weights
 (loader/fastpath.py) so the loader runs it without TensorFlow. Its weights are random, but
 shaped so that it exercises both decisions: the first layer is scaled per feature and the
@@ -25,6 +26,7 @@ import numpy as np
 from loader import contract
 from loader.fastpath import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import ModelError, ModelInfo, check_model_dir
+from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.export_verified import write_manifest
 from model_dir.fastpath_verify import grid_decisions
 from model_dir.fastpath_verify import write_fastpath as write_fastpath_file
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("create_dummy_model")
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "model_path"
-HIDDEN = ((16, "relu"), (8, "relu"))
 # The grids the balance is tuned for: (nr_cpus, max_dom_cpus).
 VM_GRID = (2, 1)
 WIDE_GRID = (8, 4)
@@ -49,17 +50,19 @@ MIN_CLASS_SHARE = 0.2  # either decision on either grid, or the seed is refused
 EXAMPLES = """examples:
   model_dir/create_dummy_model.py                      # the bundled model_dir/model_path
   model_dir/create_dummy_model.py --output /tmp/m --seed 3
+  model_dir/create_dummy_model.py --output /tmp/small --hidden 16,8
 """
 
 
-def build_model(seed: int) -> keras.Model:
+def build_model(seed: int, hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> keras.Model:
     """The random Dense stack, deterministic for a seed (every initializer is seeded)."""
     import_tensorflow()
     import keras
 
     inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     x = inputs
-    for i, (units, activation) in enumerate((*HIDDEN, (1, "sigmoid"))):
+    layers = [*((w, "relu") for w in hidden), (1, "sigmoid")]
+    for i, (units, activation) in enumerate(layers):
         x = keras.layers.Dense(
             units,
             activation=activation,
@@ -70,10 +73,15 @@ def build_model(seed: int) -> keras.Model:
     return keras.Model(inputs, x, name="mlsched_dummy")
 
 
+def _dense_layers(model: keras.Model) -> list[keras.layers.Dense]:
+    """dense_0, dense_1, ...: the layers build_model() made, in order."""
+    return [layer for layer in model.layers if layer.name.startswith("dense_")]
+
+
 def _logits(model: keras.Model) -> NumpyModel:
     """The model in numpy, stopping before the final sigmoid."""
-    dense = [model.get_layer(f"dense_{i}") for i in range(len(HIDDEN) + 1)]
-    acts = [a for _, a in HIDDEN] + ["linear"]
+    dense = _dense_layers(model)
+    acts = ["relu"] * (len(dense) - 1) + ["linear"]
     return NumpyModel(
         [DenseLayer(*d.get_weights(), act) for d, act in zip(dense, acts, strict=True)]
     )
@@ -85,7 +93,8 @@ def calibrate(model: keras.Model) -> None:
     The threshold is put halfway between two neighbouring logits of the grids, so no grid
     point sits near 0.5 where float rounding could flip it.
     """
-    first, last = model.get_layer("dense_0"), model.get_layer(f"dense_{len(HIDDEN)}")
+    dense = _dense_layers(model)
+    first, last = dense[0], dense[-1]
     kernel, bias = first.get_weights()
     first.set_weights([kernel * FEATURE_SCALE[:, None], bias])
 
@@ -117,10 +126,10 @@ def _remove_old(output: Path) -> None:
         raise ModelError(f"{output} exists and is not a SavedModel; not replacing it")
 
 
-def create(output: Path, seed: int = 0) -> ModelInfo:
+def create(output: Path, seed: int = 0, hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> ModelInfo:
     """Build, calibrate and export the dummy model, verify its fast path, and check it."""
-    log.info("building a 10 -> 16 relu -> 8 relu -> 1 sigmoid Dense stack, seed %d", seed)
-    model = build_model(seed)
+    log.info("building a %s Dense stack, seed %d", describe(hidden), seed)
+    model = build_model(seed, hidden)
     calibrate(model)
     _remove_old(output)
     model.export(str(output), verbose=False)
@@ -161,10 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=DEFAULT_OUTPUT, help="SavedModel directory to (re)create"
     )
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument(
+        "--hidden",
+        type=parse_hidden,
+        default=DEFAULT_HIDDEN,
+        metavar="W,W,...",
+        help="hidden relu layer widths (default 64,64, the contract's)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        create(args.output, args.seed)
+        create(args.output, args.seed, args.hidden)
     except ModelError as e:
         log.error("error: %s", e)
         return 2

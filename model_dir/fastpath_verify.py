@@ -154,8 +154,7 @@ def probe_inputs(nr_cpus: int, max_dom_cpus: int, nr_random: int, seed: int = 0)
     # to PROBE_DOM_CPUS per domain...
     his = [PROBE_DOM_CPUS if f.name in ("cpu_idle", "cpu_not_idle") else f.hi
            for f in schema.KEY_FIELDS]
-    keys = schema.pack_keys({f.name: rng.integers(0, hi + 1, half)
-                             for f, hi in zip(schema.KEY_FIELDS, his, strict=True)})
+    keys = schema.pack_keys(*(rng.integers(0, hi + 1, half) for hi in his))
     # ...and continuous values, a little outside the ranges too: the math must agree anywhere.
     off = np.zeros((rest, schema.NR_FEATURES), np.float32)
     for i, (f, hi) in enumerate(zip(schema.KEY_FIELDS, his, strict=True)):

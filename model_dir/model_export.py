@@ -1,196 +1,111 @@
 """Train mlsched's migration model and export it as a SavedModel with a verified fast path.
 
-usage: model_dir/model_export.py [--output DIR] [--data FILE] [--epochs N] [--seed N]
+usage: model_dir/model_export.py [--objective label|imitate|policy] [--data FILE] [--output DIR]
+                                 [--hidden 64,64] [--epochs N] [--seed N] [--history FILE]
 
-Without --data it trains on synthetic candidates labeled by the rule below; with --data, on a
-dataset in the format mlsched-collect writes (model_dir/README.md, model_dir/dataset.py). Both
-go through the same path: rows are packed into the kernel's decision keys and unpacked with
-contract.unpack_keys(), so the model learns on exactly the inputs the loader will feed it. The
-rows are split 80/20 into training and validation sets; training stops early when the
-validation loss has not improved for a few epochs, and the best epoch's weights (a checkpoint)
-are the ones exported. It prints the validation accuracy, the confusion matrix, and how often
-the model disagrees with the rule, then exports with model.export() (input `features`),
-checks the directory as the loader will and writes the verified numpy fast path.
+The network is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the
+hidden widths). Every objective goes through the same path: rows are packed into the kernel's
+decision keys and unpacked with contract.unpack_keys(), so the model learns on exactly the
+inputs the loader will feed it; training stops early when the validation loss has not improved
+for a few epochs, and the best epoch's weights (a checkpoint) are the ones exported with
+model.export() (input `features`), checked as the loader checks them, and given the verified
+numpy fast path. --history FILE writes every epoch's figures as JSON (mlsched-evaluate --plot
+draws them).
 
-Synthetic candidates come from load patterns. A machine of 2-8 domains of 1-16 CPUs each gets
-per-domain runnable task counts (Poisson) from one of four patterns: steady (every domain
-alike), imbalanced (one hot domain, the others cold), bursty (each domain on its own,
-heavy-tailed) and saturated (every domain over-full). Loads are quantized as select_cpu does
-(busy CPUs plus queued tasks, LOAD_FULL_PER_CPU tasks per CPU = full, 0..LOAD_SCALE). A
-candidate is what select_cpu builds: a waking task whose domain has no idle CPU, the least
-loaded other domain as the destination (when it is less loaded), cpu_idle = idle CPUs of the
-destination, cpu_not_idle = busy CPUs of the source. A quarter of the rows are instead drawn
-uniformly over the feature grid (any CPU, idle and busy counts, src_load > dst_load) so that
-the model is right on keys the patterns rarely produce too.
-
-Labeling rule (synthetic data), with gap = src_dom_load - dst_dom_load (loads 0..1):
-    migrate (1) when  cpu_idle >= 1 and gap >= 0.25   (an idle CPU over there, and a clear
-                                                       imbalance: worth a cold cache), or
-                      gap >= 0.5                       (the source is so much busier that
-                                                       queueing there costs more than the
-                                                       move, even with no idle CPU there);
-    keep (0) otherwise (a small imbalance is not worth losing the cache).
-The first clause is the kernel's heuristic fallback (bpf/mlsched.bpf.c); the second adds the
-case it misses. The CPU id plays no part.
+Objectives:
+  label    (default) learn each row's `label`: from --data (format v1 or v2), else from
+           synthetic candidates labeled by the rule in model_dir/synthetic.py. Rows are split
+           80/20; it prints the validation accuracy, the confusion matrix and how often the
+           model disagrees with the rule.
+  imitate  learn the kernel's heuristic fallback itself (loader/fallback.py) on decision keys:
+           the keys of --data, else of synthetic candidates. The distinct keys are split 80/20,
+           so the figure it prints, the agreement with the heuristic on held-out keys, is on
+           keys the model never saw. It checks features, scaling and training before outcomes
+           are involved; the target is >= 99 %.
+  policy   learn a policy, not a label, from a v2 dataset (--data; without it, a simulated
+           collection run with a known cost model, model_dir/synthetic.py): every row's cost
+           (--cost, default the run-queue delay per unit of run time over the outcome window,
+           plus --migrate-penalty for a move) is turned into per-row estimates of the cost of
+           keeping and of migrating with inverse-propensity (--estimator ips) or doubly-robust
+           (dr, default) weighting (model_dir/offpolicy.py); the network is trained to migrate
+           where migrating is estimated cheaper: a weighted classification with label
+           "migrate cheaper" and weight |cost difference|, whose optimum migrates exactly where
+           the estimated mean cost of migrating is lower. It prints the estimated mean cost of
+           the learned policy, the heuristic, always-keep and always-migrate on the validation
+           rows (and their true costs on simulated data). Judge it on another collection run
+           with mlsched-evaluate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader import contract, schema
+from loader import contract, fallback
 from loader.backends import open_backend
 from loader.fastpath import import_tensorflow
 from loader.model_check import ModelError
-from model_dir.dataset import COLUMN_NAMES, COLUMNS, Dataset, DatasetError, read_dataset
+from model_dir import offpolicy
+from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
+from model_dir.dataset import Dataset, DatasetError, read_dataset
 from model_dir.export_verified import check_replaceable, export_verified
+from model_dir.synthetic import (
+    DEFAULT_SIM_EXPLORE,
+    expected_cost,
+    optimal_migrate,
+    rule,
+    rule_from_features,
+    simulated_logged_dataset,
+    synthetic_dataset,
+)
 
 if TYPE_CHECKING:
     import keras
+
+__all__ = ["rule", "rule_from_features", "run", "split", "synthetic_dataset", "train"]
 
 log = logging.getLogger("model_export")
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "model_path"
 DEFAULT_EPOCHS = 40
 DEFAULT_SAMPLES = 40000
-HIDDEN = ((32, "relu"), (16, "relu"))
+OBJECTIVES = ("label", "imitate", "policy")
 BATCH_SIZE = 256
 LEARNING_RATE = 3e-3
 PATIENCE = 5  # epochs without a better validation loss before training stops
 VALIDATION_SHARE = 0.2
 MIN_ROWS = 50
+IMITATION_TARGET = 0.99
 # Training sees features * FEATURE_SCALE (cpu ids run to hundreds, idle counts to the domain
 # size, loads 0..1); the scale is then folded into the first kernel, so the exported model is
 # a plain Dense stack on the raw contract features.
 FEATURE_SCALE = np.array([1 / 64, 1 / 8, 1 / 8, 4, 4, 1, 1, 1, 1, 1], np.float32)
-# The rule's second threshold in load quanta (the first is the heuristic's, 0.25).
-GAP_ALONE_Q = contract.LOAD_SCALE // 2
 # The grid on which the model is compared with the rule: every key of this machine size.
 RULE_GRID = (16, 8)
-
-PATTERNS = ("steady", "imbalanced", "bursty", "saturated")
-NR_DOMS = (2, 3, 4, 8)
-DOM_CPUS = (1, 2, 4, 8, 16)
-UNIFORM_SHARE = 0.25
-CHUNK = 256  # synthetic rows drawn per machine and pattern
+VM_GRID = (2, 1)
 
 EXAMPLES = """examples:
   model_dir/model_export.py                        # synthetic data -> model_dir/model_path
-  model_dir/model_export.py --output /tmp/m --epochs 20 --seed 3
-  model_dir/model_export.py --data candidates.csv --output /tmp/m   # mlsched-collect data
+  model_dir/model_export.py --output /tmp/m --epochs 20 --seed 3 --hidden 32,16
+  model_dir/model_export.py --data candidates.csv --output /tmp/m   # mlsched-collect labels
+  model_dir/model_export.py --objective imitate --output /tmp/imitate
+  model_dir/model_export.py --objective policy --output /tmp/sim    # simulated, known costs
+  model_dir/model_export.py --objective policy --data train.csv --estimator dr \\
+      --history /tmp/history.json --output /tmp/learned
+  mlsched-evaluate --data heldout.csv --model /tmp/learned --history /tmp/history.json \\
+      --plot /tmp/eval.png                         # judge it on another collection run
 """
 
 
 # --- data -----------------------------------------------------------------------------------
-
-
-def rule(cpu_idle: np.ndarray, src_load_q: np.ndarray, dst_load_q: np.ndarray) -> np.ndarray:
-    """The synthetic labeling rule (module docstring), on quantized loads: 1 migrate, 0 keep."""
-    gap = src_load_q.astype(np.int64) - dst_load_q.astype(np.int64)
-    migrate = contract.heuristic_migrate(src_load_q, dst_load_q, cpu_idle) | (gap >= GAP_ALONE_Q)
-    return migrate.astype(np.uint8)
-
-
-def rule_from_features(x: np.ndarray) -> np.ndarray:
-    """The rule on model inputs (float32 [n, 10] as unpack_keys makes them)."""
-    f = schema.fields_of_features(x)
-    return rule(f["cpu_idle"], f["src_load_q"], f["dst_load_q"])
-
-
-def _runnable(pattern: str, rng: np.random.Generator, nr_doms: int, dom_cpus: int) -> np.ndarray:
-    """Runnable tasks per domain, [CHUNK, nr_doms], for one load pattern."""
-    shape = (CHUNK, nr_doms)
-    if pattern == "steady":
-        per_cpu = np.broadcast_to(rng.uniform(0.25, 3.0, (CHUNK, 1)), shape)
-    elif pattern == "imbalanced":
-        per_cpu = rng.uniform(0.0, 0.75, shape)
-        hot = rng.integers(0, nr_doms, CHUNK)
-        per_cpu[np.arange(CHUNK), hot] = rng.uniform(1.0, 5.0, CHUNK)
-    elif pattern == "bursty":
-        per_cpu = rng.exponential(1.5, shape)
-    else:  # saturated
-        per_cpu = rng.uniform(2.0, 6.0, shape)
-    return rng.poisson(per_cpu * dom_cpus)
-
-
-def _pattern_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Candidates of one machine under one load pattern, as select_cpu would build them."""
-    nr_doms = int(rng.choice(NR_DOMS))
-    dom_cpus = int(rng.choice(DOM_CPUS))
-    pattern = PATTERNS[rng.integers(len(PATTERNS))]
-    runnable = _runnable(pattern, rng, nr_doms, dom_cpus)
-    busy = np.minimum(runnable, dom_cpus)
-    idle = dom_cpus - busy
-    load_q = schema.load_q(runnable, dom_cpus)
-    rows = np.arange(CHUNK)
-    src = rng.integers(0, nr_doms, CHUNK)  # the waking task's domain
-    others = load_q.astype(np.float64)
-    others[rows, src] = np.inf
-    dst = np.argmin(others, axis=1)  # the first least loaded other domain, as the kernel picks
-    # A candidate: no idle CPU at home, and a less loaded domain elsewhere.
-    keep = (idle[rows, src] == 0) & (load_q[rows, dst] < load_q[rows, src])
-    src, dst, rows = src[keep], dst[keep], rows[keep]
-    n = len(rows)
-    return {
-        "cpu": src * dom_cpus + rng.integers(0, dom_cpus, n),
-        "src_dom": src,
-        "dst_dom": dst,
-        "cpu_idle": np.minimum(idle[rows, dst], contract.KEY_FIELD_MAX),
-        "cpu_not_idle": np.minimum(busy[rows, src], contract.KEY_FIELD_MAX),
-        "src_load_q": load_q[rows, src],
-        "dst_load_q": load_q[rows, dst],
-    }
-
-
-def _uniform_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Rows spread over the feature grid, as any machine could produce them."""
-    dom_cpus = rng.choice(DOM_CPUS, CHUNK)
-    src_q = rng.integers(1, contract.LOAD_SCALE + 1, CHUNK)
-    return {
-        "cpu": rng.integers(0, contract.MAX_CPUS, CHUNK),
-        "src_dom": np.zeros(CHUNK, np.int64),
-        "dst_dom": np.ones(CHUNK, np.int64),
-        "cpu_idle": rng.integers(0, dom_cpus + 1),
-        "cpu_not_idle": rng.integers(0, dom_cpus + 1),
-        "src_load_q": src_q,
-        "dst_load_q": rng.integers(0, src_q),
-    }
-
-
-def synthetic_dataset(nr_rows: int, seed: int) -> Dataset:
-    """nr_rows synthetic candidates in the dataset format, labeled by rule()."""
-    rng = np.random.default_rng(seed)
-    chunks: list[dict[str, np.ndarray]] = []
-    nr_uniform = int(nr_rows * UNIFORM_SHARE)
-    have = 0
-    while have < nr_rows - nr_uniform:
-        chunk = _pattern_chunk(rng)
-        chunks.append(chunk)
-        have += len(chunk["cpu"])
-    for _ in range(-(-nr_uniform // CHUNK)):
-        chunks.append(_uniform_chunk(rng))
-    cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    order = rng.permutation(len(cols["cpu"]))[:nr_rows]
-    cols = {k: v[order] for k, v in cols.items()}
-    label = rule(cols["cpu_idle"], cols["src_load_q"], cols["dst_load_q"])
-    # `action`: what the kernel's heuristic fallback would have done (the first clause).
-    action = contract.heuristic_migrate(cols["src_load_q"], cols["dst_load_q"], cols["cpu_idle"])
-    cols.update(
-        ts_ns=np.arange(nr_rows, dtype=np.uint64) * 1000,
-        pid=rng.integers(1, 1 << 22, nr_rows),
-        action=action,
-        source=np.full(nr_rows, contract.Source.FALLBACK),
-        label=label,
-    )
-    dtypes = {name: dtype for name, dtype, _, _ in COLUMNS}
-    return Dataset({k: np.asarray(cols[k]).astype(dtypes[k]) for k in COLUMN_NAMES}, "synthetic")
 
 
 def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,12 +118,13 @@ def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # --- the model ------------------------------------------------------------------------------
 
 
-def build_model() -> keras.Model:
+def build_model(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> keras.Model:
     import keras
 
     inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     x = inputs
-    for i, (units, activation) in enumerate((*HIDDEN, (1, "sigmoid"))):
+    layers = [*((w, "relu") for w in hidden), (1, "sigmoid")]
+    for i, (units, activation) in enumerate(layers):
         x = keras.layers.Dense(units, activation=activation, name=f"dense_{i}")(x)
     return keras.Model(inputs, x, name="mlsched_migrate")
 
@@ -220,6 +136,9 @@ def fold_feature_scale(model: keras.Model) -> None:
     first.set_weights([kernel * FEATURE_SCALE[:, None], bias])
 
 
+EpochFigures = Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]]
+
+
 def train(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -227,40 +146,66 @@ def train(
     y_val: np.ndarray,
     epochs: int,
     seed: int,
-) -> keras.Model:
-    """Fit with early stopping; return the best epoch's weights, taking raw features."""
+    hidden: tuple[int, ...] = DEFAULT_HIDDEN,
+    w_train: np.ndarray | None = None,
+    w_val: np.ndarray | None = None,
+    epoch_figures: EpochFigures | None = None,
+) -> tuple[keras.Model, list[dict[str, float]]]:
+    """Fit with early stopping; the best epoch's weights, taking raw features, and the history.
+
+    w_train/w_val weight the rows' losses; epoch_figures(predict) adds figures to each
+    epoch's record (predict takes raw features, returns probabilities).
+    """
     tf = import_tensorflow()
     import keras
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    model = build_model()
+    model = build_model(hidden)
     model.compile(
         optimizer=keras.optimizers.Adam(LEARNING_RATE),
         loss="binary_crossentropy",
         metrics=["accuracy"],
     )
+    history: list[dict[str, float]] = []
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return np.asarray(model(x * FEATURE_SCALE, training=False)).reshape(-1)
 
     def report(epoch: int, logs: dict[str, float]) -> None:
+        record = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        if epoch_figures is not None:
+            record.update(epoch_figures(predict))
+        history.append(record)
+        extra = "".join(
+            f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_") and k not in
+            ("val_loss", "val_accuracy")
+        )
         log.info(
-            "epoch %3d/%d: loss %.4f accuracy %6.2f %% | validation loss %.4f accuracy %6.2f %%",
+            "epoch %3d/%d: loss %.4f accuracy %6.2f %% | validation loss %.4f accuracy "
+            "%6.2f %%%s",
             epoch + 1,
             epochs,
             logs["loss"],
             100 * logs["accuracy"],
             logs["val_loss"],
             100 * logs["val_accuracy"],
+            extra,
         )
 
+    val: tuple[np.ndarray, ...] = (x_val * FEATURE_SCALE, y_val.astype(np.float32))
+    if w_val is not None:
+        val = (*val, w_val.astype(np.float32))
     with tempfile.TemporaryDirectory(prefix="mlsched-train-") as tmp:
         checkpoint = Path(tmp) / "best.weights.h5"
         best = keras.callbacks.ModelCheckpoint(
             str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True
         )
-        history = model.fit(
+        fitted = model.fit(
             x_train * FEATURE_SCALE,
             y_train.astype(np.float32),
-            validation_data=(x_val * FEATURE_SCALE, y_val.astype(np.float32)),
+            sample_weight=None if w_train is None else w_train.astype(np.float32),
+            validation_data=val,
             epochs=epochs,
             batch_size=BATCH_SIZE,
             shuffle=True,
@@ -271,7 +216,7 @@ def train(
                 keras.callbacks.LambdaCallback(on_epoch_end=report),
             ],
         )
-        val_loss = history.history["val_loss"]
+        val_loss = fitted.history["val_loss"]
         best_epoch = int(np.argmin(val_loss))
         stopped = len(val_loss) < epochs
         log.info(
@@ -283,7 +228,7 @@ def train(
         )
         model.load_weights(str(checkpoint))
     fold_feature_scale(model)
-    return model
+    return model, history
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -323,19 +268,43 @@ def _pct(n: int, total: int) -> str:
     return f"{n} of {total} ({100 * n / max(total, 1):.2f} %)"
 
 
-def run(
-    output: Path, data: Path | None, epochs: int, seed: int, samples: int = DEFAULT_SAMPLES
-) -> float:
-    """Train, export and verify; returns the validation accuracy. ModelError/DatasetError."""
-    check_replaceable(output)  # before minutes of work, not after
-    if data is None:
-        dataset = synthetic_dataset(samples, seed)
-        log.info("synthetic data: %d candidates from load patterns, labeled by the rule", samples)
-    else:
-        dataset = read_dataset(data)
-        log.info("dataset %s: %d candidates", data, len(dataset))
+def _export(model: keras.Model, output: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Export and verify; the decisions the loader will take with it (bool [n])."""
+    info, result = export_verified(model, output)
+    log.info("exported SavedModel to %s (input %r)", output, info.input_key)
+    log.info("%s", result.message)
+    if not result.written:
+        raise ModelError(f"{output}: the fast path did not verify: {result.message}")
+    backend, reason = open_backend(info, "auto")
+    log.info("loader backend (auto): %s", reason)
+
+    def decide(x: np.ndarray) -> np.ndarray:
+        return backend.predict(x) > contract.MIGRATE_THRESHOLD
+
+    return decide
+
+
+def _write_history(path: Path | None, history: list[dict[str, float]], **about: Any) -> None:
+    if path is None:
+        return
+    best = min(history, key=lambda r: r["val_loss"]) if history else None
+    doc = {**about, "best_epoch": best["epoch"] if best else None, "epochs": history}
+    try:
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+    except OSError as e:
+        raise ModelError(f"--history: cannot write {path} ({e.strerror})") from None
+    log.info("training history: %d epochs in %s", len(history), path)
+
+
+def _check_rows(dataset: Dataset) -> None:
     if len(dataset) < MIN_ROWS:
         raise DatasetError(f"{dataset.source}: {len(dataset)} rows, need at least {MIN_ROWS}")
+
+
+# --- objectives -----------------------------------------------------------------------------
+
+
+def _run_label(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str, float]:
     nr_migrate = int(np.count_nonzero(dataset.labels))
     if nr_migrate in (0, len(dataset)):
         only = "migrate" if nr_migrate else "keep"
@@ -346,44 +315,258 @@ def run(
     log.info("the scheduler's own action agreed with the label: %s", _agreement_by_source(dataset))
 
     x, y = dataset.features(), dataset.labels
-    train_idx, val_idx = split(len(dataset), seed)
+    train_idx, val_idx = split(len(dataset), opts["seed"])
     log.info("training on %d candidates, validating on %d", len(train_idx), len(val_idx))
-    model = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], epochs, seed)
+    model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
+                           opts["seed"], opts["hidden"])
+    decide = _export(model, output)
+    _write_history(opts["history"], history, objective="label", hidden=list(opts["hidden"]))
 
-    info, result = export_verified(model, output)
-    log.info("exported SavedModel to %s (input %r)", output, info.input_key)
-    log.info("%s", result.message)
-    if not result.written:
-        raise ModelError(f"{output}: the fast path did not verify: {result.message}")
-
-    backend, reason = open_backend(info, "auto")
-    log.info("loader backend (auto): %s", reason)
-    decide = backend.predict  # what the loader will run
-    predicted_val = (decide(x[val_idx]) > contract.MIGRATE_THRESHOLD).astype(np.uint8)
+    predicted_val = decide(x[val_idx]).astype(np.uint8)
     accuracy = report_validation(y[val_idx], predicted_val)
-
     rule_val = rule_from_features(x[val_idx])
     grid = contract.unpack_keys(contract.feature_grid(*RULE_GRID))
-    predicted_grid = decide(grid) > contract.MIGRATE_THRESHOLD
+    predicted_grid = decide(grid)
+    nr_val_diff = int(np.count_nonzero(predicted_val != rule_val))
+    nr_grid_diff = int(np.count_nonzero(predicted_grid != rule_from_features(grid)))
     log.info(
         "model vs the rule: differs on %s validation candidates and on %s keys of the "
         "%d-CPU grid (%d per domain)",
-        _pct(int(np.count_nonzero(predicted_val != rule_val)), len(val_idx)),
-        _pct(int(np.count_nonzero(predicted_grid != rule_from_features(grid))), len(grid)),
+        _pct(nr_val_diff, len(val_idx)),
+        _pct(nr_grid_diff, len(grid)),
         *RULE_GRID,
     )
-    if data is not None:
+    if opts["data"] is not None:
         log.info(
             "the dataset's labels vs the rule: differ on %s rows",
             _pct(int(np.count_nonzero(rule_from_features(x) != y)), len(y)),
         )
-    return accuracy
+    return {"val_accuracy": accuracy, "rule_disagree_grid": nr_grid_diff / len(grid)}
+
+
+def _run_imitate(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str, float]:
+    keys = np.unique(dataset.keys())
+    if len(keys) < 2:
+        raise DatasetError(f"{dataset.source}: {len(keys)} distinct key, need 2 to hold one out")
+    x = contract.unpack_keys(keys)
+    y = fallback.heuristic_from_features(x).astype(np.uint8)
+    nr_migrate = int(y.sum())
+    if nr_migrate in (0, len(y)):
+        only = "migrate" if nr_migrate else "keep"
+        raise DatasetError(
+            f"{dataset.source}: the heuristic decides {only} on every one of its {len(y)} "
+            "keys; nothing to imitate"
+        )
+    train_idx, val_idx = split(len(keys), opts["seed"])
+    log.info(
+        "imitating the heuristic fallback on %d distinct keys (%d migrate / %d keep): training "
+        "on %d, holding out %d",
+        len(keys), nr_migrate, len(keys) - nr_migrate, len(train_idx), len(val_idx),
+    )
+    model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
+                           opts["seed"], opts["hidden"])
+    decide = _export(model, output)
+    _write_history(opts["history"], history, objective="imitate", hidden=list(opts["hidden"]))
+
+    held = decide(x[val_idx]) == y[val_idx].astype(bool)
+    agreement = float(held.mean())
+    log.info(
+        "agreement with the heuristic on held-out keys: %s; target >= %.0f %%: %s",
+        _pct(int(held.sum()), len(val_idx)),
+        100 * IMITATION_TARGET,
+        "met" if agreement >= IMITATION_TARGET else "MISSED",
+    )
+    figures = {"heldout_agreement": agreement, "keys": float(len(keys))}
+    for grid in (VM_GRID, RULE_GRID):
+        gx = contract.unpack_keys(contract.feature_grid(*grid))
+        same = decide(gx) == fallback.heuristic_from_features(gx)
+        log.info(
+            "agreement on every key of the %d-CPU grid (%d per domain): %s",
+            *grid,
+            _pct(int(same.sum()), len(gx)),
+        )
+        figures[f"grid_agreement_{grid[0]}x{grid[1]}"] = float(same.mean())
+    return figures
+
+
+def _policy_targets(
+    cost: np.ndarray, dataset: Dataset, q: np.ndarray, estimator: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pseudo-costs [n, 2], label (migrate estimated cheaper) and weight |difference|."""
+    g = offpolicy.pseudo_costs(cost, dataset.actions, dataset.propensities(), estimator, q)
+    delta = g[:, 1] - g[:, 0]
+    return g, (delta < 0).astype(np.uint8), np.abs(delta)
+
+
+def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str, float]:
+    dataset.require_v2("propensities and outcomes, which --objective policy learns from")
+    estimator, cost_kind = opts["estimator"], opts["cost"]
+    cost = offpolicy.row_costs(dataset, cost_kind, opts["migrate_penalty"])
+    explore = dataset.columns["explore_q"] / contract.EXPLORE_SCALE
+    log.info(
+        "logging policy: explore P %s, sources %s; cost %s%s: mean %.4f, median %.4f",
+        ", ".join(f"{p:g}" for p in np.unique(explore)),
+        ", ".join(f"{s.name.lower()} {int(np.sum(dataset.sources == s))}" for s in
+                  contract.Source if np.any(dataset.sources == s)),
+        cost_kind,
+        f" + {opts['migrate_penalty']:g} per migration" if opts["migrate_penalty"] else "",
+        float(cost.mean()),
+        float(np.median(cost)),
+    )
+    train_idx, val_idx = split(len(dataset), opts["seed"])
+    tr, va = dataset.subset(train_idx), dataset.subset(val_idx)
+    # The direct model: cross-fitted on the training rows; fitted on all of them for the
+    # validation rows, whose own costs it never sees.
+    q_train = offpolicy.crossfit_direct(tr.columns, tr.actions, cost[train_idx], seed=opts["seed"])
+    q_val = offpolicy.DirectModel(tr.columns, tr.actions, cost[train_idx]).predict(va.columns)
+    g_train, y_train, w_train = _policy_targets(cost[train_idx], tr, q_train, estimator)
+    g_val, y_val, w_val = _policy_targets(cost[val_idx], va, q_val, estimator)
+    scale = float(w_train.mean())
+    if not scale > 0:
+        raise DatasetError(f"{dataset.source}: every row's estimated cost difference is 0")
+    log.info(
+        "%s pseudo-costs: migrating estimated cheaper on %s training rows; training on %d rows, "
+        "validating on %d",
+        estimator.upper(), _pct(int(y_train.sum()), len(y_train)), len(train_idx), len(val_idx),
+    )
+    x_train, x_val = tr.features(), va.features()
+    heur_val = va.heuristic()
+    heur_cost = float(offpolicy.contributions(g_val, heur_val).mean())
+
+    def epoch_figures(predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+        learned = predict(x_val) > contract.MIGRATE_THRESHOLD
+        return {
+            f"val_cost_{estimator}": float(offpolicy.contributions(g_val, learned).mean()),
+            f"val_cost_{estimator}_heuristic": heur_cost,
+            "val_migrate_share": float(learned.mean()),
+        }
+
+    model, history = train(x_train, y_train, x_val, y_val, opts["epochs"], opts["seed"],
+                           opts["hidden"], w_train / scale, w_val / scale, epoch_figures)
+    decide = _export(model, output)
+    _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
+                   estimator=estimator, cost=cost_kind, migrate_penalty=opts["migrate_penalty"],
+                   data=dataset.source)
+
+    n_val = len(va)
+    learned = decide(x_val)
+    policies = {
+        "always-keep": np.zeros(n_val, bool),
+        "always-migrate": np.ones(n_val, bool),
+        "heuristic": heur_val,
+        "learned": learned,
+    }
+    simulated = opts["data"] is None
+    if simulated:
+        policies["optimal (simulation)"] = optimal_migrate(va.columns)
+    # Simulated rows are independent; collected ones are resampled in blocks of a second.
+    block_ns = 0 if simulated else offpolicy.DEFAULT_BLOCK_NS
+    reports = offpolicy.evaluate(va, policies, cost=cost[val_idx], nr_boot=opts["bootstrap"],
+                                 block_ns=block_ns, seed=opts["seed"])
+    log.info("estimated mean cost on the %d validation rows (95 %% bootstrap intervals):", n_val)
+    for r in reports:
+        est = "  ".join(
+            f"{e.upper()} {v.mean:.4f} [{v.lo:.4f}, {v.hi:.4f}]" for e, v in r.estimates.items()
+        )
+        true = ""
+        if simulated:
+            true = f"  true {float(expected_cost(va.columns, policies[r.name]).mean()):.4f}"
+        log.info("  %-22s migrate %5.1f %%  %s%s", r.name, 100 * r.migrate_share, est, true)
+    mine = next(r for r in reports if r.name == "learned")
+    assert mine.vs_baseline is not None
+    diff = mine.vs_baseline[estimator]
+    log.info(
+        "learned - heuristic (%s): %.4f [%.4f, %.4f]: %s",
+        estimator.upper(), diff.mean, diff.lo, diff.hi,
+        ("lower, the interval excludes 0" if diff.hi < 0 else
+         "higher, the interval excludes 0" if diff.lo > 0 else "the interval includes 0"),
+    )
+    grid = contract.unpack_keys(contract.feature_grid(*RULE_GRID))
+    g_learned = decide(grid)
+    log.info(
+        "on every key of the %d-CPU grid (%d per domain): migrates on %.1f %% (heuristic "
+        "%.1f %%), differs from the heuristic on %s",
+        *RULE_GRID, 100 * g_learned.mean(), 100 * fallback.heuristic_from_features(grid).mean(),
+        _pct(int(np.count_nonzero(g_learned != fallback.heuristic_from_features(grid))),
+             len(grid)),
+    )
+    figures = {
+        f"val_cost_{estimator}": mine.estimates[estimator].mean,
+        f"val_cost_{estimator}_heuristic": next(
+            r for r in reports if r.name == "heuristic").estimates[estimator].mean,
+        f"val_diff_{estimator}": diff.mean,
+        f"val_diff_{estimator}_lo": diff.lo,
+        f"val_diff_{estimator}_hi": diff.hi,
+    }
+    if simulated:
+        figures["true_cost"] = float(expected_cost(va.columns, learned).mean())
+        figures["true_cost_heuristic"] = float(expected_cost(va.columns, heur_val).mean())
+        figures["true_cost_optimal"] = float(
+            expected_cost(va.columns, optimal_migrate(va.columns)).mean())
+        src_q, dst_q = fallback.load_quanta(grid)
+        best = optimal_migrate({"cpu_idle": grid[:, 1], "src_load_q": src_q, "dst_load_q": dst_q})
+        figures["grid_agreement_optimal"] = float(np.mean(g_learned == best))
+    return figures
+
+
+def run(
+    output: Path,
+    data: Path | None,
+    epochs: int,
+    seed: int,
+    samples: int = DEFAULT_SAMPLES,
+    *,
+    objective: str = "label",
+    hidden: tuple[int, ...] = DEFAULT_HIDDEN,
+    estimator: str = offpolicy.DEFAULT_ESTIMATOR,
+    cost: str = offpolicy.DEFAULT_COST,
+    migrate_penalty: float = 0.0,
+    history: Path | None = None,
+    bootstrap: int = offpolicy.DEFAULT_BOOTSTRAP,
+) -> dict[str, float]:
+    """Train, export and verify; returns the objective's figures. ModelError/DatasetError.
+
+    label: val_accuracy; imitate: heldout_agreement; policy: val_cost_<estimator> and the
+    heuristic's, their difference with its interval (and true costs on simulated data).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    check_replaceable(output)  # before minutes of work, not after
+    if data is not None:
+        dataset = read_dataset(data)
+        log.info("dataset %s: %d candidates (format v%d)", data, len(dataset), dataset.version)
+    elif objective == "policy":
+        dataset = simulated_logged_dataset(samples, seed)
+        log.info(
+            "simulated collection run: %d candidates logged by the heuristic with explore P %g, "
+            "costs from the known model in model_dir/synthetic.py", samples, DEFAULT_SIM_EXPLORE,
+        )
+    else:
+        dataset = synthetic_dataset(samples, seed)
+        log.info("synthetic data: %d candidates from load patterns, labeled by the rule", samples)
+    _check_rows(dataset)
+    log.info("network: %s; objective %s", describe(hidden), objective)
+    opts = {"epochs": epochs, "seed": seed, "hidden": hidden, "history": history, "data": data,
+            "estimator": estimator, "cost": cost, "migrate_penalty": migrate_penalty,
+            "bootstrap": bootstrap}
+    runner = {"label": _run_label, "imitate": _run_imitate, "policy": _run_policy}[objective]
+    return runner(dataset, output, opts)
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
     return value
 
 
@@ -404,7 +587,21 @@ def main(argv: list[str] | None = None) -> int:
         "--data",
         type=Path,
         metavar="FILE",
-        help="dataset file (CSV, format in model_dir/README.md)",
+        help="dataset file (CSV, format v1 or v2 in model_dir/README.md)",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="label",
+        help="what to learn: the rows' labels, the heuristic fallback's decisions, or a "
+        "policy from logged costs (default label; see the module docstring)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=parse_hidden,
+        default=DEFAULT_HIDDEN,
+        metavar="W,W,...",
+        help="hidden relu layer widths (default 64,64, the contract's)",
     )
     parser.add_argument(
         "--epochs",
@@ -421,14 +618,41 @@ def main(argv: list[str] | None = None) -> int:
         type=_positive,
         default=DEFAULT_SAMPLES,
         metavar="N",
-        help=f"synthetic candidates without --data (default {DEFAULT_SAMPLES})",
+        help=f"synthetic or simulated candidates without --data (default {DEFAULT_SAMPLES})",
+    )
+    parser.add_argument(
+        "--estimator",
+        choices=offpolicy.ESTIMATORS,
+        default=offpolicy.DEFAULT_ESTIMATOR,
+        help="policy: inverse-propensity or doubly-robust cost estimates (default dr)",
+    )
+    parser.add_argument(
+        "--cost",
+        choices=offpolicy.COST_KINDS,
+        default=offpolicy.DEFAULT_COST,
+        help="policy: a row's cost from its outcome (default delay-per-run)",
+    )
+    parser.add_argument(
+        "--migrate-penalty",
+        type=_non_negative,
+        default=0.0,
+        metavar="C",
+        help="policy: added to the cost of a migration, e.g. for the cold cache (default 0)",
+    )
+    parser.add_argument(
+        "--history",
+        type=Path,
+        metavar="FILE",
+        help="write every epoch's losses and figures as JSON (for mlsched-evaluate --plot)",
     )
     args = parser.parse_args(argv)
     # The report on stdout; stderr holds nothing but a refusal, one line.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <tmp>"
     try:
-        run(args.output, args.data, args.epochs, args.seed, args.samples)
+        run(args.output, args.data, args.epochs, args.seed, args.samples,
+            objective=args.objective, hidden=args.hidden, estimator=args.estimator,
+            cost=args.cost, migrate_penalty=args.migrate_penalty, history=args.history)
     except (ModelError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

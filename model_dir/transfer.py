@@ -1,6 +1,7 @@
 """Convert a Keras model file (.h5 of Keras 2 or 3, or .keras) into a SavedModel for mlsched.
 
-usage: model_dir/transfer.py --input MODEL.h5 --output DIR [--strict]
+usage: model_dir/transfer.py --input MODEL.h5 --output DIR [--features NAME,...]
+                             [--output-map threshold|sigmoid] [--strict]
 
 A model file must not run code. Before Keras sees the file, its model config is read (h5py,
 or the zip's config.json) and refused when it holds a Lambda layer, a Python function or a
@@ -10,6 +11,22 @@ model.export() under the input key `features` (a model whose Input has another n
 wrapped), checked as the loader checks it (check_model_dir), and given verified fast-path
 weights when it is a plain Dense stack (write_fastpath) — all in a scratch directory that
 replaces DIR only when everything passed.
+
+Models from elsewhere rarely take the contract's input or end in its sigmoid. A thin wrapper,
+made of Dense layers so that the fast path still applies, goes inside the exported SavedModel:
+- `--features cpu_idle,cpu_not_idle,...` names, in order, the contract feature each of the
+  model's k inputs gets (loader/contract.py FEATURE_NAMES; the values as the loader computes
+  them, loads 0..1, unscaled); a fixed 0/1 selection matrix [10, k] feeds it from the
+  contract's `features` [?, 10], the other features unused: folded into the first layer of a
+  Sequential model that starts with a Dense, else a Dense layer of its own in front. Without
+  it the input must be [?, 10].
+- `--output-map threshold`: the model's output y means migrate when y > 0.5 (a linear output
+  trained as a 0/1 regression); a 1x1 Dense sigmoid(16 (y - 0.5)) is appended, which is > 0.5
+  exactly when y is (for every float32 y: 16 and 0.5 are powers of two, so the subtraction is
+  exact near 0.5 and the smallest float above 0.5 still maps above 0.5).
+  `--output-map sigmoid`: y is a logit; sigmoid(y) is appended. A model whose output layer is
+  not a sigmoid is refused unless one of the two is given.
+What was wrapped is printed.
 
 Exit status: 0 converted (the loader will use numpy when the fast path verified, else TF),
 1 converted but no fast path and --strict, 2 refused (nothing written).
@@ -26,6 +43,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from loader import contract
 from loader.backends import open_backend
 from loader.fastpath import import_tensorflow
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
@@ -37,11 +57,15 @@ log = logging.getLogger("transfer")
 EXAMPLES = """examples:
   model_dir/transfer.py --input old_model.h5 --output /tmp/m
   model_dir/transfer.py --input model.keras --output model_dir/model_path --strict
+  model_dir/transfer.py --input research.h5 --output /tmp/m \
+      --features cpu_idle,cpu_not_idle,src_dom_load,dst_dom_load --output-map threshold
   sudo mlsched-load --model /tmp/m                 # then use it
 """
 
 REBUILD = "rebuild it from built-in Keras layers (Dense, ...) and save it again"
 _FUNCTION_CLASSES = ("__lambda__", "function")
+OUTPUT_MAPS = ("threshold", "sigmoid")
+THRESHOLD_GAIN = 16.0  # sigmoid(16 (y - 0.5)): a power of two, see the module docstring
 
 
 def read_keras_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -131,7 +155,159 @@ def load_safely(path: Path) -> Any:
         raise ModelError(f"{path}: Keras refused it in safe mode: {first} ({REBUILD})") from None
 
 
-def transfer(source: Path, output: Path) -> tuple[ModelInfo, FastpathResult]:
+def parse_features(text: str) -> tuple[str, ...]:
+    """argparse type of --features: contract feature names, comma-separated, each once."""
+    names = tuple(t.strip() for t in text.split(","))
+    unknown = [n for n in names if n not in contract.FEATURE_NAMES]
+    if unknown:
+        known = ", ".join(contract.FEATURE_NAMES)
+        raise argparse.ArgumentTypeError(
+            f"unknown feature {unknown[0]!r}; the contract's are {known}"
+        )
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise argparse.ArgumentTypeError(f"{dups[0]} named twice")
+    return names
+
+
+def output_activation(model: Any) -> tuple[str, str]:
+    """(activation, layer name) of the layer that makes the model's output ('?' if unknown)."""
+    layer: Any = None
+    try:
+        layer = model.outputs[0]._keras_history.operation
+    except (AttributeError, IndexError):
+        layers = getattr(model, "layers", [])
+        layer = layers[-1] if layers else None
+    if layer is not None and hasattr(layer, "outputs") and hasattr(layer, "layers"):
+        return output_activation(layer)  # a nested model: its own output layer
+    if layer is None:
+        return "?", "?"
+    act = getattr(layer, "activation", None)
+    name = getattr(act, "__name__", None) if act is not None else None
+    if name is None:
+        name = "linear" if type(layer).__name__ == "Dense" and act is None else "?"
+    return name, str(getattr(layer, "name", "?"))
+
+
+def selection_matrix(features: tuple[str, ...]) -> np.ndarray:
+    """[10, k] float32: column j has a single 1 in the row of the contract feature it takes."""
+    s = np.zeros((contract.NR_FEATURES, len(features)), np.float32)
+    for j, name in enumerate(features):
+        s[contract.FEATURE_NAMES.index(name), j] = 1.0
+    return s
+
+
+def output_map_weights(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel [1, 1] and bias [1] of the appended sigmoid Dense unit for an --output-map."""
+    if kind == "threshold":
+        return np.array([[THRESHOLD_GAIN]], np.float32), np.array(
+            [-THRESHOLD_GAIN * contract.MIGRATE_THRESHOLD], np.float32)
+    if kind == "sigmoid":
+        return np.ones((1, 1), np.float32), np.zeros(1, np.float32)
+    raise ValueError(f"output map must be one of {', '.join(OUTPUT_MAPS)}, not {kind!r}")
+
+
+def _select_inputs(model: Any, inputs: Any, features: tuple[str, ...]) -> Any:
+    """The model on the contract's inputs: the selection matrix folded into its first layer
+    when the model is a Sequential starting with a Dense (x @ (S @ W) adds only exact zeros to
+    x_sel @ W: one layer less, for the fast path and --inference kernel alike), else a fixed
+    Dense selection layer in front of it."""
+    import keras
+
+    select = selection_matrix(features)
+    layers = list(getattr(model, "layers", []))
+    if isinstance(model, keras.Sequential) and layers and type(layers[0]) is keras.layers.Dense:
+        first, rest = layers[0], layers[1:]
+        weights = first.get_weights()
+        folded = keras.layers.Dense(first.units, activation=first.activation,
+                                    use_bias=first.use_bias, name=f"{first.name}_on_features")
+        x = folded(inputs)
+        folded.set_weights([select @ weights[0], *weights[1:]])
+        log.info("inputs: folded into its first layer %r: kernel %s -> %s, zero rows for the "
+                 "unused features", first.name, list(weights[0].shape),
+                 [contract.NR_FEATURES, first.units])
+        for layer in rest:
+            x = layer(x)
+        return x
+    selector = keras.layers.Dense(len(features), use_bias=False, trainable=False,
+                                  name="mlsched_select_inputs")
+    x = selector(inputs)
+    selector.set_weights([select])
+    log.info("inputs: a fixed selection layer [%d, %d] in front of it", contract.NR_FEATURES,
+             len(features))
+    return model(x)
+
+
+def wrap(model: Any, features: tuple[str, ...] | None, output_map: str | None) -> Any:
+    """The model inside the contract: `features` [?, 10] in, > 0.5 = migrate out.
+
+    Logs what was done; ModelError when the model cannot be mapped as asked.
+    """
+    import keras
+
+    width = None
+    if len(model.inputs) == 1 and len(model.inputs[0].shape) == 2:
+        width = model.inputs[0].shape[-1]
+    if features is None and width not in (None, contract.NR_FEATURES):
+        raise ModelError(
+            f"its input is [?, {width}], the contract's is [?, {contract.NR_FEATURES}]: say "
+            f"which contract feature each of its {width} inputs is with --features NAME,... "
+            f"(of {', '.join(contract.FEATURE_NAMES)})"
+        )
+    if features is not None and width != len(features):
+        shape = f"[?, {width}]" if width is not None else "not one [?, k] tensor"
+        raise ModelError(
+            f"--features names {len(features)} inputs, but the model's input is {shape}"
+        )
+    act, layer = output_activation(model)
+    if output_map is None and act != "sigmoid":
+        raise ModelError(
+            f"its output layer {layer!r} is {act}, not a sigmoid: say how its output y maps to "
+            "migrate with --output-map threshold (y > 0.5 means migrate) or --output-map "
+            "sigmoid (y is a logit)"
+        )
+    if output_map == "sigmoid" and act == "sigmoid":
+        raise ModelError(
+            f"its output layer {layer!r} is already a sigmoid; --output-map sigmoid would "
+            "squash it twice (leave --output-map out)"
+        )
+    if output_map == "threshold" and act == "sigmoid":
+        log.info("output: layer %r is a sigmoid already; > 0.5 means migrate as it is, not "
+                 "wrapped", layer)
+        output_map = None
+    if features is None and output_map is None:
+        return with_contract_input(model)
+
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    if features is not None:
+        unused = [n for n in contract.FEATURE_NAMES if n not in features]
+        log.info(
+            "inputs: its %d inputs get the contract features %s (as the loader computes "
+            "them: loads 0..1, counts as they are); unused: %s",
+            len(features),
+            ", ".join(f"{j} <- {n}" for j, n in enumerate(features)),
+            ", ".join(unused) or "none",
+        )
+        y = _select_inputs(model, inputs, features)
+    else:
+        y = model(inputs)
+    if output_map is not None:
+        head = keras.layers.Dense(1, activation="sigmoid", trainable=False,
+                                  name=f"mlsched_output_{output_map}")
+        y = head(y)
+        head.set_weights(list(output_map_weights(output_map)))
+        how = (f"sigmoid({THRESHOLD_GAIN:g} (y - 0.5)), > 0.5 exactly when y > 0.5"
+               if output_map == "threshold" else "sigmoid(y), > 0.5 exactly when y > 0")
+        log.info("output: layer %r is %s; appended %s", layer, act, how)
+    return keras.Model(inputs, y, name=f"{model.name}_mlsched")
+
+
+def transfer(
+    source: Path,
+    output: Path,
+    features: tuple[str, ...] | None = None,
+    output_map: str | None = None,
+) -> tuple[ModelInfo, FastpathResult]:
     """Convert source into the SavedModel directory output; (ModelInfo, FastpathResult)."""
     config, version = read_keras_config(source)
     found = code_in_config(config)
@@ -143,8 +319,11 @@ def transfer(source: Path, output: Path) -> tuple[ModelInfo, FastpathResult]:
     check_replaceable(output)
     log.info("%s: a Keras %s model file, no Lambda layer or custom object", source, version)
     model = load_safely(source)
-    wrapped = with_contract_input(model)
-    if wrapped is not model:
+    try:
+        wrapped = wrap(model, features, output_map)
+    except ModelError as e:
+        raise ModelError(f"{source}: {e}") from None
+    if wrapped is not model and features is None and output_map is None:
         log.info(
             "input %r renamed to 'features' (wrapped in a new keras.Input)", model.inputs[0].name
         )
@@ -173,6 +352,19 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, required=True, metavar="DIR", help="SavedModel directory to write"
     )
     parser.add_argument(
+        "--features",
+        type=parse_features,
+        metavar="NAME,...",
+        help="the contract feature each of the model's inputs gets, in order (the others are "
+        f"unused): of {', '.join(contract.FEATURE_NAMES)}",
+    )
+    parser.add_argument(
+        "--output-map",
+        choices=OUTPUT_MAPS,
+        help="how an output that is not a sigmoid maps to migrate: threshold (> 0.5 means "
+        "migrate) or sigmoid (the output is a logit)",
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="exit 1 when no fast path could be verified"
     )
     args = parser.parse_args(argv)
@@ -180,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <tmp>"
     try:
-        _, result = transfer(args.input, args.output)
+        _, result = transfer(args.input, args.output, args.features, args.output_map)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,9 +10,10 @@ the ring buffer. The collector follows up to --max-follow candidates a second: i
 task's cumulative run-queue delay and run time when it reads the record and again --window-ms
 later (taskstats, else /proc/<pid>/schedstat), without blocking the ring reader (a heap of due
 samples, checked between polls). At the end it labels the rows by comparing each outcome with
-its bucket's median under the other action, and writes the dataset (format v1,
-model_dir/dataset.py) and an outcomes file with the raw measurements. tools/collect.md has the
-rule and the files.
+its bucket's median under the other action, and writes the dataset (format v2,
+model_dir/dataset.py: with every row's propensity, the probability with which the logging
+policy took its action, and its outcome) and an outcomes file with the raw measurements.
+tools/collect.md has the rule and the files.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract, paths
+from loader import contract, fallback, paths
 from loader.cli import Stop, number_in, positive_int, ringbuf_size
 from loader.stats_server import add_arguments as add_stats_arguments
 from loader.stats_server import check_group
@@ -37,8 +38,8 @@ from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
     LEVELS,
+    MEASURED_COLUMNS,
     MIN_OTHER,
-    OUTCOME_COLUMNS,
     OutcomesError,
     Sampler,
     SamplerError,
@@ -72,6 +73,7 @@ examples:
   sudo mlsched-collect --output data.csv.gz --duration 120 --explore 0.5 --domains 2
   sudo mlsched-collect --output data.csv --outcome-source schedstat --max-follow 500
   mlsched-collect --relabel data.outcomes.csv --output relabeled.csv --min-other 10
+  mlsched-collect --relabel old.outcomes.csv --output v2.csv --explore 0.5   # pre-v2 file
 
 Run a load meanwhile (stress-ng, a build...): candidates only arise when a waking task finds
 no idle CPU in its domain. Ctrl-C (SIGINT) or SIGTERM ends the collection early: the rows
@@ -94,14 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output", required=True, type=Path, metavar="FILE",
-                   help="dataset to write (CSV, format v1; .csv.gz compresses)")
+                   help="dataset to write (CSV, format v2; .csv.gz compresses)")
     p.add_argument("--duration", type=lambda t: number_in(t, 0, 86400, "seconds"),
                    default=DEFAULT_DURATION_S, metavar="S",
                    help=f"seconds to collect (default: {DEFAULT_DURATION_S:g})")
     p.add_argument("--explore", type=lambda t: number_in(t, 0, 1, lo_open=False),
-                   default=DEFAULT_EXPLORE, metavar="P",
+                   default=None, metavar="P",
                    help="probability that a candidate's action is a coin flip instead of the "
-                   f"fallback's (default: {DEFAULT_EXPLORE})")
+                   f"fallback's (default: {DEFAULT_EXPLORE}); with --relabel of an outcomes "
+                   "file written before format v2, the P it was collected with")
     p.add_argument("--window-ms", type=lambda t: number_in(t, 0, 10000, "ms"),
                    default=DEFAULT_WINDOW_MS, metavar="MS",
                    help=f"outcome window after a record is read (default: {DEFAULT_WINDOW_MS:g})")
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=[f.name.lower() for f in contract.Fallback],
                    default="heuristic",
                    help="the policy that decides when the coin is not flipped "
-                   "(default: heuristic)")
+                   "(default: heuristic; with --relabel of a pre-v2 outcomes file, the one it "
+                   "was collected with)")
     p.add_argument("--slice-us", type=positive_int, default=20000, metavar="US",
                    help="time slice in microseconds (default: 20000)")
     p.add_argument("--ringbuf-size", type=ringbuf_size, default=DEFAULT_RINGBUF,
@@ -242,16 +246,20 @@ class Follower:
             self.rows.append((
                 rec.ts_ns, rec.pid, rec.cpu, rec.cpu_idle, rec.cpu_not_idle, rec.src_dom,
                 rec.dst_dom, rec.src_load_q, rec.dst_load_q, rec.action, rec.source, lag,
-                t1 - t0, second[0] - delay0, second[1] - run0,
+                t1 - t0, second[0] - delay0, second[1] - run0, rec.path, rec.prob_q16,
             ))
 
     def columns(self) -> dict[str, np.ndarray]:
-        names = OUTCOME_COLUMNS[:-2]
+        names = MEASURED_COLUMNS
         table = np.array(self.rows, dtype=np.int64).reshape(-1, len(names))
         return {name: table[:, i] for i, name in enumerate(names)}
 
 
 # --- labeling and writing -------------------------------------------------------------------
+
+
+class PropensityDrift(Exception):
+    """The kernel's prob_q16 disagrees with loader/fallback.py: one line."""
 
 
 def _pct(n: int, total: int) -> str:
@@ -265,8 +273,11 @@ def label_and_write(
     min_other: int,
     comments: list[str],
 ) -> tuple[int, int]:
-    """Label, write the dataset (and outcomes unless None); returns (labeled rows, migrate)."""
-    from model_dir.dataset import write_dataset
+    """Label, write the dataset (and outcomes unless None); returns (labeled rows, migrate).
+
+    cols holds the measured columns and the run's explore_q and fallback (one per row).
+    """
+    from model_dir.dataset import COLUMN_NAMES_V2, logging_columns, write_dataset
 
     labels, levels = label_rows(cols, cols["delay_ns"], cols["run_ns"], min_other)
     cols["label"], cols["label_level"] = labels.astype(np.int64), levels.astype(np.int64)
@@ -301,10 +312,27 @@ def label_and_write(
         log.info("outcomes: %d rows in %s", n, outcomes)
     if nr == 0:
         return 0, 0
-    from model_dir.dataset import COLUMN_NAMES
-
-    write_dataset(output, {c: cols[c][keep_rows] for c in COLUMN_NAMES},
-                  tuple(["mlsched-collect dataset, format v1 (model_dir/dataset.py)", *header]))
+    cols.update(logging_columns(cols, cols["explore_q"], cols["fallback"]))
+    if "prob_q16" in cols:  # what the kernel itself said, in 1/65536 (rounded down)
+        want = cols["propensity_q"] >> 1
+        bad = np.flatnonzero(cols["prob_q16"] != want)
+        if len(bad):
+            i = int(bad[0])
+            raise PropensityDrift(
+                f"the kernel's propensities disagree with loader/fallback.py on {len(bad)} of "
+                f"{n} rows (first: prob_q16 {cols['prob_q16'][i]}, expected {want[i]} for "
+                f"action {cols['action'][i]}, source {cols['source'][i]}); dataset not "
+                f"written, the outcomes are (relabel once the two agree)")
+    explore = ", ".join(f"{q / contract.EXPLORE_SCALE:g} (explore_q {q})"
+                        for q in np.unique(cols["explore_q"]))
+    policy = ", ".join(contract.Fallback(int(f)).name.lower() for f in np.unique(cols["fallback"]))
+    logging_line = (
+        f"logging policy: fallback {policy}, else with probability P = {explore} a fair coin; "
+        "propensity = propensity_q / 131072 = P/2 + (1 - P) when the fallback chose the action"
+    )
+    write_dataset(output, {c: cols[c][keep_rows] for c in COLUMN_NAMES_V2},
+                  tuple(["mlsched-collect dataset, format v2 (model_dir/dataset.py)",
+                         logging_line, *header]), version=2)
     log.info("dataset: %d rows in %s", nr, output)
     return nr, nr_migrate
 
@@ -316,8 +344,26 @@ def relabel(args: argparse.Namespace) -> int:
         return fail(str(e))
     if not len(cols["ts_ns"]):
         return fail(f"{args.relabel}: no rows")
+    if "path" not in cols:  # written before v2: wakeups only, no kernel propensities
+        cols["path"] = np.zeros(len(cols["ts_ns"]), np.int64)
+    if "explore_q" not in cols:
+        if args.explore is None:
+            return fail(f"{args.relabel} predates format v2 and does not say how it was collected: "
+                        "give --explore P (and --fallback) as it was (its # lines say)")
+        n = len(cols["ts_ns"])
+        cols["explore_q"] = np.full(n, fallback.explore_q_for(args.explore))
+        cols["fallback"] = np.full(n, int(contract.Fallback[args.fallback.upper()]))
     comments = [f"relabeled from {args.relabel}"]
-    nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, comments)
+    if "prob_q16" not in cols:
+        chosen = fallback.fallback_migrate(cols["fallback"], cols["cpu_idle"], cols["src_load_q"],
+                                           cols["dst_load_q"])
+        cols["prob_q16"] = fallback.kernel_prob_q16(cols["action"], chosen, cols["explore_q"])
+        comments.append("written before v2: prob_q16 computed from --explore and --fallback, "
+                        "not recorded by the kernel")
+    try:
+        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, comments)
+    except PropensityDrift as e:
+        return fail(str(e), 1)
     if nr == 0:
         return fail("no row could be labeled (see above)", 1)
     return 0
@@ -344,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         args.outcomes = outcomes_path_for(args.output)
     if args.relabel is not None:
         return relabel(args)
+    if args.explore is None:
+        args.explore = DEFAULT_EXPLORE
     if os.geteuid() != 0:
         return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
     if not os.path.isfile(args.bpf_obj):
@@ -422,7 +470,7 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
         sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
     except (LibbpfError, SchedulerError) as e:
         return fail(str(e), 1)
-    explore_q = round(args.explore * contract.EXPLORE_SCALE)
+    explore_q = fallback.explore_q_for(args.explore)
     try:
         sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                         1_000_000_000)
@@ -533,10 +581,16 @@ def _finish(args: argparse.Namespace, follower: Follower, sampler: Sampler, coun
         return fail("no followed candidate completed its window (was there a load?); "
                     "nothing written", 1)
     cols = follower.columns()
+    n = len(cols["action"])
+    cols["explore_q"] = np.full(n, fallback.explore_q_for(args.explore))
+    cols["fallback"] = np.full(n, int(contract.Fallback[args.fallback.upper()]))
     nr_migrate_action = int(cols["action"].sum())
     log.info("rows: %d, action migrate %d / keep %d", len(cols["action"]), nr_migrate_action,
              len(cols["action"]) - nr_migrate_action)
-    nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, lines)
+    try:
+        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, lines)
+    except PropensityDrift as e:
+        return fail(str(e), 1)
     if nr == 0:
         return fail("no row could be labeled (see above); dataset not written", 1)
     return 0

@@ -260,9 +260,9 @@ def delay_per_run(delay_ns: np.ndarray, run_ns: np.ndarray) -> np.ndarray:
 def bucket_ids(cols: Mapping[str, np.ndarray], level: int) -> np.ndarray:
     """The bucket of every row at a level of LEVELS, as one integer."""
     if level == 0:
-        return schema.pack_keys(cols).astype(np.int64)
+        return schema.pack_columns(cols).astype(np.int64)
     if level == 1:
-        return schema.pack_keys({**cols, "cpu": 0}).astype(np.int64)
+        return schema.pack_columns({**cols, "cpu": 0}).astype(np.int64)
     f = {k: np.asarray(cols[k], dtype=np.int64) for k in ("cpu_idle", "src_load_q", "dst_load_q")}
     if level == 2:
         return ((f["cpu_idle"] > 0).astype(np.int64) << 8) | (f["src_load_q"] - f["dst_load_q"])
@@ -331,13 +331,20 @@ def label_rows(
 
 # Every followed candidate whose window completed, labeled or not: the raw material of the
 # labels, so that they can be recomputed (mlsched-collect --relabel) without a new run. The first
-# eleven columns are the dataset's (model_dir/README.md), then the measurements, in ns.
-OUTCOME_COLUMNS = (
+# eleven columns are the dataset's (model_dir/README.md), then the measurements, in ns, the
+# labels, and the logging policy of the run (Config.EXPLORE and Config.FALLBACK), from which
+# the dataset's propensities follow. Files written before the logging policy was recorded
+# have the first seventeen columns only (OUTCOME_COLUMNS_V1).
+OUTCOME_COLUMNS_V1 = (
     "ts_ns", "pid", "cpu", "cpu_idle", "cpu_not_idle", "src_dom", "dst_dom", "src_load_q",
     "dst_load_q", "action", "source", "read_lag_ns", "window_ns", "delay_ns", "run_ns",
     "label", "label_level",
 )
+# Since v2 also the record's path (wakeup or steal) and the kernel's own prob_q16.
+OUTCOME_COLUMNS = (*OUTCOME_COLUMNS_V1, "path", "prob_q16", "explore_q", "fallback")
 OUTCOME_HEADER = ",".join(OUTCOME_COLUMNS)
+OUTCOME_HEADER_V1 = ",".join(OUTCOME_COLUMNS_V1)
+MEASURED_COLUMNS = (*OUTCOME_COLUMNS_V1[:-2], "path", "prob_q16")  # a followed record's row
 
 
 class OutcomesError(ValueError):
@@ -365,6 +372,8 @@ def write_outcomes(path: Path, cols: Mapping[str, np.ndarray], comments: tuple[s
 
 
 def read_outcomes(path: Path) -> dict[str, np.ndarray]:
+    """The columns of an outcomes file; path, prob_q16, explore_q and fallback only when the
+    file has them (written since dataset v2)."""
     from model_dir.dataset import _open_text
 
     if not path.is_file():
@@ -374,13 +383,16 @@ def read_outcomes(path: Path) -> dict[str, np.ndarray]:
             lines = [ln for ln in f.read().splitlines() if ln and not ln.startswith("#")]
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise OutcomesError(f"{path}: cannot read it ({e})") from None
-    if not lines or lines[0].replace(" ", "") != OUTCOME_HEADER:
+    header = lines[0].replace(" ", "") if lines else ""
+    names = {OUTCOME_HEADER: OUTCOME_COLUMNS, OUTCOME_HEADER_V1: OUTCOME_COLUMNS_V1}.get(header)
+    if names is None:
         raise OutcomesError(f"{path}: not an outcomes file (expected the header {OUTCOME_HEADER})")
     try:
         table = np.array([[int(v) for v in ln.split(",")] for ln in lines[1:]], dtype=np.int64)
     except ValueError:
         raise OutcomesError(f"{path}: a field is not an integer") from None
-    if table.ndim != 2 or table.shape[1] != len(OUTCOME_COLUMNS):
-        raise OutcomesError(f"{path}: expected rows of {len(OUTCOME_COLUMNS)} fields")
-    return {c: table[:, i] for i, c in enumerate(OUTCOME_COLUMNS)}
+    table = table.reshape(-1, len(names)) if table.size == 0 else table
+    if table.ndim != 2 or table.shape[1] != len(names):
+        raise OutcomesError(f"{path}: expected rows of {len(names)} fields")
+    return {c: table[:, i] for i, c in enumerate(names)}
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import contract, schema
+from loader import contract, fallback
 from loader.cli import parser
 
 log = logging.getLogger("trainreport")
@@ -34,10 +34,10 @@ EXAMPLES = """examples:
 
 
 def heuristic(x: np.ndarray) -> np.ndarray:
-    """The kernel's heuristic fallback (contract.heuristic_migrate) on model inputs."""
-    f = schema.fields_of_features(x)
-    return contract.heuristic_migrate(f["src_load_q"], f["dst_load_q"], f["cpu_idle"]).astype(
-        np.uint8)
+    """The kernel's heuristic fallback (fallback_migrate in bpf/mlsched.bpf.c) on model inputs:
+    migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination has an idle CPU
+    (one definition: loader/fallback.py)."""
+    return fallback.heuristic_from_features(x).astype(np.uint8)
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                "the kernel's heuristic on a collected dataset.", EXAMPLES)
     p.add_argument("--model", required=True, type=Path, metavar="DIR", help="SavedModel dir")
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
-                   help="the dataset it was trained on (format v1)")
+                   help="the dataset it was trained on (format v1 or v2)")
     p.add_argument("--seed", type=int, default=0,
                    help="model_export.py's --seed, which fixes the validation split (default 0)")
     p.add_argument("--grid", type=_grid, default=None, metavar="CPUSxDOMCPUS",

@@ -12,7 +12,7 @@
 int main(void)
 {
 	char fn[32];
-	unsigned long long a, b, c, d, e;
+	unsigned long long a, b, c, d, e, f, g;
 
 	while (scanf("%31s", fn) == 1) {
 		if (!strcmp(fn, "ran") && scanf("%llu %llu", &a, &b) == 2)
@@ -29,6 +29,11 @@ int main(void)
 			printf("%d\n", mlsched_heuristic(a, b, c));
 		else if (!strcmp(fn, "key") && scanf("%llu %llu %llu %llu %llu", &a, &b, &c, &d, &e) == 5)
 			printf("%llu\n", (unsigned long long)mlsched_pack_key(a, b, c, d, e));
+		else if (!strcmp(fn, "grid") &&
+			 scanf("%llu %llu %llu %llu %llu %llu %llu", &a, &b, &c, &d, &e, &f, &g) == 7)
+			printf("%lld\n", (long long)mlsched_grid_index(a, b, c, d, e, f, g));
+		else if (!strcmp(fn, "gridsize") && scanf("%llu %llu", &a, &b) == 2)
+			printf("%llu\n", (unsigned long long)mlsched_grid_size(a, b));
 		else if (!strcmp(fn, "prop") && scanf("%llu %llu %llu", &a, &b, &c) == 3)
 			printf("%u\n", mlsched_propensity_q16(a, b, c));
 		else {

@@ -9,6 +9,7 @@ the TCG guest, so it is checked here on that captured data.
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
@@ -18,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
-from model_dir.dataset import read_dataset
+from loader import contract, fallback
+from model_dir.dataset import COLUMN_NAMES, read_dataset
 from tools import collect
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
+    MEASURED_COLUMNS,
     SamplerError,
     SchedstatSampler,
     TaskstatsSampler,
@@ -103,10 +105,11 @@ class FakeSampler:
         return n * 1000 * pid, n * 500  # delay grows by 1000 * pid, run by 500 per call
 
 
-def _record(pid: int, action: int = 0) -> bytes:
+def _record(pid: int, action: int = 0, prob_q16: int = 0) -> bytes:
     return bytes(contract.Candidate(pid=pid, ts_ns=time.monotonic_ns(), cpu=1, cpu_idle=1,
                                     src_load_q=8, dst_load_q=2, src_dom=0, dst_dom=1,
-                                    action=action, source=contract.Source.EXPLORE))
+                                    action=action, source=contract.Source.EXPLORE,
+                                    prob_q16=prob_q16))
 
 
 def test_follower_samples_twice_and_counts_what_it_skips() -> None:
@@ -232,15 +235,71 @@ def test_outcomes_path_for() -> None:
     assert outcomes_path_for(Path("x")) == Path("x.outcomes.csv")
 
 
+def _relabel_vm(out: Path) -> None:
+    """The captured VM run (explore 0.5, fallback heuristic) as a v2 dataset."""
+    assert collect.main(["--relabel", str(VM_OUTCOMES), "--output", str(out),
+                         "--explore", "0.5"]) == 0
+
+
 def test_relabel_reproduces_the_vm_dataset(tmp_path: Path) -> None:
     out = tmp_path / "relabeled.csv"
-    assert collect.main(["--relabel", str(VM_OUTCOMES), "--output", str(out)]) == 0
+    _relabel_vm(out)
     again, captured = read_dataset(out), read_dataset(VM_DATASET)
+    assert again.version == 2 and captured.version == 1
     assert len(again) == len(captured) > 0
-    for name in ("ts_ns", "pid", "action", "source", "label"):
+    for name in COLUMN_NAMES:
         assert again.columns[name].tolist() == captured.columns[name].tolist()
     raw = read_outcomes(VM_OUTCOMES)
     assert int((raw["label"] >= 0).sum()) == len(captured)
+    # The VM's fallback rows did what loader/fallback.py says the heuristic does (the reader
+    # refuses them otherwise), and every propensity is P/2 or P/2 + 1 - P with P = 0.5.
+    fallback_rows = again.sources == contract.Source.FALLBACK
+    assert fallback_rows.any() and (again.sources == contract.Source.EXPLORE).any()
+    assert set(np.unique(again.propensities()).tolist()) == {0.25, 0.75}
+    assert (again.propensities()[fallback_rows] == 0.75).all()
+    labeled = raw["label"] >= 0
+    for name in ("window_ns", "delay_ns", "run_ns"):
+        assert again.columns[name].tolist() == raw[name][labeled].tolist()
+
+
+def test_relabel_of_a_pre_v2_file_needs_the_exploration(tmp_path: Path) -> None:
+    res = _cli("--relabel", str(VM_OUTCOMES), "--output", str(tmp_path / "x.csv"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "predates format v2" in lines[0] and "--explore P" in lines[0]
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_collected_rows_get_their_propensities(tmp_path: Path) -> None:
+    """What a collection run writes: the outcomes file with the logging policy, the dataset v2
+    with each row's propensity; relabeling the new outcomes file needs no --explore."""
+    raw = read_outcomes(VM_OUTCOMES)
+    cols = {name: raw[name] for name in MEASURED_COLUMNS if name in raw}
+    n = len(cols["ts_ns"])
+    cols["path"] = np.zeros(n, np.int64)
+    cols["explore_q"] = np.full(n, 19661)  # --explore 0.3
+    cols["fallback"] = np.full(n, int(contract.Fallback.HEURISTIC))
+    cols["source"] = np.full(n, int(contract.Source.EXPLORE))  # every row a coin flip here
+    heur = fallback.heuristic_migrate(cols["cpu_idle"], cols["src_load_q"], cols["dst_load_q"])
+    cols["prob_q16"] = fallback.kernel_prob_q16(cols["action"], heur, 19661)
+    out, outcomes = tmp_path / "d.csv.gz", tmp_path / "d.outcomes.csv.gz"
+    nr, _ = collect.label_and_write(cols, out, outcomes, 5, ["a test"])
+    ds = read_dataset(out)
+    assert ds.version == 2 and len(ds) == nr > 0
+    heur = ds.heuristic()
+    want = np.where(ds.actions == heur, 0.15 + 0.7, 0.15)
+    assert np.allclose(ds.propensities(), want, atol=1e-4)
+    assert (ds.columns["explore_q"] == 19661).all()
+    text = gzip.open(out, "rt").read()
+    assert "# mlsched-collect dataset, format v2" in text and "# logging policy: fallback " \
+        "heuristic, else with probability P = 0.300003 (explore_q 19661) a fair coin" in text
+    again = read_outcomes(outcomes)
+    assert again["explore_q"].tolist() == [19661] * n
+    relabeled = tmp_path / "r.csv"
+    assert collect.main(["--relabel", str(outcomes), "--output", str(relabeled)]) == 0
+    assert read_dataset(relabeled).propensities().tolist() == ds.propensities().tolist()
+    # An outcomes file written before v2 still reads (and --explore supplies its P).
+    assert "explore_q" not in read_outcomes(VM_OUTCOMES)
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
@@ -284,7 +343,7 @@ def test_training_on_the_vm_dataset_gives_a_valid_model(tmp_path: Path, tf) -> N
     from tools import trainreport
 
     out = tmp_path / "trained"
-    accuracy = model_export.run(out, VM_DATASET, epochs=8, seed=0)
+    accuracy = model_export.run(out, VM_DATASET, epochs=8, seed=0)["val_accuracy"]
     assert 0.0 <= accuracy <= 1.0
     info = check_model_dir(out)  # what mlsched-load checks before attaching
     assert info.fastpath_ok, info.fastpath_reason
@@ -293,3 +352,58 @@ def test_training_on_the_vm_dataset_gives_a_valid_model(tmp_path: Path, tf) -> N
     assert 0.0 <= figures["disagree_grid"] <= 1.0
     assert trainreport.main(["--model", str(tmp_path / "missing"), "--data",
                              str(VM_DATASET)]) == 2
+
+
+def test_policy_learning_and_evaluation_on_the_vm_dataset(tmp_path: Path, tf) -> None:
+    """Real collected rows (v2, relabeled from the VM run) through --objective policy and
+    mlsched-evaluate: a model the loader accepts, and an evaluation table naming it."""
+    from loader.model_check import check_model_dir
+    from model_dir import model_export
+
+    data = tmp_path / "vm.csv"
+    _relabel_vm(data)
+    out = tmp_path / "learned"
+    figures = model_export.run(out, data, epochs=3, seed=0, objective="policy", bootstrap=100)
+    assert figures["val_diff_dr_lo"] <= figures["val_diff_dr"] <= figures["val_diff_dr_hi"]
+    assert check_model_dir(out).fastpath_ok
+    res = subprocess.run([sys.executable, "-m", "tools.evaluate", "--data", str(data), "--model",
+                          str(out), "--bootstrap", "100"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert res.returncode == 0, res.stderr
+    assert f"{out}: numpy: verified" in res.stdout
+    assert "365 candidates" in res.stdout and "21 blocks of 1 s" in res.stdout
+
+
+def test_a_collection_run_ends_in_a_v2_dataset(tmp_path: Path) -> None:
+    """The collector's last step on followed records: the run's P and fallback in every row,
+    the propensities from them, the outcomes file relabelable on its own."""
+    import argparse
+    import types
+
+    def run(tag: str, wrong: int = -1) -> tuple[int, argparse.Namespace]:
+        follower = collect.Follower(FakeSampler(), window_ns=0, max_per_s=10**6)
+        for pid in range(100, 110):  # coin flips: 5 migrated, 5 kept; the heuristic migrates
+            prob = 8192 + 49152 if pid % 2 else 8192  # what the kernel records at P = 0.25
+            follower.on_record(_record(pid, pid % 2, prob + (pid == wrong)))
+        follower.close_due(time.monotonic_ns())
+        args = argparse.Namespace(
+            fallback="heuristic", explore=0.25, window_ms=0.0, max_follow=10, min_other=2,
+            output=tmp_path / f"{tag}.csv", outcomes=tmp_path / f"{tag}.outcomes.csv")
+        plan = types.SimpleNamespace(domains=[[0], [1]], reason="a test")
+        delayacct = types.SimpleNamespace(saved=None)
+        return collect._finish(args, follower, FakeSampler(), [], 1.0, plan, delayacct), args
+
+    # The kernel's prob_q16 off by one on one row: the outcomes are kept, the dataset refused.
+    status, args = run("drift", wrong=103)
+    assert status == 1 and args.outcomes.exists() and not args.output.exists()
+    status, args = run("c")
+    assert status == 0
+    ds = read_dataset(args.output)
+    assert ds.version == 2 and len(ds) == 10
+    assert (ds.columns["explore_q"] == 16384).all()
+    assert (ds.columns["fallback"] == contract.Fallback.HEURISTIC).all()
+    # P = 0.25: migrating (the heuristic's choice) 0.125 + 0.75, keeping 0.125.
+    assert ds.propensities().tolist() == [0.875 if a else 0.125 for a in ds.actions]
+    raw = read_outcomes(args.outcomes)
+    assert raw["explore_q"].tolist() == [16384] * 10 and raw["path"].tolist() == [0] * 10
+    assert sorted(set(raw["prob_q16"].tolist())) == [8192, 57344]

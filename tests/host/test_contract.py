@@ -77,6 +77,13 @@ def btf() -> dict[str, tuple[str, int, list[tuple[str, int]]]]:
     ("EXIT_MSG_LEN", contract.EXIT_MSG_LEN),
     ("RINGBUF_DEFAULT_BYTES", contract.RINGBUF_DEFAULT_BYTES),
     ("HIST_BUCKETS", contract.HIST_BUCKETS),
+    ("VTIME_MAX_LAG_SLICES", contract.VTIME_MAX_LAG_SLICES),
+    ("EXPLORE_SCALE", contract.EXPLORE_SCALE),
+    ("GRID_MAX_KEYS", contract.GRID_MAX_KEYS),
+    ("GEN_SHIFT", contract.GEN_SHIFT),
+    ("MLP_MAX_LAYERS", contract.MLP_MAX_LAYERS),
+    ("MLP_MAX_UNITS", contract.MLP_MAX_UNITS),
+    ("MLP_FRAC_BITS", contract.MLP_FRAC_BITS),
 ])
 def test_header_defines_match(define: str, value: int) -> None:
     assert header_defines()[define] == value
@@ -86,6 +93,7 @@ def test_header_defines_match(define: str, value: int) -> None:
     ("mlsched_candidate", contract.Candidate),
     ("mlsched_exit_info", contract.ExitInfo),
     ("mlsched_dom_stat", contract.DomStat),
+    ("mlsched_mlp", contract.Mlp),
 ])
 def test_struct_layout_matches_btf(btf, c_struct: str, py_struct: type[ctypes.Structure]) -> None:
     kind, size, members = btf[c_struct]
@@ -110,6 +118,10 @@ def test_candidate_dtype_matches_struct() -> None:
     ("mlsched_decision", "MLSCHED_", contract.Decision),
     ("mlsched_hist", "MLSCHED_HIST_", contract.Hist),
     ("mlsched_source", "MLSCHED_SRC_", contract.Source),
+    ("mlsched_path", "MLSCHED_PATH_", contract.Path),
+    ("mlsched_grid_code", "MLSCHED_GRID_", contract.GridCode),
+    ("mlsched_mlp_act", "MLSCHED_MLP_", contract.MlpAct),
+    ("mlsched_mlp_out", "MLSCHED_MLP_OUT_", contract.MlpOut),
 ])
 def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum]) -> None:
     kind, _, values = btf[c_enum]

@@ -370,6 +370,25 @@ def test_dummy_model_uses_both_decisions(dummy, grid):
     assert 0.2 <= share <= 0.8
 
 
+@pytest.mark.parametrize("path", ["fixture", "bundled"])
+def test_dummy_is_the_contracts_network(dummy, path):
+    """10 -> 64 relu -> 64 relu -> 1 sigmoid, fast path verified: the freshly made dummy and
+    the one shipped in model_dir/model_path (make it again with create_dummy_model.py)."""
+    model_dir = dummy if path == "fixture" else REPO / "model_dir" / "model_path"
+    info = check_model_dir(model_dir)
+    assert info.fastpath_ok, info.fastpath_reason
+    model = NumpyModel.load(model_dir)
+    assert model.describe() == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
+    for grid in GRIDS:
+        p = model.predict(contract.unpack_keys(contract.feature_grid(*grid)))
+        assert 0.2 <= np.mean(p > contract.MIGRATE_THRESHOLD) <= 0.8, grid
+
+
+def test_dummy_hidden_option(tmp_path, tf):
+    create_dummy_model.create(tmp_path / "m", seed=0, hidden=(16, 8))
+    assert NumpyModel.load(tmp_path / "m").describe() == "10 -> 16 relu -> 8 relu -> 1 sigmoid"
+
+
 def test_dummy_model_is_deterministic(tf):
     a, b = (create_dummy_model.build_model(seed=7) for _ in range(2))
     for model in (a, b):

@@ -1,4 +1,5 @@
-"""The model tools: the dataset format, model_export.py, transfer.py, and tools/bench_model.py.
+"""The model tools: the dataset formats, model_export.py (labels, imitation, policy),
+transfer.py (with --features and --output-map), and tools/bench_model.py.
 
 Real TensorFlow and Keras, small models in temp dirs; no mocks. The Keras 2 files under
 tests/host/data were written by tf_keras (see make_keras2_h5.py there).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -18,11 +20,11 @@ import h5py
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, fallback, kernel_mlp
 from loader.backends import NumpyBackend, TFBackend, open_backend
-from loader.fastpath import NumpyModel
+from loader.fastpath import DenseLayer, NumpyModel
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
-from model_dir import dataset, model_export, transfer
+from model_dir import dataset, model_export, synthetic, transfer
 from model_dir.fastpath_verify import MAX_ABS_DIFF
 from tests.host.conftest import _copy
 
@@ -34,13 +36,23 @@ GRIDS = [(2, 1), (8, 4)]
 
 
 def run_tool(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # A script's directory, not the repo, heads sys.path: PYTHONPATH makes it import this
+    # checkout's packages even when another one is installed (editable) in the venv.
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
-        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=env,
     )
 
 
-def assert_refused(res: subprocess.CompletedProcess[str], pattern: str) -> str:
+def assert_refused(
+    res: subprocess.CompletedProcess[str], pattern: str, after_tf: bool = False
+) -> str:
+    """Exit 2 and one line on stderr. after_tf: refused once TensorFlow was imported, whose C++
+    side writes its own start-up lines to stderr first (absl, oneDNN): those are let through."""
     lines = res.stderr.strip().splitlines()
+    if after_tf:
+        lines = [ln for ln in lines if not ln.startswith(("WARNING: All log messages", "I0000"))]
     assert res.returncode == 2, res.stderr
     assert len(lines) == 1, res.stderr
     assert "Traceback" not in res.stderr
@@ -77,8 +89,8 @@ def _probe() -> np.ndarray:
 def trained(models) -> Path:
     """model_export on synthetic data, small enough for a test run."""
     path = models / "trained"
-    accuracy = model_export.run(path, None, epochs=20, seed=0, samples=12000)
-    assert accuracy >= 0.9
+    figures = model_export.run(path, None, epochs=20, seed=0, samples=12000)
+    assert figures["val_accuracy"] >= 0.9
     return path
 
 
@@ -181,6 +193,102 @@ def test_dataset_not_text(tmp_path):
         dataset.read_dataset(path)
 
 
+# --- dataset format v2: the logging policy's propensities and the outcomes ------------------
+
+
+def test_dataset_v2_extends_v1():
+    assert dataset.COLUMN_NAMES_V2[: len(dataset.COLUMN_NAMES)] == dataset.COLUMN_NAMES
+    assert dataset.COLUMN_NAMES_V2[len(dataset.COLUMN_NAMES):] == (
+        "path", "explore_q", "fallback", "propensity_q", "window_ns", "delay_ns", "run_ns")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_dataset_v2_roundtrip(tmp_path, suffix):
+    data = synthetic.simulated_logged_dataset(600, seed=2)
+    path = tmp_path / f"d{suffix}"
+    dataset.write_dataset(path, data.columns, comments=("simulated",))
+    assert path.name.endswith(suffix)
+    back = dataset.read_dataset(path)
+    assert back.version == 2
+    for name in dataset.COLUMN_NAMES_V2:
+        assert np.array_equal(back.columns[name], data.columns[name]), name
+    p = back.propensities()
+    explore = back.sources == contract.Source.EXPLORE
+    chosen = back.heuristic()
+    # P/2 + (1 - P) when the fallback chose the action taken, P/2 when not.
+    big = 1 - 0.3 / 2
+    assert np.allclose(p[back.actions == chosen], big, atol=1e-4)
+    assert np.allclose(p[back.actions != chosen], 0.15, atol=1e-4)
+    assert (back.actions[~explore] == chosen[~explore]).all()
+    # The same rows written as v1 still read, without the v2 columns.
+    v1 = tmp_path / "v1.csv"
+    dataset.write_dataset(v1, data.columns, version=1)
+    old = dataset.read_dataset(v1)
+    assert old.version == 1 and set(old.columns) == set(dataset.COLUMN_NAMES)
+    with pytest.raises(dataset.DatasetError, match="format v1 has no propensities"):
+        old.propensities()
+
+
+# cpu 3, idle 2, busy 4, dom 0 -> 1, loads 12 -> 3: the heuristic migrates. A coin flip (source
+# 2) on a wakeup (path 0) that kept the task at P = 0.5: propensity 0.25 = 32768 / 131072.
+ROW2 = "5,100,3,2,4,0,1,12,3,0,2,0,0,32768,2,32768,100000000,2000000,40000000"
+
+
+def _csv2(row: str) -> str:
+    return f"{dataset.HEADER_V2}\n{row}"
+
+
+@pytest.mark.parametrize(
+    "text,pattern",
+    [
+        (_csv2(ROW2.replace(",32768,1000", ",98304,1000")),
+         ":2: propensity_q is 98304, but the logging policy (explore_q 32768, fallback 2, "
+         "action 0) gives 32768"),
+        (_csv2(ROW2.replace(",0,2,0,", ",0,1,0,").replace(",32768,1000", ",98304,1000")),
+         ":2: source is the fallback, but its action 0 is not what fallback heuristic decides "
+         "for these features (1)"),
+        (_csv2(ROW2.replace(",32768,2,32768,", ",0,2,0,")),
+         ":2: propensity_q is 0, expected 1..131072"),
+        (_csv2(ROW2.replace(",32768,2,32768,", ",0,2,1,")),
+         ":2: a coin-flip row, but explore_q is 0"),
+        (_csv2(ROW2.replace(",32768,2,32768,", ",70000,2,32768,")),
+         ":2: explore_q is 70000, expected 0..65536"),
+        (_csv2(ROW) , ":2: 12 fields, expected 19 (v2)"),
+        (f"{dataset.HEADER}\n{ROW2}", ":2: 19 fields, expected 12 (v1)"),
+        (_csv2(ROW2.replace(",12,3,0,2,0,0,", ",3,12,0,2,0,0,")),
+         ":2: src_load_q 3 <= dst_load_q 12"),
+        (_csv2(ROW2.replace(",0,2,0,0,", ",0,2,0,2,")), ":2: path is 2, expected 0..1"),
+        (_csv2(ROW2) + "\n" + ROW2.replace(",100000000,", ",0,"),
+         ":3: window_ns is 0, expected 1..18446744073709551615"),
+    ],
+    ids=["propensity", "fallback-action", "zero-propensity", "coin-without-explore",
+         "explore-range", "v1-row-v2-header", "v2-row-v1-header", "wakeup-src-not-busier",
+         "path", "window"],
+)  # fmt: skip
+def test_dataset_v2_malformed(tmp_path, text, pattern):
+    good = tmp_path / "good.csv"
+    good.write_text(_csv2(ROW2))
+    assert dataset.read_dataset(good).propensities().tolist() == [0.25]
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(dataset.DatasetError) as exc:
+        dataset.read_dataset(path)
+    message = str(exc.value)
+    assert "\n" not in message and pattern in message, message
+
+
+def test_dataset_v2_steal_rows(tmp_path):
+    """A steal (path 1) may find its source no busier than its destination: accepted; the
+    heuristic keeps it, so a fallback row keeps and its propensity follows."""
+    path = tmp_path / "steal.csv"
+    steal = ROW2.replace(",12,3,0,2,0,0,", ",3,12,0,1,0,1,").replace(",32768,2,32768,",
+                                                                    ",32768,2,98304,")
+    path.write_text(_csv2(steal))
+    ds = dataset.read_dataset(path)
+    assert ds.columns["path"].tolist() == [1] and ds.propensities().tolist() == [0.75]
+    assert ds.heuristic().tolist() == [False]
+
+
 # --- model_export.py ----------------------------------------------------------------------
 
 
@@ -199,7 +307,7 @@ def test_model_export_synthetic(trained):
     assert info.input_key == contract.MODEL_INPUT_KEY and info.fastpath_ok
     backend, reason = open_backend(info, "auto")
     assert isinstance(backend, NumpyBackend) and reason.startswith("numpy: verified")
-    assert NumpyModel.load(trained).describe() == "10 -> 32 relu -> 16 relu -> 1 sigmoid"
+    assert NumpyModel.load(trained).describe() == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
     # It learned the rule, on the grid of a machine it never saw as such.
     x = contract.unpack_keys(contract.feature_grid(8, 4))
     agree = np.mean((backend.predict(x) > 0.5) == model_export.rule_from_features(x))
@@ -266,6 +374,65 @@ def test_model_export_refuses_bad_input(tmp_path):
     )
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
     assert not out.exists()
+
+
+def test_imitation_reaches_99_percent_on_held_out_keys(tmp_path, tf):
+    """The heuristic learned from its own decisions: features, scaling and training are right."""
+    out = tmp_path / "imitate"
+    figures = model_export.run(out, None, epochs=20, seed=0, samples=12000, objective="imitate")
+    assert figures["heldout_agreement"] >= 0.99
+    # The same figure, recomputed here from the exported model as the loader runs it.
+    keys = np.unique(model_export.synthetic_dataset(12000, 0).keys())
+    _, held_out = model_export.split(len(keys), 0)
+    x = contract.unpack_keys(keys[held_out])
+    backend, _ = open_backend(check_model_dir(out), "auto")
+    assert isinstance(backend, NumpyBackend)
+    assert NumpyModel.load(out).describe() == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
+    agree = np.mean((backend.predict(x) > 0.5) == fallback.heuristic_from_features(x))
+    assert agree == pytest.approx(figures["heldout_agreement"]) and agree >= 0.99
+
+
+def test_policy_objective_beats_the_heuristic_on_simulated_data(tmp_path, tf):
+    """Trained on a simulated collection run, the learned policy's true cost is lower than the
+    heuristic's on candidates of another run (the cost model is known: synthetic.py)."""
+    out = tmp_path / "policy"
+    figures = model_export.run(out, None, epochs=20, seed=0, samples=20000, objective="policy",
+                               bootstrap=200)
+    assert figures["true_cost"] < figures["true_cost_heuristic"] - 0.01
+    other = synthetic.simulated_logged_dataset(20000, seed=99)
+    backend, _ = open_backend(check_model_dir(out), "auto")
+    learned = backend.predict(other.features()) > 0.5
+    true_learned = synthetic.expected_cost(other.columns, learned).mean()
+    true_heuristic = synthetic.expected_cost(other.columns, other.heuristic()).mean()
+    true_best = synthetic.expected_cost(other.columns, synthetic.optimal_migrate(other.columns))
+    assert true_best.mean() <= true_learned < true_heuristic - 0.01
+
+
+def test_policy_objective_cli_ips_and_history(tmp_path, tf, caplog):
+    out, history = tmp_path / "m", tmp_path / "h.json"
+    caplog.set_level(logging.INFO)
+    args = ["--objective", "policy", "--estimator", "ips", "--samples", "3000", "--epochs", "2",
+            "--hidden", "16,8", "--migrate-penalty", "0.1", "--output", str(out),
+            "--history", str(history)]
+    assert model_export.main(args) == 0
+    for text in ("simulated collection run: 3000 candidates", "network: 10 -> 16 relu -> 8 relu",
+                 "cost delay-per-run + 0.1 per migration", "IPS pseudo-costs",
+                 "learned - heuristic (IPS): "):
+        assert text in caplog.text, text
+    doc = json.loads(history.read_text())
+    assert doc["objective"] == "policy" and doc["estimator"] == "ips"
+    assert len(doc["epochs"]) == 2 and "val_cost_ips" in doc["epochs"][0]
+    assert NumpyModel.load(out).describe() == "10 -> 16 relu -> 8 relu -> 1 sigmoid"
+
+
+def test_policy_objective_refuses_v1_data(tmp_path):
+    data = tmp_path / "v1.csv"
+    dataset.write_dataset(data, model_export.synthetic_dataset(200, seed=1).columns)
+    res = run_tool("model_dir/model_export.py", "--objective", "policy", "--data", str(data),
+                   "--output", str(tmp_path / "m"))
+    assert_refused(res, "format v1 has no propensities and outcomes")
+    res = run_tool("model_dir/model_export.py", "--hidden", "64,x")
+    assert res.returncode == 2 and "--hidden" in res.stderr and "Traceback" not in res.stderr
 
 
 # --- transfer.py --------------------------------------------------------------------------
@@ -433,7 +600,8 @@ def _contract_breaker(kind: str):
 @pytest.mark.parametrize(
     "kind,pattern",
     [
-        ("width5", "expected input shape [?, 10], got [?, 5] (pad with zeros)"),
+        ("width5", "its input is [?, 5], the contract's is [?, 10]: say which contract feature "
+         "each of its 5 inputs is with --features NAME,..."),
         ("int32", "expected float32 input, got int32"),
         ("output2", "expected output shape [?, 1], got [?, 2]"),
         ("two-outputs", "expected 1 input and 1 output, got 1 and 2"),
@@ -446,8 +614,9 @@ def test_transfer_contract_failures(tmp_path, tf, kind, pattern):
     out = tmp_path / "out" / "m"
     with pytest.raises(ModelError) as exc:
         transfer.transfer(src, out)
-    assert str(exc.value).startswith(f"{out}: {pattern}")
-    assert list((tmp_path / "out").iterdir()) == []  # no model, no scratch directory
+    assert str(exc.value).startswith(f"{src if kind == 'width5' else out}: {pattern}")
+    scratch = tmp_path / "out"  # width5 is refused before any export: not even created
+    assert not scratch.exists() or list(scratch.iterdir()) == []  # no model, no scratch dir
 
 
 def test_transfer_replaces_only_a_model(tmp_path, keras3_h5, dummy):
@@ -476,6 +645,152 @@ def test_non_dense_model_falls_back_to_tf(tmp_path, tf):
     assert transfer.main(["--input", str(src), "--output", str(out), "--strict"]) == 1
 
 
+# --- transfer.py: models from elsewhere (--features, --output-map) ----------------------------
+
+LINEAR4_FEATURES = "cpu_idle,cpu_not_idle,src_dom_load,dst_dom_load"
+
+
+@pytest.fixture(scope="session")
+def linear4_h5(models, tf) -> Path:
+    """The research lineage's shape: [?, 4] -> Dense 10 relu -> Dense 1 linear, a 0/1 regression
+    of the heuristic's decisions (so that its outputs straddle 0.5)."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([
+        keras.Input(shape=(4,)),
+        keras.layers.Dense(10, activation="relu", name="hidden"),
+        keras.layers.Dense(1, name="regression"),
+    ])
+    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.fit(x[:, 1:5], fallback.heuristic_from_features(x).astype(np.float32), epochs=5,
+              batch_size=128, verbose=0)
+    path = models / "linear4.h5"
+    model.save(path)
+    return path
+
+
+def _linear4_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    """The .h5 model's own linear outputs on contract inputs, columns picked by hand."""
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    return model.predict(x[:, [1, 2, 3, 4]], verbose=0).ravel()
+
+
+def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
+    out = tmp_path / "m"
+    caplog.set_level(logging.INFO)
+    args = ["--input", str(linear4_h5), "--output", str(out), "--features", LINEAR4_FEATURES,
+            "--output-map", "threshold"]
+    assert transfer.main(args) == 0
+    for text in ("inputs: its 4 inputs get the contract features 0 <- cpu_idle, 1 <- "
+                 "cpu_not_idle, 2 <- src_dom_load, 3 <- dst_dom_load",
+                 "unused: cpu, reserved0, reserved1, reserved2, reserved3, reserved4",
+                 "output: layer 'regression' is linear; appended sigmoid(16 (y - 0.5)), > 0.5 "
+                 "exactly when y > 0.5",
+                 "inputs: folded into its first layer 'hidden': kernel [4, 10] -> [10, 10]",
+                 "fast path verified: 10 -> 10 relu -> 1 linear -> 1 sigmoid"):
+        assert text in caplog.text, text
+    info = check_model_dir(out)  # what mlsched-load checks before attaching
+    assert info.input_key == "features" and info.fastpath_ok
+    backend, reason = open_backend(info, "auto")
+    assert isinstance(backend, NumpyBackend), reason  # a Dense stack: the fast path runs it
+    for grid in GRIDS + [(32, 8)]:
+        x = contract.unpack_keys(contract.feature_grid(*grid))
+        want_tf = TFBackend(out).predict(x)
+        got = backend.predict(x)
+        assert np.max(np.abs(want_tf - got)) <= MAX_ABS_DIFF
+        assert np.array_equal(want_tf > 0.5, got > 0.5)
+        # And the decisions are the original model's: migrate exactly when y > 0.5.
+        assert np.array_equal(got > 0.5, _linear4_outputs(linear4_h5, x) > 0.5)
+    decided = backend.predict(contract.unpack_keys(contract.feature_grid(4, 2))) > 0.5
+    assert 0 < decided.mean() < 1  # both decisions: the test can tell a wrong mapping
+    # Three Dense layers of <= 64 units: --inference kernel can run it too.
+    q = kernel_mlp.quantize(NumpyModel.load(out))
+    keys = contract.feature_grid(8, 4)
+    assert kernel_mlp.agreement(q, NumpyModel.load(out), keys) >= kernel_mlp.MIN_AGREEMENT
+
+
+def test_transfer_selection_layer_for_a_functional_model(tmp_path, tf):
+    """Not a Sequential: the selection is a layer of its own in front, same decisions."""
+    import keras
+
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input(shape=(2,), name="loads")
+    out = keras.layers.Dense(1, name="logit")(keras.layers.Dense(4, activation="relu")(inputs))
+    src = tmp_path / "f.keras"
+    keras.Model(inputs, out).save(src)
+    dst = tmp_path / "m"
+    transfer.transfer(src, dst, ("src_dom_load", "dst_dom_load"), "sigmoid")
+    assert NumpyModel.load(dst).describe() == "10 -> 2 linear -> 4 relu -> 1 linear -> 1 sigmoid"
+    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    model = keras.models.load_model(src, compile=False)
+    y = model.predict(x[:, 3:5], verbose=0).ravel()
+    assert np.max(np.abs(NumpyBackend(dst).predict(x) - 1 / (1 + np.exp(-y)))) <= 1e-5
+
+
+def test_threshold_map_is_exact_at_the_threshold(tf):
+    """sigmoid(16 (y - 0.5)) > 0.5 for the smallest float32 above 0.5, not for 0.5 itself."""
+    import keras
+
+    kernel, bias = transfer.output_map_weights("threshold")
+    layer = keras.layers.Dense(1, activation="sigmoid")
+    y = np.array([[0.5], [np.nextafter(np.float32(0.5), np.float32(1))],
+                  [np.nextafter(np.float32(0.5), np.float32(0))], [0.9], [-3.0], [7.0]],
+                 np.float32)
+    layer(y)
+    layer.set_weights([kernel, bias])
+    got_tf = np.asarray(layer(y)).ravel()
+    got_np = NumpyModel([DenseLayer(kernel, bias, "sigmoid")]).predict(y)
+    want = (y > 0.5).ravel()
+    assert np.array_equal(got_tf > 0.5, want) and np.array_equal(got_np > 0.5, want)
+
+
+def test_transfer_sigmoid_map(tmp_path, linear4_h5):
+    out = tmp_path / "m"
+    transfer.transfer(linear4_h5, out, tuple(LINEAR4_FEATURES.split(",")), "sigmoid")
+    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    got = NumpyBackend(out).predict(x)
+    y = _linear4_outputs(linear4_h5, x)
+    assert np.max(np.abs(got - 1 / (1 + np.exp(-y)))) <= 1e-5  # sigmoid(y): y is a logit
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        ([], "its input is [?, 4], the contract's is [?, 10]: say which contract feature each "
+         "of its 4 inputs is with --features NAME,..."),
+        (["--features", "cpu_idle,cpu_not_idle,src_dom_load"],
+         "--features names 3 inputs, but the model's input is [?, 4]"),
+        (["--features", LINEAR4_FEATURES],
+         "its output layer 'regression' is linear, not a sigmoid: say how its output y maps to "
+         "migrate with --output-map threshold"),
+    ],
+    ids=["no-features", "wrong-count", "no-output-map"],
+)
+def test_transfer_mapping_refusals(tmp_path, linear4_h5, args, pattern):
+    out = tmp_path / "m"
+    res = run_tool("model_dir/transfer.py", "--input", str(linear4_h5), "--output", str(out),
+                   *args)
+    assert_refused(res, f"{linear4_h5}: {pattern}", after_tf=True)
+    assert not out.exists()
+
+
+def test_transfer_features_argument_errors(tmp_path, keras3_h5):
+    for value, text in (("cpu_idle,bogus", "unknown feature 'bogus'; the contract's are cpu,"),
+                        ("cpu_idle,cpu_idle", "cpu_idle named twice")):
+        res = run_tool("model_dir/transfer.py", "--input", "x.h5", "--output",
+                       str(tmp_path / "m"), "--features", value)
+        assert res.returncode == 2 and text in res.stderr and "Traceback" not in res.stderr
+    # A sigmoid model: --output-map sigmoid would squash twice; threshold changes nothing.
+    with pytest.raises(ModelError, match="already a sigmoid; --output-map sigmoid would squash"):
+        transfer.transfer(keras3_h5[0], tmp_path / "m", None, "sigmoid")
+    transfer.transfer(keras3_h5[0], tmp_path / "m", None, "threshold")
+    _assert_same_model(tmp_path / "m", keras3_h5[1])
+
+
 # --- TF and numpy agree on every key of the grid --------------------------------------------
 
 
@@ -495,7 +810,8 @@ def test_backends_agree_on_grid(request, model, grid):
 
 
 @pytest.mark.parametrize(
-    "script", ["model_dir/model_export.py", "model_dir/transfer.py", "tools/bench_model.py"]
+    "script", ["model_dir/model_export.py", "model_dir/transfer.py", "tools/bench_model.py",
+               "model_dir/create_dummy_model.py", "tools/evaluate.py"]
 )
 def test_help_has_examples(script):
     res = run_tool(script, "--help")

@@ -113,3 +113,21 @@ def test_propensity_matches_python(harness) -> None:
     for e in (0, 6554, 32768, 65536):
         for f in (0, 1):
             assert sum(harness([f"prop {e} {f} 0", f"prop {e} {f} 1"])) == contract.EXPLORE_SCALE
+
+
+def test_grid_index_matches_python_and_enumerates_every_key(harness) -> None:
+    """The dense grid: the kernel's index of each key equals its place in grid_keys()."""
+    for nr_cpus, dom_cpus in ((2, 1), (4, 2), (3, 2)):
+        keys = contract.grid_keys(nr_cpus, dom_cpus)
+        size, = harness([f"gridsize {nr_cpus} {dom_cpus}"])
+        assert size == len(keys) == contract.grid_size(nr_cpus, dom_cpus)
+        x = contract.unpack_keys(keys)
+        fields = np.column_stack([x[:, 0], x[:, 1], x[:, 2], x[:, 3] * contract.LOAD_SCALE,
+                                  x[:, 4] * contract.LOAD_SCALE]).round().astype(int)
+        sample = fields[:: max(1, len(fields) // 400)]
+        got = harness([f"grid {nr_cpus} {dom_cpus} " + " ".join(map(str, f)) for f in sample])
+        want = [contract.grid_index(*map(int, f), nr_cpus, dom_cpus) for f in sample]
+        assert got == want
+        assert got == [int(np.flatnonzero((fields == f).all(axis=1))[0]) for f in sample]
+    # Outside the bounds: not in the grid.
+    assert harness(["grid 2 1 2 0 0 0 0", "grid 2 1 0 2 0 0 0", "grid 2 1 0 0 0 17 0"]) == [-1] * 3

@@ -9,6 +9,9 @@ Run on the host by `make vm-test` before the VM boots:
 - `raise_half`: the same network with `tf.debugging.check_numerics`, so the backend raises
   an exception on those batches instead of returning NaN.
 - `width5`: input [?, 5], which the loader must refuse before attaching.
+- `always_migrate`, `always_keep`: Dense stacks whose output is a constant (a bias of ±8 into
+  the sigmoid), exported with their verified numpy fast path: hot-reload tests switch
+  between them and see the counters flip.
 - `corrupt_variables`: the bundled model with one flipped bit in its variables data, which the
   loader must refuse before attaching: its mlsched_manifest.json no longer matches.
 
@@ -75,6 +78,25 @@ def build_width5(out: Path) -> Path:
     return path
 
 
+def build_constant(out: Path, name: str, migrate: bool) -> Path:
+    """10 -> 1 sigmoid with zero weights: always the same decision, numpy fast path verified."""
+    import keras
+    import numpy as np
+
+    from model_dir.export_verified import export_verified
+
+    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    dense = keras.layers.Dense(1, activation="sigmoid")
+    model = keras.Model(inputs, dense(inputs))
+    dense.set_weights([np.zeros((contract.NR_FEATURES, 1), np.float32),
+                       np.array([8.0 if migrate else -8.0], np.float32)])
+    path = out / name
+    if path.exists():
+        shutil.rmtree(path)
+    export_verified(model, path)
+    return path
+
+
 def build_corrupt_variables(out: Path) -> Path:
     """The bundled model, one bit of its variables flipped after its manifest was written."""
     path = out / "corrupt_variables"
@@ -97,6 +119,8 @@ def main() -> None:
         print(f"make_models: {build(args.out, name, raising)}")
     print(f"make_models: {build_width5(args.out)}")
     print(f"make_models: {build_corrupt_variables(args.out)}")
+    print(f"make_models: {build_constant(args.out, 'always_migrate', True)}")
+    print(f"make_models: {build_constant(args.out, 'always_keep', False)}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tests.vm.conftest import (
     Loader,
     attached,
     read_stats,
+    running_loader,
     start_loader,
     stress,
     wait_for,
@@ -74,7 +75,14 @@ def test_sigkill_under_load_detaches_and_workload_finishes() -> None:
         shutil.rmtree(contract.PIN_DIR, ignore_errors=True)
 
 
-def test_stopped_loader_falls_back_then_catches_up(loader: Loader) -> None:
+def test_stopped_loader_falls_back_then_catches_up() -> None:
+    # --table hash: keys are decided as candidates come (with the grid, every key is
+    # decided at model-ready and a stopped loader is never asked).
+    with running_loader("--table", "hash", name="loader-stopped") as loader:
+        stopped_loader_falls_back_then_catches_up(loader)
+
+
+def stopped_loader_falls_back_then_catches_up(loader: Loader) -> None:
     loader.wait_model_ready()
     loader.proc.send_signal(signal.SIGSTOP)
     try:
@@ -106,7 +114,7 @@ def test_stopped_loader_falls_back_then_catches_up(loader: Loader) -> None:
 def test_ring_buffer_overflow_counts_drops_and_recovers() -> None:
     page = os.sysconf("SC_PAGE_SIZE")
     # One page of ring, and undecided keys pushed again every millisecond: a flood.
-    ld = start_loader("--ringbuf-size", str(page), "--resubmit-ms", "1",
+    ld = start_loader("--ringbuf-size", str(page), "--resubmit-ms", "1", "--table", "hash",
                       name="loader-small-ring")
     try:
         wait_for(attached, 60, "mlsched to attach", ld.proc)

@@ -38,8 +38,10 @@ def test_decisions_flow_under_stress(loader: Loader) -> None:
     assert loader.proc.poll() is None, "the loader died under load"
     assert attached(), "mlsched was ejected under load"
     assert delta["candidates"] > 0
-    assert delta["submitted"] > 0
-    assert after["loader_decisions"] > 0
+    # The whole grid of this machine's keys was decided when the model came.
+    assert after["loader_grid_keys"] > 0
+    assert after["loader_grid_decided"] == after["loader_grid_keys"]
+    assert after["loader_decisions"] >= after["loader_grid_keys"]
     assert delta["hits"] > 0
     assert delta["migrate"] + delta["keep"] == delta["hits"]
     assert after["loader_model_errors"] == 0

@@ -37,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract, schema
+from loader import contract
 from loader.bpfmaps import DecisionMap, RingBufferReader
 from loader.main import IDLE_POLL_MS
-from loader.pipeline import DecisionPipeline, Predictor
+from loader.pipeline import DecisionPipeline, Predictor, pump
+from loader.table import DecisionTable
 from tools.bench.producer import DEFAULT_OBJ, ProducerChild, RingProducer
 
 log = logging.getLogger("bench.pipeline")
@@ -61,32 +62,19 @@ EXAMPLES = """examples:
 """
 
 
-class TimedDecisionMap(DecisionMap):
-    """The decision map, noting when each batch update returned (decision in the map)."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(fd)
-        self.last_done_ns = 0
-
-    def update_batch(self, keys: np.ndarray, values: np.ndarray) -> None:
-        super().update_batch(keys, values)
-        self.last_done_ns = time.monotonic_ns()
-
-
 class RecordingPipeline(DecisionPipeline):
     """DecisionPipeline that keeps every decided record's event -> map latency (ns)."""
 
-    decisions: TimedDecisionMap
-
-    def __init__(self, decisions: TimedDecisionMap, batch_size: int, max_wait_s: float) -> None:
-        super().__init__(decisions, batch_size, max_wait_s)
+    def __init__(self, table: DecisionTable, batch_size: int, max_wait_s: float) -> None:
+        super().__init__(table, batch_size, max_wait_s)
         self.latencies: list[np.ndarray] = []
 
-    def _decide(self, keys: np.ndarray, stamps: np.ndarray) -> int:
+    def _decide(self, keys: np.ndarray, stamps: np.ndarray | None) -> int:
         n = super()._decide(keys, stamps)
-        if n:
-            # BPF timestamps are CLOCK_MONOTONIC, like time.monotonic_ns().
-            self.latencies.append(np.int64(self.decisions.last_done_ns) - stamps.astype(np.int64))
+        if n and stamps is not None:
+            # The decisions are in the table when _decide returns; BPF timestamps are
+            # CLOCK_MONOTONIC, like time.monotonic_ns().
+            self.latencies.append(np.int64(time.monotonic_ns()) - stamps.astype(np.int64))
         return n
 
     def latency_ns(self) -> np.ndarray:
@@ -137,8 +125,7 @@ def realistic_keys(n: int, seed: int = 1) -> np.ndarray:
     seq = rng.permutation(1 << 22)[:n].astype(np.uint64)
     cpu, idle = seq & np.uint64(255), (seq >> np.uint64(8)) & np.uint64(31)
     busy, dst = (seq >> np.uint64(13)) & np.uint64(31), (seq >> np.uint64(18)) & np.uint64(15)
-    return schema.pack_keys({"cpu": cpu, "cpu_idle": idle, "cpu_not_idle": busy,
-                             "src_load_q": contract.LOAD_SCALE, "dst_load_q": dst})
+    return contract.pack_keys(cpu, idle, busy, contract.LOAD_SCALE, dst)
 
 
 class Bench:
@@ -172,9 +159,10 @@ class Bench:
 
     def _pipeline(self, backend: str, batch_size: int,
                   max_wait_ms: float = DEFAULT_MAX_WAIT_MS) -> RecordingPipeline:
-        p = RecordingPipeline(TimedDecisionMap(self.producer.decisions_fd), batch_size,
-                              max_wait_ms / 1000)
+        table = DecisionTable(DecisionMap(self.producer.decisions_fd), None, None)
+        p = RecordingPipeline(table, batch_size, max_wait_ms / 1000)
         p.set_model(self.model(backend))
+        p.take_model()
         return p
 
     # --- stages -------------------------------------------------------------------------------
@@ -245,11 +233,11 @@ class Bench:
         in_window: int | None = None
         window_s = seconds
         while True:
-            # As loader/main.py's loop: a short poll while a batch fills, else a long one.
-            filling = pipeline is not None and pipeline.filling()
-            reader.poll(poll_ms if filling or naive else IDLE_POLL_MS)
-            if pipeline is not None and pipeline.due():
-                pipeline.flush()
+            # loader/main.py's loop turn, or a plain poll for the naive path.
+            if pipeline is not None:
+                pump(reader, pipeline, IDLE_POLL_MS, poll_ms)
+            else:
+                reader.poll(poll_ms)
             elapsed = time.monotonic() - t0
             if in_window is None and elapsed >= seconds:
                 in_window, window_s = decided(), elapsed

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import loader.pipeline
-from loader.bpfmaps import DecisionMap
-from tools.bench.pipeline import RecordingPipeline, TimedDecisionMap, percentiles_us
+from loader.table import DecisionTable
+from tools.bench.pipeline import RecordingPipeline, percentiles_us
 
 _instances: list[RecordingPipeline] = []
 
@@ -28,8 +28,8 @@ _instances: list[RecordingPipeline] = []
 class LoaderRecordingPipeline(RecordingPipeline):
     """Built by loader.main.run() in place of DecisionPipeline."""
 
-    def __init__(self, decisions: DecisionMap, batch_size: int, max_wait_s: float) -> None:
-        super().__init__(TimedDecisionMap(decisions.fd), batch_size, max_wait_s)
+    def __init__(self, table: DecisionTable, batch_size: int, max_wait_s: float) -> None:
+        super().__init__(table, batch_size, max_wait_s)
         _instances.append(self)
 
 

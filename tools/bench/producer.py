@@ -72,7 +72,8 @@ class TestRunOpts(ctypes.Structure):
 class ProduceArgs(ctypes.Structure):
     """struct produce_args in ringbuf_producer.bpf.c."""
 
-    _fields_ = [("nr", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    _fields_ = [("nr", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("wake_bytes", ctypes.c_uint64), ("max_wait_ns", ctypes.c_uint64)]
 
 
 class Totals(ctypes.Structure):

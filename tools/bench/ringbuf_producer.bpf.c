@@ -17,6 +17,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include "mlsched.h"
+#include "mlsched_policy.h"
 
 char _license[] SEC("license") = "GPL";
 
@@ -43,12 +44,21 @@ struct producer_totals {
 struct produce_args {
 	u32 nr;		/* records to push in this run */
 	u32 pad;
+	u64 wake_bytes;	/* the scheduler's ring wakeup policy (mlsched_ring_wake) */
+	u64 max_wait_ns;
 };
+
+/* The wakeup policy's state and settings, as in the scheduler. */
+static u64 ring_oldest_ns, ring_wake_bytes = 64 * sizeof(struct mlsched_candidate);
+static u64 ring_max_wait_ns = 2ULL * 1000 * 1000;
 
 static long produce_one(u64 i, void *data)
 {
 	struct mlsched_candidate *rec;
 	u64 seq = __sync_fetch_and_add(&totals.next_seq, 1);
+
+	u64 avail = bpf_ringbuf_query(&candidates, BPF_RB_AVAIL_DATA), now;
+	int wake;
 
 	rec = bpf_ringbuf_reserve(&candidates, sizeof(*rec), 0);
 	if (!rec) {
@@ -63,15 +73,14 @@ static long produce_one(u64 i, void *data)
 	rec->dst_dom = 1;
 	rec->src_load_q = MLSCHED_LOAD_SCALE;
 	rec->dst_load_q = (seq >> 18) & (MLSCHED_LOAD_SCALE - 1);
-	rec->key = ((u64)rec->cpu << MLSCHED_KEY_CPU_SHIFT) |
-		   ((u64)rec->cpu_idle << MLSCHED_KEY_IDLE_SHIFT) |
-		   ((u64)rec->cpu_not_idle << MLSCHED_KEY_NOT_IDLE_SHIFT) |
-		   ((u64)rec->src_load_q << MLSCHED_KEY_SRC_SHIFT) |
-		   ((u64)rec->dst_load_q << MLSCHED_KEY_DST_SHIFT);
+	rec->key = mlsched_pack_key(rec->cpu, rec->cpu_idle, rec->cpu_not_idle, rec->src_load_q,
+				    rec->dst_load_q);
 	rec->action = MLSCHED_KEEP;		/* a miss the fallback kept */
 	rec->source = MLSCHED_SRC_FALLBACK;
-	rec->ts_ns = bpf_ktime_get_ns();
-	bpf_ringbuf_submit(rec, 0);
+	now = rec->ts_ns = bpf_ktime_get_ns();
+	wake = mlsched_ring_wake(avail, sizeof(*rec), now, &ring_oldest_ns, ring_wake_bytes,
+				 ring_max_wait_ns);
+	bpf_ringbuf_submit(rec, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	__sync_fetch_and_add(&totals.produced, 1);
 	return 0;
 }
@@ -83,6 +92,10 @@ int produce(struct produce_args *args)
 
 	if (nr > (1u << 20))
 		nr = 1u << 20;
+	if (args->wake_bytes)
+		ring_wake_bytes = args->wake_bytes;
+	if (args->max_wait_ns)
+		ring_max_wait_ns = args->max_wait_ns;
 	bpf_loop(nr, produce_one, NULL, 0);
 	return 0;
 }

@@ -1,0 +1,81 @@
+"""--inference kernel: the scheduler evaluates the model itself on a table miss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from loader import contract, libbpf
+from loader.kernel_mlp import prepare
+from loader.table import DecisionGrid
+from tests.vm.conftest import MODEL, Loader, running_loader, stress
+
+STRESS_S = 20
+FALLBACK = ("fallback_migrate", "fallback_keep")
+
+
+def delta_under(ld: Loader, load) -> dict[str, int]:
+    before = ld.stats()
+    assert load.wait(timeout=STRESS_S * 6) == 0
+    after = ld.stats()
+    return {k: after[k] - before[k] for k in after}
+
+
+def test_kernel_decides_every_miss_even_with_the_loader_stopped() -> None:
+    with running_loader("--inference", "kernel", name="loader-kernel") as ld:
+        first = delta_under(ld, stress(STRESS_S))
+        print("attached, loader running:", {k: first[k] for k in (
+            "candidates", "hits", "misses", "kinfer", "kinfer_ns", *FALLBACK)})
+        assert first["candidates"] > 0 and first["kinfer"] > 0
+        assert first["kinfer"] == first["misses"]
+        assert all(first[k] == 0 for k in FALLBACK), "a fallback decision after attach"
+
+        os.kill(ld.proc.pid, signal.SIGSTOP)
+        try:
+            # A different mix, for keys the table has not seen yet.
+            stopped = delta_under(ld, stress(STRESS_S, cpus=4))
+        finally:
+            os.kill(ld.proc.pid, signal.SIGCONT)
+        print("loader stopped:", {k: stopped[k] for k in (
+            "candidates", "hits", "misses", "kinfer", *FALLBACK)})
+        assert stopped["candidates"] > 0
+        assert stopped["kinfer"] == stopped["misses"]
+        assert all(stopped[k] == 0 for k in FALLBACK), "a fallback decision while stopped"
+        if first["kinfer_ns"]:
+            print(f"in-kernel inference: {first['kinfer_ns'] / first['kinfer'] / 1000:.1f} us")
+
+        # Every decision the kernel cached equals the Python mirror's.
+        nr_cpus, dom_cpus = grid_dims()
+        fd = libbpf.obj_get(os.path.join(contract.PIN_DIR, contract.MAP_DECISION_GRID))
+        grid = DecisionGrid(fd, (nr_cpus, dom_cpus))
+        try:
+            codes = grid.codes.copy()
+        finally:
+            grid.close()
+            os.close(fd)
+        decided = np.flatnonzero(codes)
+        assert len(decided) > 0
+        keys = contract.grid_keys(nr_cpus, dom_cpus)[decided]
+        want = np.where(prepare(MODEL, nr_cpus, dom_cpus).decide(keys),
+                        contract.GridCode.MIGRATE, contract.GridCode.KEEP)
+        print(f"{len(decided)} keys decided in the kernel; checked against the Python mirror")
+        assert np.array_equal(codes[decided], want)
+        assert ld.stop() == 0
+    time.sleep(0.1)
+
+
+def grid_dims() -> tuple[int, int]:
+    """The dense grid's bounds, from the pinned configuration."""
+    from loader.bpfmaps import U64Array
+
+    fd = libbpf.obj_get(os.path.join(contract.PIN_DIR, contract.MAP_CONFIG))
+    try:
+        config = U64Array(fd, contract.NR_CONFIG)
+        dims = config.get(contract.Config.GRID_CPUS), config.get(contract.Config.GRID_DOM_CPUS)
+    finally:
+        os.close(fd)
+    assert dims[0] > 0, "no dense grid on this machine"
+    return dims
