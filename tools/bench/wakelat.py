@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report", type=Path, metavar="JSON",
                     help="print (and --md: write) the tables of an existing results file; "
                     "runs nothing")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds (default: %(default)s)")
-    ap.add_argument("--runtime-s", type=float, default=20,
+    ap.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
+    ap.add_argument("--runtime-s", type=float, default=15,
                     help="wakeprobe's measured window per run (default: %(default)s)")
     ap.add_argument("--warmup-s", type=float, default=3,
                     help="wakeprobe's uncounted warm-up per run (default: %(default)s)")

@@ -31,7 +31,7 @@ VM_OUT = REPO_ROOT / "build" / "vm-out" / "wakeup"
 SCHED_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
 
 EXAMPLES = """examples:
-  make bench-wakeup                                       # 3 rounds, about 5 min
+  make bench-wakeup                                       # 5 rounds, about 5 min
   python -m tools.bench.wakeup --rounds 1 --runtime-s 5  # a smoke run, about 1.5 min
   python -m tools.bench.wakeup --config slice5ms="--slice-us 5000"   # one more configuration
   make bench-wakeup WAKEUP_ARGS='--config slice1ms="--slice-us 1000" --rounds 4'
