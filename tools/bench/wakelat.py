@@ -92,6 +92,22 @@ def scx_enable_seq() -> int | None:
     return int(v) if v.isdigit() else None
 
 
+def kernel_sched() -> dict[str, Any]:
+    """What shapes EEVDF's wakeup latency: the preemption model, HZ, the base slice."""
+    out: dict[str, Any] = {}
+    m = re.search(r"\((\w+)\)", _read(Path("/sys/kernel/debug/sched/preempt")))
+    if m:
+        out["preempt"] = m.group(1)  # under "lazy", a fair wakeup preempts at the next tick
+    m = re.search(r"^CONFIG_HZ=(\d+)$", _read(Path(f"/lib/modules/{os.uname().release}/config")),
+                  re.M)
+    if m:
+        out["hz"] = int(m.group(1))
+    v = _read(Path("/sys/kernel/debug/sched/base_slice_ns"))
+    if v.isdigit():
+        out["eevdf_base_slice_ns"] = int(v)
+    return out
+
+
 # --- configurations -----------------------------------------------------------------------------
 
 
@@ -360,7 +376,8 @@ def markdown(res: dict[str, Any]) -> str:
     p = res["params"]
     lines = [
         f"# Wakeup latency under CPU hogs — {m.get('date', '?')}", "",
-        f"Guest: kernel {m.get('kernel')}, {m.get('cpus')} CPUs (TCG). "
+        f"Guest: kernel {m.get('kernel')}, {m.get('cpus')} CPUs (TCG)"
+        + "".join(f", {k} {v}" for k, v in (m.get("sched") or {}).items()) + ". "
         + (f"Host: {m['host']} ({m.get('host_cpus')} CPUs), commit {m.get('commit')}, "
            f"load average median {m['host_load']['load1_median']} "
            f"(max {m['host_load']['load1_max']}). " if "host_load" in m else "")
@@ -497,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.request_us:g} us)")
     res: dict[str, Any] = {
         "meta": {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "kernel": os.uname().release,
-                 "cpus": os.cpu_count()},
+                 "cpus": os.cpu_count(), "sched": kernel_sched()},
         "params": {"rounds": args.rounds, "runtime_s": args.runtime_s,
                    "warmup_s": args.warmup_s, "hogs": args.hogs, "hog_method": HOG_METHOD,
                    "hog_lead_s": args.hog_lead_s, "message_threads": args.message_threads,
