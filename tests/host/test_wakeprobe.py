@@ -108,8 +108,10 @@ def _run(config: str, rnd: int, seq: int, avg: float, p99: float) -> dict[str, A
     stats = {"samples": 1000, "avg": avg, "min": 1.0, "p50": avg / 2, "p90": avg * 2,
              "p99": p99, "p99_9": p99 * 2, "max": p99 * 3}
     return {"config": config, "round": rnd, "seq": seq, "wall_s": 30.0,
-            "probe": {"wakeup_us": stats, "requests_per_s": 1000.0 + seq, "samples": 1000},
-            "hogs": {"bogo_ops_per_s": 300.0 + seq}}
+            "probe": {"wakeup_us": stats, "requests_per_s": 1000.0 + seq, "samples": 1000,
+                      "not_asleep": 0},
+            "hogs": {"bogo_ops_per_s": 300.0 + seq},
+            "host": {"vm_cpu": 0.5 if seq == 3 else 0.98, "other_cpu": 0.4, "samples": 20}}
 
 
 def test_summary_table_markdown(tmp_path: Path) -> None:
@@ -135,6 +137,7 @@ def test_summary_table_markdown(tmp_path: Path) -> None:
     assert "mlsched / eevdf (medians): wakeup avg 2.09×" in text
     md = wakelat.markdown(res)
     assert "error: loader: x" in md and "## Runs" in md
+    assert "**Contended** (VM < 0.9 CPU): #3 (eevdf, 0.50)" in md
     f = tmp_path / "r.json"
     f.write_text(json.dumps(res))
     assert wakelat.main(["--report", str(f), "--md", str(tmp_path / "r.md")]) == 0

@@ -272,8 +272,12 @@ def run_once(cfg: Config, args: argparse.Namespace, loops: int, out_dir: Path,
         time.sleep(args.hog_lead_s)
         if hogs.proc.poll() is not None:
             raise RuntimeError(f"stress-ng exited {hogs.proc.returncode} at start")
+        # Markers for the host (tools/bench/wakeup.py), which times them as they arrive and
+        # measures how much CPU the VM got, and the rest of the host used, in between.
+        say(f"run {tag} {cfg.name}: measuring")
         res = subprocess.run(wakeprobe_cmd(args, loops), capture_output=True, text=True,
                              timeout=probe_s + 120)
+        say(f"run {tag}: measured")
         if res.returncode != 0:
             raise RuntimeError(f"wakeprobe exited {res.returncode}: {res.stderr.strip()}")
         rec["probe"] = json.loads(res.stdout)
@@ -371,6 +375,25 @@ def table(res: dict[str, Any]) -> list[str]:
     return lines + ([""] + ratios if ratios else [])
 
 
+CONTENDED_VM_CPU = 0.9  # single-threaded TCG uses one host CPU: a VM given less waited
+
+
+def host_note(res: dict[str, Any]) -> list[str]:
+    """What the host monitor (tools/bench/wakeup.py) saw during the measured windows."""
+    runs = [r for r in res["runs"] if "host" in r]
+    if not runs:
+        return []
+    vm = [r["host"]["vm_cpu"] for r in runs]
+    other = [r["host"]["other_cpu"] for r in runs]
+    bad = [f"#{r['seq']} ({r['config']}, {r['host']['vm_cpu']:.2f})" for r in runs
+           if r["host"]["vm_cpu"] < CONTENDED_VM_CPU]
+    return [f"Host during the measured windows: the VM used {min(vm):.2f}–{max(vm):.2f} CPUs "
+            f"(single-threaded TCG: at most 1), the rest of the host {min(other):.2f}–"
+            f"{max(other):.2f}. "
+            + (f"**Contended** (VM < {CONTENDED_VM_CPU} CPU): {', '.join(bad)}; treat "
+               "those runs with care." if bad else "No run was contended.")]
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res["meta"]
     p = res["params"]
@@ -398,21 +421,25 @@ def markdown(res: dict[str, Any]) -> str:
         what = ("nothing attached (the kernel's default scheduler)" if c["loader_args"] is None
                 else "`python -m loader.main " + shlex.join(c["loader_args"]) + "`")
         lines.append(f"- {c['name']}: {what}")
-    lines += ["", *table(res), "", "## Runs", "",
+    note = host_note(res)
+    lines += ["", *table(res), *([""] + note if note else []), "", "## Runs", "",
               "| # | round | config | wakeup avg | p50 | p90 | p99 | max | samples | "
-              "requests/s | hog ops/s | attach s |",
-              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "not asleep | requests/s | hog ops/s | attach s | VM CPU | host other CPU |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["runs"]:
+        h = r.get("host") or {}
+        hcols = f"{h.get('vm_cpu', '–')} | {h.get('other_cpu', '–')} |"
         if "error" in r:
             lines.append(f"| {r['seq']} | {r['round'] + 1} | {r['config']} | error: "
-                         f"{r['error'][:120]} |  |  |  |  |  |  |  |  |")
+                         f"{r['error'][:120]} |  |  |  |  |  |  |  |  |  | {hcols}")
             continue
         f = figures(r)
         lines.append(
             f"| {r['seq']} | {r['round'] + 1} | {r['config']} | {f['wakeup_avg_us']:,.1f} | "
             f"{f['wakeup_p50_us']:,.1f} | {f['wakeup_p90_us']:,.1f} | {f['wakeup_p99_us']:,.1f} | "
-            f"{f['wakeup_max_us']:,.0f} | {f['samples']:,} | {f['requests_per_s']:,.0f} | "
-            f"{f['hog_ops_per_s']:,.0f} | {r.get('attach_s', '–')} |")
+            f"{f['wakeup_max_us']:,.0f} | {f['samples']:,} | {r['probe']['not_asleep']:,} | "
+            f"{f['requests_per_s']:,.0f} | {f['hog_ops_per_s']:,.0f} | "
+            f"{r.get('attach_s', '–')} | {hcols}")
     return "\n".join(lines) + "\n"
 
 

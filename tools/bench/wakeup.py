@@ -17,11 +17,14 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from tools.bench import wakelat
 from tools.bench.__main__ import LoadSampler, git_commit
@@ -38,8 +41,105 @@ EXAMPLES = """examples:
 """
 
 
+MARK_START = re.compile(r"^wakelat \[\d+:\d+\]: run (\S+) \S+: measuring$")
+MARK_END = re.compile(r"^wakelat \[\d+:\d+\]: run (\S+): measured$")
+
+
 def say(msg: str) -> None:
     print(f"bench-wakeup: {msg}", flush=True)
+
+
+class HostMonitor:
+    """Every second: how many CPUs the whole host was busy, and how many the VM used.
+
+    The VM is every process descended from vm-run.sh (vng, virtiofsd, qemu); single-threaded
+    TCG can use one host CPU. On a shared host the VM is the noise's victim: a run during which
+    it got much less than one CPU, or the rest of the host was busy, is flagged in the report.
+    """
+
+    def __init__(self, root_pid: int, interval_s: float = 1.0) -> None:
+        self.root_pid = root_pid
+        self.interval_s = interval_s
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.samples: list[tuple[float, float, float]] = []  # (mid time, busy CPUs, VM CPUs)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _host_busy() -> int:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+    def _vm_ticks(self) -> dict[int, int]:
+        """utime + stime of every live descendant of root_pid."""
+        info: dict[int, tuple[int, int]] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            info[int(d)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in info.items():
+            children.setdefault(ppid, []).append(pid)
+        out, todo = {}, [self.root_pid]
+        while todo:
+            pid = todo.pop()
+            if pid in info:
+                out[pid] = info[pid][1]
+            todo += children.get(pid, [])
+        return out
+
+    def _run(self) -> None:
+        t0, busy0, vm0 = time.monotonic(), self._host_busy(), self._vm_ticks()
+        while not self._stop.wait(self.interval_s):
+            t1, busy1, vm1 = time.monotonic(), self._host_busy(), self._vm_ticks()
+            dt = (t1 - t0) * self.hz
+            vm = sum(v - vm0.get(pid, 0) for pid, v in vm1.items())
+            self.samples.append(((t0 + t1) / 2, (busy1 - busy0) / dt, max(0, vm) / dt))
+            t0, busy0, vm0 = t1, busy1, vm1
+
+    def __enter__(self) -> HostMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, t0: float, t1: float) -> dict[str, Any] | None:
+        s = [x for x in self.samples if t0 <= x[0] <= t1]
+        if not s:
+            return None
+        vm = [x[2] for x in s]
+        other = [max(0.0, x[1] - x[2]) for x in s]
+        return {"vm_cpu": round(sum(vm) / len(vm), 2), "vm_cpu_min": round(min(vm), 2),
+                "other_cpu": round(sum(other) / len(other), 2), "samples": len(s)}
+
+
+def run_vm(cmd: list[str]) -> tuple[int, dict[str, dict[str, Any]]]:
+    """Runs the VM, passing its output on; returns its status and the host figures per run."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    starts: dict[str, float] = {}
+    windows: dict[str, tuple[float, float]] = {}
+    with HostMonitor(proc.pid) as mon:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            text = line.rstrip("\r\n")
+            if m := MARK_START.match(text):
+                starts[m.group(1)] = time.monotonic()
+            elif (m := MARK_END.match(text)) and m.group(1) in starts:
+                windows[m.group(1)] = (starts[m.group(1)], time.monotonic())
+        rc = proc.wait()
+    host = {tag: w for tag, (t0, t1) in windows.items() if (w := mon.window(t0, t1))}
+    return rc, host
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +178,17 @@ def main(argv: list[str] | None = None) -> int:
            args.memory, "--", shlex.join(guest)]
     say(shlex.join(cmd))
     with LoadSampler() as load:
-        rc = subprocess.run(cmd, cwd=REPO_ROOT).returncode
+        rc, host = run_vm(cmd)
     try:
         res = json.loads(guest_json.read_text())
     except (OSError, ValueError) as e:
         print(f"bench-wakeup: no results from the guest (VM exit {rc}): {e}", file=sys.stderr)
         return rc or 1
+    for r in res.get("runs", []):
+        if (w := host.get(f"{r.get('seq', 0):02d}")) is not None:
+            r["host"] = w
+    if res.get("warmup") and "warmup" in host:
+        res["warmup"]["host"] = host["warmup"]
     res["meta"].update({
         "command": "make bench-wakeup" + (" " + shlex.join(argv if argv is not None
                                                         else sys.argv[1:])
@@ -98,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(res, indent=1) + "\n")
     out_md.write_text(wakelat.markdown(res))
     print()
-    print("\n".join(wakelat.table(res)))
+    print("\n".join(wakelat.table(res) + [""] + wakelat.host_note(res)))
     print()
     samples = {n: s["samples_total"] for n, s in res["summary"].items()}
     say(f"done in {(time.monotonic() - t0) / 60:.1f} min (VM exit {rc}"
