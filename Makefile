@@ -87,6 +87,9 @@ $(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/vmlinux.
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
 
+bench: setup bpf $(BENCH_PRODUCER)
+	$(PY) -m tools.bench $(BENCH_ARGS)
+
 # wakeprobe (tools/bench/wakeprobe.c): wakeup latency in the manner of schbench.
 WAKEPROBE := build/bench/wakeprobe
 WAKEPROBE_CFLAGS := -O2 -g -Wall -Wextra -Wshadow -Wconversion -Werror -pthread
@@ -96,8 +99,7 @@ $(WAKEPROBE): tools/bench/wakeprobe.c Makefile
 	@echo "cc: compiling $@"
 	@gcc $(WAKEPROBE_CFLAGS) -o $@ $< -lm
 
-bench: setup bpf $(BENCH_PRODUCER) $(WAKEPROBE)
-	$(PY) -m tools.bench $(BENCH_ARGS)
+bench: $(WAKEPROBE)
 
 # Wakeup latency beside CPU hogs, EEVDF against mlsched, one VM boot (4 vCPUs), about 5 min:
 # bench-results/wakeup-<date>.{json,md}. More configurations and options go to the guest, e.g.
