@@ -111,3 +111,21 @@ $(MLP_BENCH): tools/bench/mlp_bench.bpf.c bpf/mlsched_mlp.h bpf/mlsched.h bpf/vm
 
 bench: setup bpf $(BENCH_PRODUCER) $(MLP_BENCH)
 	$(PY) -m tools.bench $(BENCH_ARGS)
+
+# wakeprobe (tools/bench/wakeprobe.c): wakeup latency in the manner of schbench.
+WAKEPROBE := build/bench/wakeprobe
+WAKEPROBE_CFLAGS := -O2 -g -Wall -Wextra -Wshadow -Wconversion -Werror -pthread
+
+$(WAKEPROBE): tools/bench/wakeprobe.c Makefile
+	@mkdir -p $(dir $@)
+	@echo "cc: compiling $@"
+	@gcc $(WAKEPROBE_CFLAGS) -o $@ $< -lm
+
+bench: $(WAKEPROBE)
+
+# Wakeup latency beside CPU hogs, EEVDF against mlsched, one VM boot (4 vCPUs), about 5 min:
+# bench-results/wakeup-<date>.{json,md}. More configurations and options go to the guest, e.g.
+#   make bench-wakeup WAKEUP_ARGS='--config slice5ms="--slice-us 5000" --rounds 4'
+.PHONY: bench-wakeup
+bench-wakeup: setup bpf $(WAKEPROBE)
+	$(PY) -m tools.bench.wakeup $(WAKEUP_ARGS)
