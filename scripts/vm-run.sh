@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Run a command inside a throw-away virtme-ng VM booted on the cached sched_ext kernel.
 #
-#   scripts/vm-run.sh [--cpus N] [--memory SIZE] [--] 'COMMAND'
+#   scripts/vm-run.sh [--kernel SERIES] [--cpus N] [--memory SIZE] [--] 'COMMAND'
+#
+# --kernel SERIES boots the cached kernel of that series, e.g. `--kernel 6.19` (the newest 6.19.x
+# that scripts/setup.sh cached in $MLSCHED_CACHE/kernel/6.19); the default is the newest kernel
+# ($MLSCHED_CACHE/kernel/current). A series that is not cached is refused (exit status 2).
+# The 6.19 kernel boots without modules (the mirror keeps only its image), so without overlayfs:
+# the guest's /tmp is then a tmpfs and /etc, /var, /usr are the host's, read-only.
 #
 # The host kernel has no sched_ext, so everything that attaches a scheduler runs here: vng boots
 # the trixie-backports cloud kernel cached by scripts/setup.sh under TCG (no KVM), shares the
@@ -27,7 +33,7 @@ OUT_DIR=$ROOT/build/vm-out
 MARKER='mlsched-vm: guest up'
 
 usage() {
-	echo "usage: $0 [--cpus N] [--memory SIZE] [--] 'COMMAND'" >&2
+	echo "usage: $0 [--kernel SERIES] [--cpus N] [--memory SIZE] [--] 'COMMAND'" >&2
 	exit 2
 }
 say() { printf 'vm-run: %s\n' "$*" >&2; }
@@ -39,8 +45,11 @@ refuse() {
 # --- arguments --------------------------------------------------------------------------------
 cpus=2
 memory=2G
+series=current
 while [ $# -gt 0 ]; do
 	case $1 in
+	--kernel) [ $# -ge 2 ] || usage; series=$2; shift 2 ;;
+	--kernel=*) series=${1#--kernel=}; shift ;;
 	--cpus) [ $# -ge 2 ] || usage; cpus=$2; shift 2 ;;
 	--cpus=*) cpus=${1#--cpus=}; shift ;;
 	--memory) [ $# -ge 2 ] || usage; memory=$2; shift 2 ;;
@@ -54,10 +63,18 @@ done
 [ $# -ge 1 ] || usage
 command=$*   # several words are joined with spaces, like ssh does
 [[ $cpus =~ ^[1-9][0-9]*$ ]] || refuse "--cpus wants a positive integer, not '$cpus'"
+[ "$series" != newest ] || series=current
+[[ $series =~ ^([0-9]+\.[0-9]+|current)$ ]] ||
+	refuse "--kernel wants a series like 6.19, not '$series'"
 
 # --- what setup.sh left behind ----------------------------------------------------------------
-[ -f "$CACHE/kernel/current" ] || refuse "no cached kernel in $CACHE/kernel: run make setup"
-kdir=$(cat "$CACHE/kernel/current")
+if [ "$series" = current ]; then
+	[ -f "$CACHE/kernel/current" ] || refuse "no cached kernel in $CACHE/kernel: run make setup"
+else
+	[ -f "$CACHE/kernel/$series" ] ||
+		refuse "no $series kernel cached ($CACHE/kernel/$series missing): run make setup"
+fi
+kdir=$(cat "$CACHE/kernel/$series")
 case $kdir in /*) ;; *) kdir=$CACHE/kernel/$kdir ;; esac
 [ -e "$kdir/vmlinuz" ] && [ -f "$kdir/kver" ] ||
 	refuse "kernel cache $kdir is incomplete (no vmlinuz or kver): run make setup"
@@ -77,6 +94,8 @@ mkdir -p "$OUT_DIR"
 
 # --- the guest script -------------------------------------------------------------------------
 # virtme-ng-init runs it with /bin/sh (dash), so it is POSIX sh; COMMAND itself runs with bash.
+# (dash exits on a failed redirection of a special builtin such as `:`, hence touch.) Without
+# overlayfs (a kernel booted without modules) vng's /tmp overlay is missing: mount a tmpfs.
 sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; } # quote for sh: 'it'\''s'
 guest_script="echo $(sq "$MARKER")
 mnt() { grep -qs \" \$2 \$1 \" /proc/mounts || mount -t \$1 \$1 \$2 ||
@@ -84,6 +103,9 @@ mnt() { grep -qs \" \$2 \$1 \" /proc/mounts || mount -t \$1 \$1 \$2 ||
 mnt bpf /sys/fs/bpf
 mnt tracefs /sys/kernel/tracing
 mnt debugfs /sys/kernel/debug
+if touch /tmp/.mlsched-w 2>/dev/null; then rm -f /tmp/.mlsched-w
+else mount -t tmpfs -o mode=1777 tmpfs /tmp ||
+	echo 'mlsched-vm: warning: /tmp is read-only (no overlayfs) and no tmpfs on it' >&2; fi
 cd $(sq "$ROOT") || { echo 'mlsched-vm: cannot cd to the repo' >&2; exit 125; }
 PATH=$(sq "$VENV/bin"):\$PATH
 export PATH
