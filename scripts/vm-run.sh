@@ -8,6 +8,7 @@
 # ($MLSCHED_CACHE/kernel/current). A series that is not cached is refused (exit status 2).
 # The 6.19 kernel boots without modules (the mirror keeps only its image), so without overlayfs:
 # the guest's /tmp is then a tmpfs and /etc, /var, /usr are the host's, read-only.
+# The guest's /boot is a tmpfs holding the booted kernel's config-<kver>, when it is cached.
 #
 # The host kernel has no sched_ext, so everything that attaches a scheduler runs here: vng boots
 # the trixie-backports cloud kernel cached by scripts/setup.sh under TCG (no KVM), shares the
@@ -84,6 +85,11 @@ kver=$(cat "$kdir/kver")
 # (overlay is =m in this kernel and backs the guest's /tmp, /etc... overlays). Given the symlink
 # in the cache dir it finds no modules and boots without them, so resolve it.
 vmlinuz=$(readlink -f "$kdir/vmlinuz")
+# The kernel's config, for libbpf's __kconfig externs (scx_central needs them): libbpf reads
+# /boot/config-<kver> or /proc/config.gz, which these kernels lack (no IKCONFIG). The 6.19 cache
+# has no config (only its image is left on the mirror).
+kconfig=$(find "$kdir/root" \( -path "*/lib/modules/$kver/config" -o -name "config-$kver" \) \
+	-type f -print -quit 2>/dev/null || true)
 [ -x "$CACHE/bin/virtiofsd" ] || refuse "no virtiofsd wrapper in $CACHE/bin: run make setup"
 VNG=$VENV/bin/vng
 [ -x "$VNG" ] || refuse "no vng in $VENV/bin: run make setup"
@@ -97,6 +103,10 @@ mkdir -p "$OUT_DIR"
 # (dash exits on a failed redirection of a special builtin such as `:`, hence touch.) Without
 # overlayfs (a kernel booted without modules) vng's /tmp overlay is missing: mount a tmpfs.
 sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; } # quote for sh: 'it'\''s'
+boot_config=
+[ -z "$kconfig" ] || boot_config="if [ ! -e /boot/config-$kver ]; then
+	mount -t tmpfs -o mode=0755 tmpfs /boot && cp $(sq "$kconfig") /boot/config-$kver ||
+	echo 'mlsched-vm: warning: no /boot/config-$kver' >&2; fi"
 guest_script="echo $(sq "$MARKER")
 mnt() { grep -qs \" \$2 \$1 \" /proc/mounts || mount -t \$1 \$1 \$2 ||
 	echo \"mlsched-vm: warning: cannot mount \$1 on \$2\" >&2; }
@@ -106,6 +116,7 @@ mnt debugfs /sys/kernel/debug
 if touch /tmp/.mlsched-w 2>/dev/null; then rm -f /tmp/.mlsched-w
 else mount -t tmpfs -o mode=1777 tmpfs /tmp ||
 	echo 'mlsched-vm: warning: /tmp is read-only (no overlayfs) and no tmpfs on it' >&2; fi
+$boot_config
 cd $(sq "$ROOT") || { echo 'mlsched-vm: cannot cd to the repo' >&2; exit 125; }
 PATH=$(sq "$VENV/bin"):\$PATH
 export PATH
