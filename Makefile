@@ -59,16 +59,21 @@ vm-models: setup
 	@$(PY) -m tests.vm.make_models build/test-models 2>&1 | grep '^make_models'
 
 # The full suite on the newest kernel, then the walking skeleton on 6.19 (vm-test-619): both
-# boots always run, and vm-test fails when either failed.
+# boots always run, and vm-test fails when either failed. (No $(MAKE) in the recipe: make -n
+# would run that line, and with it a VM.)
+VM_PYTEST := python -m pytest -v -s -p no:cacheprovider
+VM_TEST_619 := scripts/vm-run.sh --kernel 6.19 --cpus $(VM_CPUS) -- \
+	'MLSCHED_VM_OUT=$(CURDIR)/build/vm-out/6.19 $(VM_PYTEST) tests/vm/test_walking_skeleton.py'
 vm-test: setup bpf vm-models vm-test-topology scx-peers
-	@full=0; scripts/vm-run.sh --cpus $(VM_CPUS) -- 'python -m pytest -v -s -p no:cacheprovider tests/vm' || full=$$?; \
-	k619=0; $(MAKE) --no-print-directory vm-test-619 || k619=$$?; \
-	echo "vm-test: full suite (newest kernel) exit $$full, walking skeleton on 6.19 exit $$k619"; \
+	@full=0; k619=0; \
+	scripts/vm-run.sh --cpus $(VM_CPUS) -- '$(VM_PYTEST) tests/vm' || full=$$?; \
+	$(VM_TEST_619) || k619=$$?; \
+	echo "vm-test: full suite on the newest kernel: exit $$full; walking skeleton on 6.19: exit $$k619"; \
 	[ $$full = 0 ] && [ $$k619 = 0 ]
 
 # The walking skeleton on the oldest series we support; its logs in build/vm-out/6.19/.
 vm-test-619: setup bpf
-	scripts/vm-run.sh --kernel 6.19 --cpus $(VM_CPUS) -- 'MLSCHED_VM_OUT=$(CURDIR)/build/vm-out/6.19 python -m pytest -v -s -p no:cacheprovider tests/vm/test_walking_skeleton.py'
+	$(VM_TEST_619)
 
 # The kernel's own example schedulers, peers for the benchmarks and tests/vm/test_peers.py: built
 # from the cached source tree (tools/sched_ext, with its own libbpf and bpftool) against the VM
