@@ -197,7 +197,9 @@ def take_sample(src: MapSource, model: str) -> Sample:
         config=config,
         hist=[flat[h * nb:(h + 1) * nb] for h in range(contract.NR_HISTS)],
         doms=doms,
-        table_entries=count_entries(src.decisions_fd, key_size, value_size),
+        # The hash's entries, and the dense grid's decided keys (counted by the loader).
+        table_entries=count_entries(src.decisions_fd, key_size, value_size)
+        + src.loader_stats.get(contract.LoaderStat.GRID_DECIDED),  # type: ignore[attr-defined]
         table_capacity=capacity,
     )
 

@@ -50,12 +50,14 @@ def test_cpu_offline_and_online_restart_in_the_same_process() -> None:
             set_online(cpu, False)
             took_off = wait_reattached(ld, 1, f"cpu{cpu} went offline")
             print(f"cpu{cpu} offline: mlsched enabled again after {took_off:.2f} s")
-            assert ld.stats()["loader_restarts"] == 1
+            wait_for(lambda: ld.stats()["loader_restarts"] == 1, RESTART_WAIT_S,
+                     "the restart count", ld.proc)
             time.sleep(3)
             set_online(cpu, True)
             took_on = wait_reattached(ld, 2, f"cpu{cpu} came back")
             print(f"cpu{cpu} online: mlsched enabled again after {took_on:.2f} s")
-            assert ld.stats()["loader_restarts"] == 2
+            wait_for(lambda: ld.stats()["loader_restarts"] == 2, RESTART_WAIT_S,
+                     "the restart count", ld.proc)
         finally:
             set_online(cpu, True)
             load.kill()
