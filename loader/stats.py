@@ -111,7 +111,7 @@ kinfer_avg_ns        ns      gauge float  mean in-kernel inference time over the
 model_digest         hex     label string first 16 hex digits of the serving model's sha256
 grid_keys            keys    gauge u64    keys of the dense decision grid (0: hash only)
 grid_decided         keys    gauge u64    grid keys holding a decision
-table_entries        keys    gauge u64    decisions the loader wrote to the map
+table_entries        keys    gauge u64    decisions in the table: the grid's and the hash's
 table_capacity       keys    gauge u64    size of the decision map
 table_occupancy      0..1    gauge float  table_entries / table_capacity
 batch_size_avg       keys    gauge float  decisions per model batch over the interval

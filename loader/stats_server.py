@@ -146,6 +146,10 @@ class StatsServer:
     # --- the loop -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:  # a thread made while the loader runs real-time would inherit it: never serve so
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
         while not self._stop:
             for key, events in self._sel.select():
                 if self._stop:

@@ -7,8 +7,13 @@
 #      ruff, and bcc reachable through a .pth file
 #   3. trixie's virtiofsd, run through trixie's own loader (bookworm has none)
 #   4. the newest trixie-backports cloud kernel (sched_ext built in), unpacked in the cache
+#      (kernel/current)
+#   5. that kernel's source, the parts tools/sched_ext needs (scx headers, example schedulers,
+#      libbpf, bpftool): linux-source/<version>/, its path in linux-source/current
+#   6. the newest 6.19.x cloud kernel (kernel/6.19), the oldest series the VM tests run on
 #
-# The kernel and virtiofsd live in $MLSCHED_CACHE (default ~/.cache/mlsched), outside the repo.
+# All of it but the packages and the venv lives in $MLSCHED_CACHE (default ~/.cache/mlsched),
+# outside the repo.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,9 +29,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 mkdir -p "$CACHE"
 
 # --- 1. Debian packages -----------------------------------------------------------------------
+# libelf-dev and zlib1g-dev: `make scx-peers` builds libbpf and bpftool from the kernel tree.
 BOOKWORM_PKGS=(clang-19 llvm-19 make qemu-system-x86 udev kmod busybox-static python3-bpfcc
 	bpfcc-tools stress-ng zstd xz-utils binutils ca-certificates procps python3-venv
-	util-linux gcc linux-perf)
+	util-linux gcc linux-perf libelf-dev zlib1g-dev)
 BACKPORTS_PKGS=(libbpf1 libbpf-dev bpftool)
 BACKPORTS_LIST=/etc/apt/sources.list.d/mlsched-bookworm-backports.list
 
@@ -121,12 +127,19 @@ SRC
 	trixie_apt update >/dev/null
 	trixie_ready=1
 }
+# Download packages by name into $1.
+trixie_download() {
+	local dl=$1
+	shift
+	mkdir -p "$dl"
+	(cd "$dl" && trixie_apt download "$@" >/dev/null)
+}
 # Download packages by name into $1 and unpack them into $2.
 trixie_fetch() {
-	local dl=$1 root=$2
+	local dl=$1 root=$2 deb
 	shift 2
-	mkdir -p "$dl" "$root"
-	(cd "$dl" && trixie_apt download "$@" >/dev/null)
+	trixie_download "$dl" "$@"
+	mkdir -p "$root"
 	for deb in "$dl"/*.deb; do dpkg -x "$deb" "$root"; done
 }
 
@@ -151,53 +164,144 @@ else
 	say "virtiofsd: already installed"
 fi
 
-# --- 4. the sched_ext kernel ------------------------------------------------------------------
+# --- 4. the sched_ext kernel -------------------------------------------------------------------
+# Two cloud kernels from trixie-backports (sched_ext built in), each unpacked in
+# $KDIR/<ver>/{vmlinuz,vmlinux,kver}: the newest of all (its path in $KDIR/current, the default
+# VM kernel) and the newest 6.19.x (its path in $KDIR/6.19, `vm-run.sh --kernel 6.19`). Old
+# point releases disappear from the mirror, so each is picked as the newest of its series.
 KDIR="$CACHE/kernel"
-if [ ! -f "$KDIR/current" ] || [ ! -f "$(cat "$KDIR/current")/vmlinuz" ]; then
+SRCDIR="$CACHE/linux-source"
+
+kernel_complete() { [ -e "$1/vmlinuz" ] && [ -s "$1/vmlinux" ] && [ -f "$1/kver" ]; }
+kernel_cached() { [ -f "$1" ] && kernel_complete "$(cat "$1")"; } # $1: a link file
+
+# fetch_kernel SERIES LINK: SERIES is a version prefix ("6.19") or "" for the newest of all;
+# LINK is the file under $KDIR that gets the kernel dir's path.
+fetch_kernel() {
+	local series=$1 link=$KDIR/$2 re pkg ver dest p common base vmlinuz kver moddir start=$SECONDS
+	if kernel_cached "$link"; then
+		say "kernel ${series:-newest}: $(cat "$(cat "$link")/kver") already cached"
+		return
+	fi
 	did_something=1
 	trixie_update
-	# Newest cloud kernel from trixie-backports; its package names carry the version.
-	# The package is linux-binary-<ver>-cloud-amd64 (older: linux-image-<ver>-cloud-amd64).
+	# [0-9] for any version, else the series with its dots escaped and a trailing dot.
+	if [ -n "$series" ]; then re="${series//./\\.}\\."; else re='[0-9]'; fi
+	# The package is linux-binary-<ver>-cloud-amd64 (older: linux-image-<ver>-cloud-amd64); its
+	# name carries the version.
 	pkg=$(trixie_cache pkgnames linux-binary- |
-		grep -E '^linux-binary-[0-9][^ ]*-cloud-amd64$' | sort -V | tail -1 || true)
+		grep -E "^linux-binary-${re}[^ ]*-cloud-amd64\$" | sort -V | tail -1 || true)
 	[ -n "$pkg" ] || pkg=$(trixie_cache pkgnames linux-image- |
-		grep -E '^linux-image-[0-9][^ ]*-cloud-amd64$' | sort -V | tail -1 || true)
-	[ -n "$pkg" ] || die "no trixie-backports cloud kernel found on $MIRROR"
+		grep -E "^linux-image-${re}[^ ]*-cloud-amd64\$" | sort -V | tail -1 || true)
+	[ -n "$pkg" ] || die "no trixie-backports cloud kernel ${series:+$series.x }found on $MIRROR"
 	ver=${pkg#linux-binary-}
 	ver=${ver#linux-image-}
-	say "fetching kernel $ver ($pkg)"
 	dest="$KDIR/$ver"
+	if kernel_complete "$dest"; then
+		say "kernel ${series:-newest}: $ver already unpacked"
+		echo "$dest" >"$link"
+		return
+	fi
+	say "fetching kernel $ver ($pkg) for ${series:-the newest series}"
 	rm -rf "$dest"
-	want=("$pkg")
+	local want=("$pkg")
+	# Take what the index still has: for an older series (6.19 today) only the signed image
+	# package linux-binary-<ver> is left; its modules, headers and linux-base are gone.
 	for p in "linux-modules-$ver" "linux-headers-$ver"; do
-		trixie_cache show "$p" >/dev/null 2>&1 && want+=("$p")
+		has_candidate "$p" && want+=("$p")
 	done
-	# headers-<ver> depends on the common headers and linux-base may be needed: take what exists
 	common=$(trixie_cache show "linux-headers-$ver" 2>/dev/null | sed -n 's/^Depends: //p' |
 		tr ',' '\n' | grep -oE 'linux-headers-[^ ]*-common[^ ]*' | head -1 || true)
-	[ -n "$common" ] && want+=("$common")
+	[ -n "$common" ] && has_candidate "$common" && want+=("$common")
 	base=$(trixie_cache show "$pkg" 2>/dev/null | sed -n 's/^Depends: //p' | tr ',' '\n' |
 		grep -oE 'linux-base[^ ]*' | head -1 || true)
-	[ -n "$base" ] && want+=("$base")
+	[ -n "$base" ] && has_candidate "$base" && want+=("$base")
 	trixie_fetch "$dest/debs" "$dest/root" "${want[@]}"
-	# The image sits in /usr/lib/modules/<kver>/vmlinuz (older packages: /boot/vmlinuz-<kver>).
+	# The image sits in /usr/lib/modules/<kver>/vmlinuz (6.19 and older: /boot/vmlinuz-<kver>).
 	vmlinuz=$(find "$dest/root" -name 'vmlinuz*' -type f | head -1)
 	[ -n "$vmlinuz" ] || die "kernel package has no vmlinuz"
+	ln -sfn "$vmlinuz" "$dest/vmlinuz"
 	kver=$(basename "$(find "$dest/root" -path '*/lib/modules/*' -maxdepth 4 -mindepth 4 -type d |
 		head -1)")
-	[ -n "$kver" ] || die "kernel modules package has no lib/modules/<version>"
-	ln -sfn "$vmlinuz" "$dest/vmlinuz"
-	ln -sfn "$(find "$dest/root" -path '*linux-headers-*' -name vmlinux -type f | head -1)" \
-		"$dest/vmlinux"
-	[ -s "$dest/vmlinux" ] || die "kernel headers package has no vmlinux (BTF)"
+	if [ -n "$kver" ]; then
+		moddir=$(dirname "$(find "$dest/root" -path "*/lib/modules/$kver" -type d | head -1)")
+		say "depmod for $kver"
+		depmod -b "${moddir%/lib/modules}" "$kver"
+	else
+		kver=$(basename "$vmlinuz")
+		kver=${kver#vmlinuz-}
+		[ "$kver" != vmlinuz ] || kver=$ver
+		say "warning: no modules for $kver on the mirror: the VM boots without modules"
+	fi
 	echo "$kver" >"$dest/kver"
-	moddir=$(dirname "$(find "$dest/root" -path "*/lib/modules/$kver" -type d | head -1)")
-	say "depmod for $kver"
-	depmod -b "${moddir%/lib/modules}" "$kver"
-	echo "$dest" >"$KDIR/current"
+	# The BTF vmlinux comes with linux-headers-<ver>; without them, the ELF inside the image
+	# carries the same .BTF section: take it out with the kernel tree's extract-vmlinux.
+	local hdr
+	hdr=$(find "$dest/root" -path '*linux-headers-*' -name vmlinux -type f | head -1)
+	if [ -n "$hdr" ]; then
+		ln -sfn "$hdr" "$dest/vmlinux"
+	else
+		local xv=
+		[ -f "$SRCDIR/current" ] && xv="$(cat "$SRCDIR/current")/scripts/extract-vmlinux"
+		[ -f "$xv" ] || die "no linux-headers-$ver, and no kernel source for extract-vmlinux"
+		say "no linux-headers-$ver on the mirror: taking vmlinux (BTF) out of the image"
+		bash "$xv" "$vmlinuz" >"$dest/vmlinux.tmp" 2>/dev/null && mv "$dest/vmlinux.tmp" "$dest/vmlinux"
+		readelf -S "$dest/vmlinux" | grep -q '\.BTF ' || die "$dest/vmlinux has no .BTF section"
+	fi
+	[ -s "$dest/vmlinux" ] || die "no vmlinux (BTF) for $kver"
+	echo "$dest" >"$link"
+	say "kernel $kver cached in $((SECONDS - start)) s"
+}
+# (grep without -q: it reads to the end, no SIGPIPE for apt-cache under pipefail)
+has_candidate() { trixie_cache show "$1" 2>/dev/null | grep '^Version:' >/dev/null; }
+fetch_kernel "" current
+
+
+# --- 5. kernel source for the scx headers and example schedulers ------------------------------
+# From linux-source-<series of the newest kernel>: only the parts tools/sched_ext needs
+# (tools/, include/, arch/x86/include/, scripts/, Makefile, kernel/bpf/), in
+# $SRCDIR/<upstream version>/; its path in $SRCDIR/current. The deb (~170 MB) is deleted.
+SRC_PARTS=(tools include arch/x86/include scripts Makefile kernel/bpf)
+kseries=$(sed -E 's/^([0-9]+\.[0-9]+).*/\1/' "$(cat "$KDIR/current")/kver")
+src_ok() { # the cached tree is complete and of the newest kernel's series
+	local d
+	[ -f "$SRCDIR/current" ] && d=$(cat "$SRCDIR/current") &&
+		[ -f "$d/tools/sched_ext/include/scx/common.bpf.h" ] && [ -f "$d/Makefile" ] &&
+		[ -d "$d/kernel/bpf" ] && [ -d "$d/arch/x86/include" ] &&
+		case $(basename "$d") in "$kseries" | "$kseries".*) true ;; *) false ;; esac
+}
+if src_ok; then
+	say "kernel source: $(basename "$(cat "$SRCDIR/current")") already cached"
 else
-	say "kernel: $(cat "$(cat "$KDIR/current")/kver") already cached"
+	did_something=1
+	trixie_update
+	spkg=linux-source-$kseries
+	sver=$(trixie_cache show "$spkg" 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -1)
+	[ -n "$sver" ] || die "no $spkg on $MIRROR (trixie-backports)"
+	sver=${sver%%-*} # 7.3.4-1~bpo13+1 -> 7.3.4
+	dest="$SRCDIR/$sver"
+	dl="$SRCDIR/debs"
+	rm -rf "$dl" "$dest.tmp"
+	start=$SECONDS
+	say "downloading $spkg ($sver, ~170 MB)"
+	trixie_download "$dl" "$spkg"
+	say "downloaded in $((SECONDS - start)) s; extracting ${SRC_PARTS[*]} into $dest"
+	start=$SECONDS
+	mkdir -p "$dest.tmp"
+	# The deb holds usr/src/linux-source-<series>.tar.xz, whose top directory is
+	# linux-source-<series>/: stream it out of the deb, keep only the parts.
+	dpkg-deb --fsys-tarfile "$dl"/"${spkg}"_*.deb |
+		tar -xO "./usr/src/$spkg.tar.xz" |
+		tar -xJ -C "$dest.tmp" --strip-components=1 "${SRC_PARTS[@]/#/$spkg/}"
+	rm -rf "$dl" "$dest"
+	mv "$dest.tmp" "$dest"
+	echo "$dest" >"$SRCDIR/current"
+	src_ok || die "kernel source in $dest is incomplete"
+	say "extracted in $((SECONDS - start)) s ($(du -sh "$dest" | cut -f1))"
 fi
+
+# --- 6. the 6.19 kernel (after the source: it may need its extract-vmlinux) --------------------
+fetch_kernel 6.19 6.19
 
 if [ $did_something = 0 ]; then
 	say "nothing to do: everything is already set up"

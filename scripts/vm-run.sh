@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Run a command inside a throw-away virtme-ng VM booted on the cached sched_ext kernel.
 #
-#   scripts/vm-run.sh [--cpus N] [--memory SIZE] [--] 'COMMAND'
+#   scripts/vm-run.sh [--kernel SERIES] [--cpus N] [--memory SIZE] [--] 'COMMAND'
+#
+# --kernel SERIES boots the cached kernel of that series, e.g. `--kernel 6.19` (the newest 6.19.x
+# that scripts/setup.sh cached in $MLSCHED_CACHE/kernel/6.19); the default is the newest kernel
+# ($MLSCHED_CACHE/kernel/current). A series that is not cached is refused (exit status 2).
+# The 6.19 kernel boots without modules (the mirror keeps only its image), so without overlayfs:
+# the guest's /tmp is then a tmpfs and /etc, /var, /usr are the host's, read-only.
+# The guest's /boot is a tmpfs holding the booted kernel's config-<kver>, when it is cached.
 #
 # The host kernel has no sched_ext, so everything that attaches a scheduler runs here: vng boots
 # the trixie-backports cloud kernel cached by scripts/setup.sh under TCG (no KVM), shares the
@@ -27,7 +34,7 @@ OUT_DIR=$ROOT/build/vm-out
 MARKER='mlsched-vm: guest up'
 
 usage() {
-	echo "usage: $0 [--cpus N] [--memory SIZE] [--] 'COMMAND'" >&2
+	echo "usage: $0 [--kernel SERIES] [--cpus N] [--memory SIZE] [--] 'COMMAND'" >&2
 	exit 2
 }
 say() { printf 'vm-run: %s\n' "$*" >&2; }
@@ -39,8 +46,11 @@ refuse() {
 # --- arguments --------------------------------------------------------------------------------
 cpus=2
 memory=2G
+series=current
 while [ $# -gt 0 ]; do
 	case $1 in
+	--kernel) [ $# -ge 2 ] || usage; series=$2; shift 2 ;;
+	--kernel=*) series=${1#--kernel=}; shift ;;
 	--cpus) [ $# -ge 2 ] || usage; cpus=$2; shift 2 ;;
 	--cpus=*) cpus=${1#--cpus=}; shift ;;
 	--memory) [ $# -ge 2 ] || usage; memory=$2; shift 2 ;;
@@ -54,10 +64,18 @@ done
 [ $# -ge 1 ] || usage
 command=$*   # several words are joined with spaces, like ssh does
 [[ $cpus =~ ^[1-9][0-9]*$ ]] || refuse "--cpus wants a positive integer, not '$cpus'"
+[ "$series" != newest ] || series=current
+[[ $series =~ ^([0-9]+\.[0-9]+|current)$ ]] ||
+	refuse "--kernel wants a series like 6.19, not '$series'"
 
 # --- what setup.sh left behind ----------------------------------------------------------------
-[ -f "$CACHE/kernel/current" ] || refuse "no cached kernel in $CACHE/kernel: run make setup"
-kdir=$(cat "$CACHE/kernel/current")
+if [ "$series" = current ]; then
+	[ -f "$CACHE/kernel/current" ] || refuse "no cached kernel in $CACHE/kernel: run make setup"
+else
+	[ -f "$CACHE/kernel/$series" ] ||
+		refuse "no $series kernel cached ($CACHE/kernel/$series missing): run make setup"
+fi
+kdir=$(cat "$CACHE/kernel/$series")
 case $kdir in /*) ;; *) kdir=$CACHE/kernel/$kdir ;; esac
 [ -e "$kdir/vmlinuz" ] && [ -f "$kdir/kver" ] ||
 	refuse "kernel cache $kdir is incomplete (no vmlinuz or kver): run make setup"
@@ -67,6 +85,11 @@ kver=$(cat "$kdir/kver")
 # (overlay is =m in this kernel and backs the guest's /tmp, /etc... overlays). Given the symlink
 # in the cache dir it finds no modules and boots without them, so resolve it.
 vmlinuz=$(readlink -f "$kdir/vmlinuz")
+# The kernel's config, for libbpf's __kconfig externs (scx_central needs them): libbpf reads
+# /boot/config-<kver> or /proc/config.gz, which these kernels lack (no IKCONFIG). The 6.19 cache
+# has no config (only its image is left on the mirror).
+kconfig=$(find "$kdir/root" \( -path "*/lib/modules/$kver/config" -o -name "config-$kver" \) \
+	-type f -print -quit 2>/dev/null || true)
 [ -x "$CACHE/bin/virtiofsd" ] || refuse "no virtiofsd wrapper in $CACHE/bin: run make setup"
 VNG=$VENV/bin/vng
 [ -x "$VNG" ] || refuse "no vng in $VENV/bin: run make setup"
@@ -77,13 +100,23 @@ mkdir -p "$OUT_DIR"
 
 # --- the guest script -------------------------------------------------------------------------
 # virtme-ng-init runs it with /bin/sh (dash), so it is POSIX sh; COMMAND itself runs with bash.
+# (dash exits on a failed redirection of a special builtin such as `:`, hence touch.) Without
+# overlayfs (a kernel booted without modules) vng's /tmp overlay is missing: mount a tmpfs.
 sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; } # quote for sh: 'it'\''s'
+boot_config=
+[ -z "$kconfig" ] || boot_config="if [ ! -e /boot/config-$kver ]; then
+	mount -t tmpfs -o mode=0755 tmpfs /boot && cp $(sq "$kconfig") /boot/config-$kver ||
+	echo 'mlsched-vm: warning: no /boot/config-$kver' >&2; fi"
 guest_script="echo $(sq "$MARKER")
 mnt() { grep -qs \" \$2 \$1 \" /proc/mounts || mount -t \$1 \$1 \$2 ||
 	echo \"mlsched-vm: warning: cannot mount \$1 on \$2\" >&2; }
 mnt bpf /sys/fs/bpf
 mnt tracefs /sys/kernel/tracing
 mnt debugfs /sys/kernel/debug
+if touch /tmp/.mlsched-w 2>/dev/null; then rm -f /tmp/.mlsched-w
+else mount -t tmpfs -o mode=1777 tmpfs /tmp ||
+	echo 'mlsched-vm: warning: /tmp is read-only (no overlayfs) and no tmpfs on it' >&2; fi
+$boot_config
 cd $(sq "$ROOT") || { echo 'mlsched-vm: cannot cd to the repo' >&2; exit 125; }
 PATH=$(sq "$VENV/bin"):\$PATH
 export PATH

@@ -37,36 +37,9 @@ TICK_S = 0.001  # pacing granularity of the child
 
 _lib = libbpf._lib
 _vp = ctypes.c_void_p
-_lib.bpf_object__find_program_by_name.restype = _vp
-_lib.bpf_object__find_program_by_name.argtypes = [_vp, ctypes.c_char_p]
-_lib.bpf_program__fd.restype = ctypes.c_int
-_lib.bpf_program__fd.argtypes = [_vp]
-_lib.bpf_prog_test_run_opts.restype = ctypes.c_int
-_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, _vp]
 _lib.bpf_map_lookup_elem.restype = ctypes.c_int
 _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, _vp, _vp]
-
-
-class TestRunOpts(ctypes.Structure):
-    """struct bpf_test_run_opts (libbpf >= 1.0)."""
-
-    _fields_ = [
-        ("sz", ctypes.c_size_t),
-        ("data_in", _vp),
-        ("data_out", _vp),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("ctx_in", _vp),
-        ("ctx_out", _vp),
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("repeat", ctypes.c_int),
-        ("duration", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-    ]
+TestRunOpts = libbpf.TestRunOpts
 
 
 class ProduceArgs(ctypes.Structure):
@@ -124,10 +97,10 @@ class RingProducer:
         except libbpf.LibbpfError as e:
             self.obj.close()
             raise ProducerError(str(e)) from None
-        prog = _lib.bpf_object__find_program_by_name(self.obj._obj, PROG_NAME.encode())
-        if not prog:
-            raise ProducerError(f"{obj_path} has no program {PROG_NAME}")
-        self.prog_fd = _lib.bpf_program__fd(prog)
+        try:
+            self.prog_fd = self.obj.prog_fd(PROG_NAME)
+        except libbpf.LibbpfError as e:
+            raise ProducerError(str(e)) from None
         self.ringbuf_fd = self.obj.map_fd(contract.MAP_CANDIDATES)
         self.decisions_fd = self.obj.map_fd(contract.MAP_DECISIONS)
         self._bss_fd = self.obj.map_fd(".bss")
