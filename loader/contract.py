@@ -25,6 +25,9 @@ from loader.schema import (  # noqa: F401
     MAX_CPUS,
     NR_FEATURES,
     feature_grid,
+    grid_index,
+    grid_keys,
+    grid_size,
     pack_key,
     pack_keys,
     unpack_keys,
@@ -308,35 +311,3 @@ def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray
     same = np.asarray(fallback_action).astype(bool) == np.asarray(action).astype(bool)
     p = explore_q16 // 2 + np.where(same, EXPLORE_SCALE - explore_q16, 0)
     return p / EXPLORE_SCALE
-
-
-def grid_size(nr_cpus: int, dom_cpus: int) -> int:
-    """Keys in the dense decision grid (mlsched_grid_size in bpf/mlsched_policy.h)."""
-    return nr_cpus * (dom_cpus + 1) ** 2 * (LOAD_SCALE + 1) ** 2
-
-
-def grid_index(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int,
-               nr_cpus: int, dom_cpus: int) -> int:
-    """A key's place in the grid, or -1 (mlsched_grid_index in bpf/mlsched_policy.h)."""
-    if (cpu >= nr_cpus or cpu_idle > dom_cpus or cpu_not_idle > dom_cpus
-            or src_load_q > LOAD_SCALE or dst_load_q > LOAD_SCALE):
-        return -1
-    d, n = dom_cpus + 1, LOAD_SCALE + 1
-    return (((cpu * d + cpu_idle) * d + cpu_not_idle) * n + src_load_q) * n + dst_load_q
-
-
-def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Packed keys of grid indices [start, stop), in index order (every key the machine can
-    produce, on the wakeup path and the steal path alike)."""
-    stop = grid_size(nr_cpus, dom_cpus) if stop is None else stop
-    idx = np.arange(start, stop, dtype=np.uint64)
-    d, n = np.uint64(dom_cpus + 1), np.uint64(LOAD_SCALE + 1)
-    dst = idx % n
-    idx //= n
-    src = idx % n
-    idx //= n
-    busy = idx % d
-    idx //= d
-    idle = idx % d
-    cpu = idx // d
-    return pack_keys(cpu, idle, busy, src, dst)

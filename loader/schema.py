@@ -4,13 +4,15 @@ KEY_FIELDS is the one table: each field's name (struct mlsched_candidate, the da
 its place in the 64-bit decision key, its range, and the model input it becomes (field / scale).
 Everything else is derived from it: the decision key (pack_keys, as mlsched_pack_key in
 bpf/mlsched_policy.h), the model input (unpack_keys), the inverse for rules written on model
-inputs (fields_of_features) and every key a machine can produce (feature_grid). load_q is the
-kernel's load quantization (mlsched_load_q). The C side is bpf/mlsched.h and mlsched_policy.h;
+inputs (fields_of_features), every key a machine can produce (feature_grid) and the dense
+decision grid's layout (grid_*: mlsched_grid_index). load_q is the kernel's load quantization
+(mlsched_load_q). The C side is bpf/mlsched.h and mlsched_policy.h;
 tests/host/test_contract.py and test_policy.py check the two against each other.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -115,3 +117,48 @@ def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:
     grid = dict(zip(KEY_FIELD_NAMES, np.meshgrid(*axes, indexing="ij"), strict=True))
     keep = grid["src_load_q"] > grid["dst_load_q"]
     return pack_keys(*(grid[name][keep] for name in KEY_FIELD_NAMES))
+
+
+# --- the dense decision grid: every key of a machine, one index each -------------------------
+
+
+def grid_shape(nr_cpus: int, dom_cpus: int) -> tuple[int, ...]:
+    """How many values each key field takes over a machine's grid, in KEY_FIELDS order: the
+    mixed radix of mlsched_grid_index (bpf/mlsched_policy.h)."""
+    count = min(dom_cpus, KEY_FIELD_MAX) + 1
+    return nr_cpus, count, count, LOAD_SCALE + 1, LOAD_SCALE + 1
+
+
+def grid_size(nr_cpus: int, dom_cpus: int) -> int:
+    """Keys in the dense decision grid (mlsched_grid_size)."""
+    return math.prod(grid_shape(nr_cpus, dom_cpus))
+
+
+def grid_index(cpu: ArrayLike, cpu_idle: ArrayLike, cpu_not_idle: ArrayLike,
+               src_load_q: ArrayLike, dst_load_q: ArrayLike, nr_cpus: int,
+               dom_cpus: int) -> np.ndarray:
+    """Each candidate's place in the grid, or -1 outside it (mlsched_grid_index), vectorised."""
+    idx, inside = np.int64(0), np.bool_(True)
+    for v, count in zip((cpu, cpu_idle, cpu_not_idle, src_load_q, dst_load_q),
+                        grid_shape(nr_cpus, dom_cpus), strict=True):
+        v = np.asarray(v, dtype=np.int64)
+        idx, inside = idx * count + v, inside & (v >= 0) & (v < count)
+    return np.where(inside, idx, -1)
+
+
+def grid_indices(keys: ArrayLike, nr_cpus: int, dom_cpus: int) -> np.ndarray:
+    """grid_index of packed keys."""
+    return grid_index(*key_fields(keys).values(), nr_cpus, dom_cpus)
+
+
+def grid_keys_at(idx: ArrayLike, nr_cpus: int, dom_cpus: int) -> np.ndarray:
+    """The packed keys at grid indices idx."""
+    fields = np.unravel_index(np.asarray(idx, dtype=np.int64), grid_shape(nr_cpus, dom_cpus))
+    return pack_keys(*fields)
+
+
+def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Packed keys of grid indices [start, stop), in index order (every key the machine can
+    produce, on the wakeup path and the steal path alike)."""
+    stop = grid_size(nr_cpus, dom_cpus) if stop is None else stop
+    return grid_keys_at(np.arange(start, stop), nr_cpus, dom_cpus)
