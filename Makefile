@@ -132,7 +132,7 @@ install: bpf
 	$(SYSTEM_PYTHON) -m venv $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip install -q --disable-pip-version-check "$(CURDIR)$(INSTALL_EXTRAS)"
 	install -d $(PREFIX)/bin $(UNITDIR) $(dir $(DEFAULTS))
-	for c in mlsched-load mlsched-stats mlsched-collect; do \
+	for c in mlsched-load mlsched-stats mlsched-collect mlsched-evaluate; do \
 		ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c; done
 	sed 's|@BINDIR@|$(PREFIX)/bin|' scripts/mlsched.service > $(UNITDIR)/mlsched.service
 	test -e $(DEFAULTS) || install -m 644 scripts/mlsched.default $(DEFAULTS)

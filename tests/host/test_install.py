@@ -47,7 +47,8 @@ def run(installed: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
                           env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("cmd", ["mlsched-load", "mlsched-stats", "mlsched-collect"])
+@pytest.mark.parametrize("cmd", ["mlsched-load", "mlsched-stats", "mlsched-collect",
+                                 "mlsched-evaluate"])
 def test_console_scripts_from_root(installed: Path, cmd: str) -> None:
     res = run(installed, cmd, "--help")
     assert res.returncode == 0, res.stderr
