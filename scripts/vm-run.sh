@@ -138,10 +138,17 @@ kill_vm() {
 		kill -KILL -- "-$vng_pid" 2>/dev/null || kill -KILL "$vng_pid" 2>/dev/null || true
 	fi
 }
+# vng passes its command on the kernel command line (2048 bytes on x86, base64 on top): a long
+# COMMAND would be cut and the guest would never start. The guest runs a file instead, in the
+# shared writable directory (the guest's /tmp may be a fresh tmpfs).
+guest_file=$OUT_DIR/.vm-run-$$.sh
+printf '%s\n' "$guest_script" >"$guest_file"
+
 cleanup() {
 	kill_vm
 	[ -z "$tee_pid" ] || kill "$tee_pid" 2>/dev/null || true
 	rm -rf "$tmp"
+	rm -f "$guest_file"
 }
 trap cleanup EXIT
 trap 'say "interrupted"; exit 130' INT
@@ -162,7 +169,7 @@ boot() {
 	# translated code, and the guest panics ("Oops: int3", vng exits 255 with no output).
 	setsid "$VNG" -r "$vmlinuz" --disable-kvm --cpus "$cpus" --memory "$memory" \
 		--qemu-opts="-accel tcg,thread=single" \
-		--rwdir="$OUT_DIR" -- "$guest_script" >"$fifo" 2>&1 </dev/null &
+		--rwdir="$OUT_DIR" -- "sh $(sq "$guest_file")" >"$fifo" 2>&1 </dev/null &
 	vng_pid=$!
 	booted=0
 	while kill -0 "$vng_pid" 2>/dev/null; do
