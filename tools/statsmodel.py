@@ -60,6 +60,8 @@ COUNTED: tuple[tuple[str, str, int, str], ...] = (
     ("migr_domain", "counters", C.MIGR_DOMAIN,
      "moves inside a domain: to an idle sibling on wakeup, or pulled by one"),
     ("ran_cross", "counters", C.RAN_CROSS, "runs on a CPU of another domain than the last run"),
+    ("ran_cross_decided", "counters", C.RAN_CROSS_DECIDED,
+     "of ran_cross: runs whose move across domains a decision (model or fallback) made"),
     ("ran_domain", "counters", C.RAN_DOMAIN, "runs on another CPU of the same domain"),
     ("preempts", "counters", C.PREEMPTS, "woken tasks that preempted a task a slice ahead"),
     ("restricted", "counters", C.RESTRICTED,
@@ -101,8 +103,8 @@ def _fields() -> tuple[Field, ...]:
         Field("hit_rate", "0..1", "gauge",
               "hits / candidates over the interval (absent when no candidate)"),
         Field("decided_share", "0..1", "gauge",
-              "cross-domain moves a decision made (model + fallback) / cross-domain runs "
-              "seen, over the interval (absent when none)"),
+              "ran_cross_decided / ran_cross over the interval: the share of runs on another "
+              "domain that a decision sent there (absent when none)"),
         Field("kinfer_avg_ns", "ns", "gauge",
               "mean in-kernel inference time over the interval (absent when none)"),
         Field("model_digest", "hex", "label", "first 16 hex digits of the serving model's sha256"),
@@ -232,7 +234,7 @@ def compute(prev: Sample, cur: Sample) -> dict[str, object]:
         return None if ns is None else round(ns / 1000.0, 3)
 
     occupancy = ratio(cur.table_entries, cur.table_capacity)
-    decided = delta("counters", C.MIGR_MODEL) + delta("counters", C.MIGR_FALLBACK)
+    decided = delta("counters", C.RAN_CROSS_DECIDED)
     kinfer = delta("counters", C.KINFER)
     cross = delta("counters", C.RAN_CROSS)
     out.update({
