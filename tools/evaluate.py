@@ -1,6 +1,7 @@
 """mlsched-evaluate: off-policy evaluation of migration policies on a collected dataset.
 
 usage: mlsched-evaluate --data FILE [--model DIR ...] [--history FILE] [--plot FILE.png]
+                        [--json FILE] [--markdown FILE]
 
 FILE is a v2 dataset from mlsched-collect (model_dir/README.md): every candidate with the
 action the logging policy took, the probability with which it took it, and the outcome. For
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model_export.py --history file: its learning curve goes in --plot")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write the figure here")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--markdown", type=Path, metavar="FILE",
+                   help="write the table as Markdown (the data lines, the policies, the "
+                   "differences with the heuristic)")
     return p
 
 
@@ -161,6 +165,32 @@ def table(reports: list[offpolicy.PolicyReport], estimators: list[str]) -> list[
     return lines
 
 
+def markdown(head: list[str], reports: list[offpolicy.PolicyReport],
+             estimators: list[str]) -> list[str]:
+    """The table of table() as Markdown: the data lines, the policies, the differences."""
+    def cell(e: offpolicy.Estimate) -> str:
+        return f"{e.mean:.4f} [{e.lo:.4f}, {e.hi:.4f}]"
+
+    lines = [*(f"- {h}" for h in head), ""]
+    cols = ["policy", "migrate", "matched", "ESS"] + [f"{e.upper()} mean [95 %]"
+                                                      for e in estimators]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(
+        [" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
+    for r in reports:
+        row = [f"`{r.name}`", f"{100 * r.migrate_share:.1f} %", str(r.matched), f"{r.ess:.0f}"]
+        lines.append("| " + " | ".join(row + [cell(r.estimates[e]) for e in estimators]) + " |")
+    lines += ["", f"Difference with the {BASELINE} (policy − {BASELINE}, paired bootstrap):", ""]
+    cols = ["policy"] + [f"{e.upper()} difference [95 %]" for e in estimators]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(
+        [" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
+    for r in reports:
+        if r.vs_baseline is None:
+            continue
+        diffs = [f"{cell(r.vs_baseline[e])} {_verdict(r.vs_baseline[e])}" for e in estimators]
+        lines.append("| " + " | ".join([f"`{r.name}`", *diffs]) + " |")
+    return lines
+
+
 def plot(path: Path, reports: list[offpolicy.PolicyReport], estimators: list[str],
          history: dict[str, Any] | None, title: str) -> None:
     import matplotlib
@@ -227,6 +257,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     estimators = _estimators(args.estimators)
     if args.block_s < 0:
         raise EvalError("--block-s must be >= 0")
+    for name, out in (("--json", args.json), ("--markdown", args.markdown)):
+        if out is not None and not out.resolve().parent.is_dir():
+            raise EvalError(f"{name}: directory {out.resolve().parent} does not exist")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise EvalError(f"--plot: expected a .png file name, not {args.plot}")
     history = read_history(args.history) if args.history else None
@@ -284,6 +317,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         except OSError as e:
             raise EvalError(f"--json: cannot write {args.json} ({e.strerror})") from None
+    if args.markdown is not None:
+        try:
+            args.markdown.write_text("\n".join(markdown(head, reports, estimators)) + "\n")
+        except OSError as e:
+            raise EvalError(f"--markdown: cannot write {args.markdown} ({e.strerror})") from None
     if args.plot is not None:
         plot(args.plot, reports, estimators, history,
              f"{args.data.name}: {n} candidates, cost {args.cost}{penalty}")

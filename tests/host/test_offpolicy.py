@@ -213,10 +213,14 @@ def heldout(tmp_path_factory) -> Path:
 
 
 def test_evaluate_prints_json_and_plots(tmp_path: Path, heldout: Path) -> None:
-    out, png = tmp_path / "e.json", tmp_path / "e.png"
+    out, png, md = tmp_path / "e.json", tmp_path / "e.png", tmp_path / "e.md"
     res = _evaluate("--data", str(heldout), "--no-dummy", "--bootstrap", "300", "--block-s", "0",
-                    "--json", str(out), "--plot", str(png))
+                    "--json", str(out), "--plot", str(png), "--markdown", str(md))
     assert res.returncode == 0, res.stderr
+    table = md.read_text().splitlines()
+    assert "| policy | migrate | matched | ESS | IPS mean [95 %] | DR mean [95 %] |" in table
+    assert sum(line.startswith("| `") for line in table) == 3 + 2  # policies, differences
+    assert any(line.startswith("| `always-keep` |") and "interval" in line for line in table)
     for text in ("always-keep", "always-migrate", "heuristic", "IPS mean [95 % interval]",
                  "DR mean [95 % interval]", "difference with the heuristic",
                  "8000 single rows", "explore P 0.300003"):
