@@ -51,7 +51,7 @@ import numpy as np
 
 from loader import contract, fallback
 from loader.backends import open_backend
-from loader.fastpath import import_tensorflow
+from loader.fastpath import MAX_ABS_DIFF, import_tensorflow
 from loader.model_check import ModelError
 from model_dir import offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
@@ -268,9 +268,69 @@ def _pct(n: int, total: int) -> str:
     return f"{n} of {total} ({100 * n / max(total, 1):.2f} %)"
 
 
-def _export(model: keras.Model, output: Path) -> Callable[[np.ndarray], np.ndarray]:
+# The output's distance from the threshold, in logits, below which float32 rounding (TF's
+# or numpy's) may decide: the fast path is only written when the two agree on every probe
+# row. Tried in turn, each while the fast path still does not verify.
+THRESHOLD_MARGINS = (2e-6, 1e-5, 5e-5)
+THRESHOLD_SHIFT_MAX = 1e-2  # the most the output bias is moved (logit; 0.0025 in probability)
+
+
+def clear_threshold(model: keras.Model, hidden: tuple[int, ...], margin: float
+                    ) -> tuple[float, int]:
+    """Move the output bias so that no fast-path probe row sits on the decision threshold.
+
+    A policy learned from weak signals is indifferent (output near 0.5) on much of the input
+    space, and among the fast path's probe rows (loader/fastpath.py: a 32-CPU grid and random
+    inputs) one within float32 rounding of the threshold makes TF and numpy decide
+    differently, so the fast path is refused. The boundary is moved, by at most
+    THRESHOLD_SHIFT_MAX in logit, to the nearest point at least `margin` from every probe
+    row's logit: decisions change only on inputs the model is indifferent about. Returns
+    (the boundary's new logit, probe rows whose decision changed); (0, 0) when nothing moved.
+    """
+    from loader.fastpath import probe_inputs
+
+    x = probe_inputs(32, 8, 32768, 0)  # write_fastpath()'s probe rows
+    layers = [model.get_layer(f"dense_{i}") for i in range(len(hidden) + 1)]
+    h = x.astype(np.float64)
+    for i, layer in enumerate(layers):
+        kernel, bias = (w.astype(np.float64) for w in layer.get_weights())
+        h = h @ kernel + bias
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    logits = h.ravel()
+    if not np.any(np.abs(logits) < margin):
+        return 0.0, 0
+    # Feasible boundaries b: no logit within margin of b. Between sorted neighbours z[j] and
+    # z[j+1] they are [z[j] + margin, z[j+1] - margin]; also below the least, above the most.
+    z = np.sort(logits)
+    lo = np.concatenate([[-np.inf], z + margin])
+    hi = np.concatenate([z - margin, [np.inf]])
+    ok = lo <= hi
+    b = np.clip(0.0, lo[ok], hi[ok])  # each gap's feasible point nearest 0
+    best = float(b[np.argmin(np.abs(b))])
+    if abs(best) > THRESHOLD_SHIFT_MAX:
+        return 0.0, 0
+    last = layers[-1]
+    kernel, bias = last.get_weights()
+    last.set_weights([kernel, (bias - best).astype(bias.dtype)])
+    return best, int(np.count_nonzero((logits > 0) != (logits > best)))
+
+
+def _export(model: keras.Model, output: Path, hidden: tuple[int, ...] = DEFAULT_HIDDEN
+            ) -> Callable[[np.ndarray], np.ndarray]:
     """Export and verify; the decisions the loader will take with it (bool [n])."""
-    info, result = export_verified(model, output)
+    for attempt, margin in enumerate(THRESHOLD_MARGINS):
+        shift, changed = clear_threshold(model, hidden, margin)
+        if shift:
+            log.info("output bias moved by %.3g (logit) so that no fast-path probe row is "
+                     "within %g of the threshold: %d of the probe rows change decision", -shift,
+                     margin, changed)
+        info, result = export_verified(model, output)
+        if result.written or attempt == len(THRESHOLD_MARGINS) - 1:
+            break
+        if not (result.max_abs_diff is not None and result.max_abs_diff <= MAX_ABS_DIFF):
+            break  # numpy and TF differ by more than rounding: moving the boundary cannot help
+        log.info("%s; moving the boundary further", result.message)
     log.info("exported SavedModel to %s (input %r)", output, info.input_key)
     log.info("%s", result.message)
     if not result.written:
@@ -319,7 +379,7 @@ def _run_label(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str
     log.info("training on %d candidates, validating on %d", len(train_idx), len(val_idx))
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"])
-    decide = _export(model, output)
+    decide = _export(model, output, opts["hidden"])
     _write_history(opts["history"], history, objective="label", hidden=list(opts["hidden"]))
 
     predicted_val = decide(x[val_idx]).astype(np.uint8)
@@ -365,7 +425,7 @@ def _run_imitate(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[s
     )
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"])
-    decide = _export(model, output)
+    decide = _export(model, output, opts["hidden"])
     _write_history(opts["history"], history, objective="imitate", hidden=list(opts["hidden"]))
 
     held = decide(x[val_idx]) == y[val_idx].astype(bool)
@@ -443,7 +503,7 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
 
     model, history = train(x_train, y_train, x_val, y_val, opts["epochs"], opts["seed"],
                            opts["hidden"], w_train / scale, w_val / scale, epoch_figures)
-    decide = _export(model, output)
+    decide = _export(model, output, opts["hidden"])
     _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
                    estimator=estimator, cost=cost_kind, migrate_penalty=opts["migrate_penalty"],
                    data=dataset.source)

@@ -424,6 +424,29 @@ def test_policy_objective_cli_ips_and_history(tmp_path, tf, caplog):
     assert NumpyModel.load(out).describe() == "10 -> 16 relu -> 8 relu -> 1 sigmoid"
 
 
+def test_an_indifferent_model_gets_its_fast_path(tmp_path, tf, caplog):
+    """A model whose logit is ~0 on many probe rows: float32 rounding would decide them, and
+    numpy and TF would disagree; the export moves the boundary clear of every probe row."""
+    model = model_export.build_model((4, 4))
+    k0, b0 = model.get_layer("dense_0").get_weights()
+    k0[:] = 0
+    k0[0, 0] = 1.0  # unit 0 = relu(cpu)
+    model.get_layer("dense_0").set_weights([k0, b0 * 0])
+    k1, b1 = model.get_layer("dense_1").get_weights()
+    model.get_layer("dense_1").set_weights([np.eye(4, dtype=k1.dtype), b1 * 0])
+    k2, b2 = model.get_layer("dense_2").get_weights()
+    k2[:] = 0
+    k2[0, 0] = 1e-9  # logit = 1e-9 cpu - 3e-9: zero at cpu 3, within rounding everywhere
+    model.get_layer("dense_2").set_weights([k2, b2 * 0 - 3e-9])
+    caplog.set_level(logging.INFO)
+    decide = model_export._export(model, tmp_path / "m", (4, 4))
+    assert "output bias moved by" in caplog.text
+    assert "fast path verified" in caplog.text
+    assert check_model_dir(tmp_path / "m").fastpath_ok
+    x = contract.unpack_keys(contract.feature_grid(8, 4))
+    assert decide(x).all()  # the boundary went below every probe row's logit
+
+
 def test_policy_objective_refuses_v1_data(tmp_path):
     data = tmp_path / "v1.csv"
     dataset.write_dataset(data, model_export.synthetic_dataset(200, seed=1).columns)
