@@ -143,7 +143,24 @@ def _verdict(e: offpolicy.Estimate) -> str:
     return "no difference shown (interval includes 0)"
 
 
-def table(reports: list[offpolicy.PolicyReport], estimators: list[str]) -> list[str]:
+def rows_needed(e: offpolicy.Estimate, nr_rows: int) -> float:
+    """Rows at which a difference this size would have a 95 % interval clear of 0.
+
+    The standard error shrinks as 1 / sqrt(rows) (whole blocks of them, so the rows' own
+    correlation is in it): n (1.96 se / |mean|)^2; inf for a zero difference.
+    """
+    if e.mean == 0 or not np.isfinite(e.se):
+        return float("inf")
+    return nr_rows * (1.96 * e.se / abs(e.mean)) ** 2
+
+
+def _needed(e: offpolicy.Estimate, nr_rows: int) -> str:
+    n = rows_needed(e, nr_rows)
+    return "never (no difference)" if not np.isfinite(n) else f"~{n:.0f} rows"
+
+
+def table(reports: list[offpolicy.PolicyReport], estimators: list[str],
+          nr_rows: int = 0) -> list[str]:
     w = max(len("policy"), *(len(r.name) for r in reports))
     head = f"{'policy':<{w}} {'migrate':>7} {'matched':>8} {'ESS':>7}"
     for e in estimators:
@@ -162,11 +179,22 @@ def table(reports: list[offpolicy.PolicyReport], estimators: list[str]) -> list[
         parts = [f"{e.upper()} {_fmt(r.vs_baseline[e]).strip()} {_verdict(r.vs_baseline[e])}"
                  for e in estimators]
         lines.append(f"  {r.name:<{w}} " + "; ".join(parts))
+    if nr_rows:
+        lines.append("")
+        lines.append(f"signal and noise: the difference, its standard error (block bootstrap) and "
+                     f"the rows at which a difference this size would exclude 0 (this run: "
+                     f"{nr_rows}):")
+        for r in reports:
+            if r.vs_baseline is None:
+                continue
+            parts = [f"{e.upper()} {r.vs_baseline[e].mean:+.4f} se {r.vs_baseline[e].se:.4f}: "
+                     f"{_needed(r.vs_baseline[e], nr_rows)}" for e in estimators]
+            lines.append(f"  {r.name:<{w}} " + "; ".join(parts))
     return lines
 
 
 def markdown(head: list[str], reports: list[offpolicy.PolicyReport],
-             estimators: list[str]) -> list[str]:
+             estimators: list[str], nr_rows: int = 0) -> list[str]:
     """The table of table() as Markdown: the data lines, the policies, the differences."""
     def cell(e: offpolicy.Estimate) -> str:
         return f"{e.mean:.4f} [{e.lo:.4f}, {e.hi:.4f}]"
@@ -181,13 +209,22 @@ def markdown(head: list[str], reports: list[offpolicy.PolicyReport],
         lines.append("| " + " | ".join(row + [cell(r.estimates[e]) for e in estimators]) + " |")
     lines += ["", f"Difference with the {BASELINE} (policy − {BASELINE}, paired bootstrap):", ""]
     cols = ["policy"] + [f"{e.upper()} difference [95 %]" for e in estimators]
+    if nr_rows:
+        cols += [f"{e.upper()} se, rows to exclude 0" for e in estimators]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(
         [" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
     for r in reports:
         if r.vs_baseline is None:
             continue
         diffs = [f"{cell(r.vs_baseline[e])} {_verdict(r.vs_baseline[e])}" for e in estimators]
+        if nr_rows:
+            diffs += [f"{r.vs_baseline[e].se:.4f}, {_needed(r.vs_baseline[e], nr_rows)}"
+                      for e in estimators]
         lines.append("| " + " | ".join([f"`{r.name}`", *diffs]) + " |")
+    if nr_rows:
+        lines += ["", f"Rows to exclude 0: where a difference of this size would get a 95 % "
+                  f"interval clear of 0, the standard error shrinking as 1/sqrt(rows) (this "
+                  f"run: {nr_rows} rows)."]
     return lines
 
 
@@ -300,7 +337,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ]
     for name, why in backends.items():
         head.append(f"model {name}: {why}")
-    lines = [*head, "", *table(reports, estimators)]
+    lines = [*head, "", *table(reports, estimators, n)]
     print("\n".join(lines))
     result = {
         "data": str(args.data),
@@ -311,6 +348,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "block_s": args.block_s,
         "observed_mean_cost": float(cost.mean()),
         "policies": [asdict(r) for r in reports],
+        "rows_needed": {r.name: {e: rows_needed(d, n) for e, d in r.vs_baseline.items()}
+                        for r in reports if r.vs_baseline is not None},
     }
     if args.json is not None:
         try:
@@ -319,7 +358,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise EvalError(f"--json: cannot write {args.json} ({e.strerror})") from None
     if args.markdown is not None:
         try:
-            args.markdown.write_text("\n".join(markdown(head, reports, estimators)) + "\n")
+            args.markdown.write_text("\n".join(markdown(head, reports, estimators, n)) + "\n")
         except OSError as e:
             raise EvalError(f"--markdown: cannot write {args.markdown} ({e.strerror})") from None
     if args.plot is not None:

@@ -221,12 +221,18 @@ def test_evaluate_prints_json_and_plots(tmp_path: Path, heldout: Path) -> None:
     assert "| policy | migrate | matched | ESS | IPS mean [95 %] | DR mean [95 %] |" in table
     assert sum(line.startswith("| `") for line in table) == 3 + 2  # policies, differences
     assert any(line.startswith("| `always-keep` |") and "interval" in line for line in table)
+    assert "signal and noise: " in res.stdout and "DR se, rows to exclude 0" in md.read_text()
     for text in ("always-keep", "always-migrate", "heuristic", "IPS mean [95 % interval]",
                  "DR mean [95 % interval]", "difference with the heuristic",
                  "8000 single rows", "explore P 0.300003"):
         assert text in res.stdout, text
     doc = json.loads(out.read_text())
     by_name = {p["name"]: p for p in doc["policies"]}
+    # Rows for the interval to clear 0: n (1.96 se / |mean|)^2, from the same figures.
+    d = by_name["always-keep"]["vs_baseline"]["dr"]
+    assert doc["rows_needed"]["always-keep"]["dr"] == pytest.approx(
+        8000 * (1.96 * d["se"] / abs(d["mean"])) ** 2)
+    assert set(doc["rows_needed"]) == {"always-keep", "always-migrate"}
     ds = dataset.read_dataset(heldout)
     for name, migrate in (("heuristic", ds.heuristic()),
                           ("always-migrate", np.ones(len(ds), bool))):
