@@ -252,7 +252,7 @@ def test_evaluate_models_and_learning_curve(tmp_path: Path, heldout: Path, dummy
                     "--bootstrap", "100", "--history", str(history), "--plot", str(png))
     assert res.returncode == 0, res.stderr
     assert f"model dummy ({dummy}): numpy: verified fast-path weights" in res.stdout
-    assert res.stdout.count(f"dummy ({dummy})") == 3  # the backend line, the table, the diff
+    assert res.stdout.count(f"dummy ({dummy})") == 4  # backend line, table, diff, signal+noise
     assert "blocks of 1 s" in res.stdout
     assert _png_size(png)[0] == 1560  # two panels: the learning curve too
 
