@@ -139,6 +139,17 @@ def fold_feature_scale(model: keras.Model) -> None:
 EpochFigures = Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]]
 
 
+def _StopWhenExact() -> keras.callbacks.Callback:  # noqa: N802 (a class, built lazily)
+    import keras
+
+    class StopWhenExact(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            if logs and logs.get("val_accuracy", 0.0) >= 1.0:
+                self.model.stop_training = True
+
+    return StopWhenExact()
+
+
 def train(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -150,11 +161,15 @@ def train(
     w_train: np.ndarray | None = None,
     w_val: np.ndarray | None = None,
     epoch_figures: EpochFigures | None = None,
+    stop_when_exact: bool = False,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
     """Fit with early stopping; the best epoch's weights, taking raw features, and the history.
 
     w_train/w_val weight the rows' losses; epoch_figures(predict) adds figures to each
-    epoch's record (predict takes raw features, returns probabilities).
+    epoch's record (predict takes raw features, returns probabilities). stop_when_exact: also
+    stop after the first epoch that classifies every validation row right (a table to learn:
+    training on makes the network no better, only sharper, and a sharp network's float32
+    rounding on inputs far outside the table's breaks the fast path's agreement with TF).
     """
     tf = import_tensorflow()
     import keras
@@ -214,6 +229,7 @@ def train(
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE),
                 best,
                 keras.callbacks.LambdaCallback(on_epoch_end=report),
+                *([_StopWhenExact()] if stop_when_exact else []),
             ],
         )
         val_loss = fitted.history["val_loss"]
@@ -473,6 +489,8 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
         float(cost.mean()),
         float(np.median(cost)),
     )
+    if opts.get("safe") is not None:
+        return _run_safe_policy(dataset, output, opts, cost)
     train_idx, val_idx = split(len(dataset), opts["seed"])
     tr, va = dataset.subset(train_idx), dataset.subset(val_idx)
     # The direct model: cross-fitted on the training rows; fitted on all of them for the
@@ -569,6 +587,112 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
     return figures
 
 
+SAFE_GRID = (8, 4)  # the keys --safe's network also learns the table on, beyond the data's
+
+
+def _run_safe_policy(dataset: Dataset, output: Path, opts: dict[str, Any],
+                     cost: np.ndarray) -> dict[str, float]:
+    """--safe Z: the heuristic, except on the buckets where the run's evidence is strong.
+
+    Every row's DR (or IPS) pseudo-costs, cross-fitted over the whole run; per bucket of
+    offpolicy.SAFE_LEVELS (the heuristic's inputs, then the key without the CPU) with enough
+    rows, the mean of migrate - keep and its block-bootstrap standard error; where the mean
+    clears Z of them, that bucket's decision is the cheaper action, elsewhere the heuristic's
+    (finer buckets override coarser ones). The network learns that table on the data's keys
+    and every key of a SAFE_GRID machine, a classification it learns exactly like imitation.
+    """
+    estimator, z = opts["estimator"], float(opts["safe"])
+    action = dataset.actions.astype(np.int64)
+    q = offpolicy.crossfit_direct(dataset.columns, action, cost, seed=opts["seed"])
+    g = offpolicy.pseudo_costs(cost, action, dataset.propensities(), estimator, q)
+    effects = offpolicy.bucket_effects(dataset.columns, g[:, 1] - g[:, 0],
+                                       nr_boot=opts["bootstrap"], seed=opts["seed"])
+    deviations = offpolicy.safe_deviations(effects, z)
+    log.info(
+        "%s pseudo-costs on all %d rows; %d buckets of >= %d rows tested (levels: %s); the "
+        "mean of migrate - keep clears %g standard errors on %d:",
+        estimator.upper(), len(dataset), len(effects), offpolicy.SAFE_MIN_ROWS,
+        ", ".join({2: "cpu_idle>0 and load gap", 1: "key without cpu"}[lv]
+                  for lv in offpolicy.SAFE_LEVELS), z, len(deviations),
+    )
+    for e in effects:
+        d = e.decision(z)
+        if d is None:
+            continue
+        verdict = ("migrate" if d else "keep") + (
+            " (the heuristic's too)" if d == e.heuristic else
+            f" (the heuristic {'migrates' if e.heuristic else 'keeps'}: deviate)")
+        log.info("  %-62s %5d rows  %+9.4f se %.4f  -> %s",
+                 offpolicy.describe_bucket(e.level, e.bucket), e.rows, e.mean, e.se, verdict)
+    # The examples, each labeled by the table: every key of a small machine's grid; as many
+    # random keys of machines up to contract.MAX_CPUS CPUs (where the heuristic's rule holds
+    # too, and the fast path's probe rows go: a network left to extrapolate there is sharp and
+    # wild, and float32 rounding then parts numpy from TF); the data's rows, repeated so that
+    # its keys weigh as much again.
+    grid = contract.feature_grid(*SAFE_GRID)
+    rng = np.random.default_rng([opts["seed"], 5])
+    wide = contract.pack_keys(rng.integers(0, contract.MAX_CPUS, len(grid)),
+                              *rng.integers(0, 65, (2, len(grid))),
+                              *np.sort(rng.integers(0, contract.LOAD_SCALE + 1, (2, len(grid))),
+                                       axis=0)[::-1])
+    keys = dataset.keys()
+    reps = max(1, len(grid) // max(len(keys), 1))
+    all_keys = np.concatenate([grid, wide, np.tile(keys, reps)])
+    y = offpolicy.safe_decide(offpolicy.key_columns(all_keys), deviations).astype(np.uint8)
+    x = contract.unpack_keys(all_keys)
+    train_idx, val_idx = split(len(all_keys), opts["seed"])
+    rows_table = offpolicy.safe_decide(dataset.columns, deviations)
+    x_rows = dataset.features()
+    heur = dataset.heuristic()
+    log.info("the table deviates from the heuristic on %s of the run's rows; training on %d "
+             "examples (%d keys of the %d-CPU grid, as many random ones, the run's %d rows x "
+             "%d), validating on %d",
+             _pct(int(np.count_nonzero(rows_table != heur)), len(heur)), len(train_idx),
+             len(grid), SAFE_GRID[0], len(keys), reps, len(val_idx))
+
+    def epoch_figures(predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+        learned = predict(x_rows) > contract.MIGRATE_THRESHOLD
+        return {
+            f"val_cost_{estimator}": float(offpolicy.contributions(g, learned).mean()),
+            f"val_cost_{estimator}_heuristic": float(offpolicy.contributions(g, heur).mean()),
+            "val_table_agreement": float(np.mean(learned == rows_table)),
+        }
+
+    model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
+                           opts["seed"], opts["hidden"], epoch_figures=epoch_figures,
+                           stop_when_exact=True)
+    decide = _export(model, output, opts["hidden"])
+    _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
+                   estimator=estimator, cost=opts["cost"], migrate_penalty=opts["migrate_penalty"],
+                   data=dataset.source, safe=z,
+                   deviations=[{"level": lv, "bucket": b, "what": offpolicy.describe_bucket(lv, b),
+                                "migrate": m} for (lv, b), m in deviations.items()])
+    learned = decide(x_rows)
+    agree_rows = float(np.mean(learned == rows_table))
+    gx = all_keys[val_idx]
+    agree_val = float(np.mean(decide(contract.unpack_keys(gx)) == y[val_idx].astype(bool)))
+    log.info("the exported model follows the table on %.2f %% of the run's rows and %.2f %% of "
+             "the held-back examples", 100 * agree_rows, 100 * agree_val)
+    block_ns = offpolicy.DEFAULT_BLOCK_NS if opts["data"] is not None else 0
+    reports = offpolicy.evaluate(dataset, {"heuristic": heur, "learned": learned}, cost=cost,
+                                 nr_boot=opts["bootstrap"], block_ns=block_ns, seed=opts["seed"])
+    mine = next(r for r in reports if r.name == "learned")
+    assert mine.vs_baseline is not None
+    diff = mine.vs_baseline[estimator]
+    log.info("in-sample (the table was chosen on these rows, so this is optimistic): learned - "
+             "heuristic (%s) %.4f [%.4f, %.4f]; judge it on another run with mlsched-evaluate",
+             estimator.upper(), diff.mean, diff.lo, diff.hi)
+    figures = {
+        "deviations": float(len([1 for e in effects if e.decision(z) not in (None, e.heuristic)])),
+        "table_agreement": agree_rows,
+        f"insample_diff_{estimator}": diff.mean,
+    }
+    if opts["data"] is None:
+        figures["true_cost"] = float(expected_cost(dataset.columns, learned).mean())
+        figures["true_cost_heuristic"] = float(expected_cost(dataset.columns, heur).mean())
+    return figures
+
+
 def run(
     output: Path,
     data: Path | None,
@@ -583,6 +707,7 @@ def run(
     migrate_penalty: float = 0.0,
     history: Path | None = None,
     bootstrap: int = offpolicy.DEFAULT_BOOTSTRAP,
+    safe: float | None = None,
 ) -> dict[str, float]:
     """Train, export and verify; returns the objective's figures. ModelError/DatasetError.
 
@@ -608,7 +733,7 @@ def run(
     log.info("network: %s; objective %s", describe(hidden), objective)
     opts = {"epochs": epochs, "seed": seed, "hidden": hidden, "history": history, "data": data,
             "estimator": estimator, "cost": cost, "migrate_penalty": migrate_penalty,
-            "bootstrap": bootstrap}
+            "bootstrap": bootstrap, "safe": safe}
     runner = {"label": _run_label, "imitate": _run_imitate, "policy": _run_policy}[objective]
     return runner(dataset, output, opts)
 
@@ -705,14 +830,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="write every epoch's losses and figures as JSON (for mlsched-evaluate --plot)",
     )
+    parser.add_argument(
+        "--safe",
+        type=_non_negative,
+        default=None,
+        metavar="Z",
+        help="policy: keep the heuristic's decision except on the buckets (its own inputs, "
+        "then the key without the CPU) where the estimated mean cost difference clears Z "
+        "block-bootstrap standard errors (e.g. 1.96); default: learn from every row",
+    )
     args = parser.parse_args(argv)
+    if args.safe is not None and args.objective != "policy":
+        parser.error("--safe is for --objective policy")
     # The report on stdout; stderr holds nothing but a refusal, one line.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <tmp>"
     try:
         run(args.output, args.data, args.epochs, args.seed, args.samples,
             objective=args.objective, hidden=args.hidden, estimator=args.estimator,
-            cost=args.cost, migrate_penalty=args.migrate_penalty, history=args.history)
+            cost=args.cost, migrate_penalty=args.migrate_penalty, history=args.history,
+            safe=args.safe)
     except (ModelError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

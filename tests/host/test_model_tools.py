@@ -407,6 +407,33 @@ def test_policy_objective_beats_the_heuristic_on_simulated_data(tmp_path, tf):
     assert true_best.mean() <= true_learned < true_heuristic - 0.01
 
 
+def test_safe_policy_follows_its_table_and_beats_the_heuristic(tmp_path, tf, caplog):
+    """--safe: the heuristic except where the simulated run's evidence is strong; the network
+    follows that table exactly, keeps its fast path, and is truly cheaper on another run."""
+    out, history = tmp_path / "safe", tmp_path / "h.json"
+    caplog.set_level(logging.INFO)
+    figures = model_export.run(out, None, epochs=40, seed=0, samples=20000, objective="policy",
+                               bootstrap=200, safe=1.96, history=history)
+    assert figures["table_agreement"] >= 0.99 and figures["deviations"] >= 1
+    assert "the heuristic keeps: deviate" in caplog.text or "the heuristic migrates: deviate" \
+        in caplog.text
+    assert check_model_dir(out).fastpath_ok
+    doc = json.loads(history.read_text())
+    assert doc["safe"] == 1.96 and doc["deviations"]
+    other = synthetic.simulated_logged_dataset(20000, seed=99)
+    backend, _ = open_backend(check_model_dir(out), "auto")
+    learned = backend.predict(other.features()) > 0.5
+    true_learned = synthetic.expected_cost(other.columns, learned).mean()
+    true_heuristic = synthetic.expected_cost(other.columns, other.heuristic()).mean()
+    assert true_learned < true_heuristic
+
+
+def test_safe_is_for_the_policy_objective(tmp_path):
+    res = run_tool("model_dir/model_export.py", "--objective", "imitate", "--safe", "2",
+                   "--output", str(tmp_path / "m"))
+    assert res.returncode == 2 and "--safe is for --objective policy" in res.stderr
+
+
 def test_policy_objective_cli_ips_and_history(tmp_path, tf, caplog):
     out, history = tmp_path / "m", tmp_path / "h.json"
     caplog.set_level(logging.INFO)
