@@ -75,7 +75,7 @@ soak: setup bpf
 
 # The learning loop (tools/collect.md, "make train"; scripts/train.sh): two collection boots in
 # the VM (a training run and a held-out run, exploration P, dataset v2), model_export.py
-# --objective policy on the training run -> TRAINED_MODEL (64-64, verified fast path,
+# --objective policy --safe 1.96 on the training run -> TRAINED_MODEL (64-64, verified fast path,
 # manifest), mlsched-evaluate on the held-out run -> build/train/evaluation.{txt,md,json,png}.
 # About 10 min; not part of `make test`. VM_LOCK=FILE flocks each boot; TRAIN_COLLECT=0 trains
 # and evaluates again on the datasets already in build/train.
@@ -84,11 +84,12 @@ TRAIN_SECONDS ?= 210
 HELDOUT_SECONDS ?= $(TRAIN_SECONDS)
 TRAIN_EXPLORE ?= 0.5
 TRAIN_ESTIMATOR ?= dr
+TRAIN_SAFE ?= 1.96
 TRAIN_COLLECT ?= 1
 TRAINED_MODEL ?= model_dir/model_path_trained
 train: setup bpf
 	TRAIN_CPUS=$(TRAIN_CPUS) TRAIN_SECONDS=$(TRAIN_SECONDS) HELDOUT_SECONDS=$(HELDOUT_SECONDS) \
-	TRAIN_EXPLORE=$(TRAIN_EXPLORE) TRAIN_ESTIMATOR=$(TRAIN_ESTIMATOR) \
+	TRAIN_EXPLORE=$(TRAIN_EXPLORE) TRAIN_ESTIMATOR=$(TRAIN_ESTIMATOR) TRAIN_SAFE=$(TRAIN_SAFE) \
 	TRAIN_COLLECT=$(TRAIN_COLLECT) TRAINED_MODEL=$(TRAINED_MODEL) VM_LOCK=$(VM_LOCK) PY=$(PY) \
 	scripts/train.sh
 

@@ -2,7 +2,9 @@
 # make train, end to end (tools/collect.md, "make train"):
 #   1. collection, boot 1: the training run      scripts/train-guest.sh in a VM (vm-run.sh)
 #   2. collection, boot 2: the held-out run      the same loads in another order, another boot
-#   3. training on the training run              model_export.py --objective policy -> MODEL
+#   3. training on the training run              model_export.py --objective policy --safe Z
+#                                                -> MODEL; and, to compare, without --safe
+#                                                -> build/train/unconstrained
 #   4. evaluation on the held-out run            mlsched-evaluate -> build/train/evaluation.*
 # Both runs log with exploration P (the coin of collection mode) and write dataset v2 (every
 # row's propensity and outcome); rows whose task slept through its window are kept as cost 0
@@ -11,13 +13,15 @@
 # verified numpy fast path and manifest, ready for `sudo mlsched-load --model MODEL`.
 #
 # Files, in build/train/: train.csv, heldout.csv (+ .outcomes.csv, the collectors' logs),
-# train.log (model_export's output), history.json (its learning curve), evaluation.txt / .md /
+# train.log (model_export's output), history.json (its learning curve), unconstrained/ and
+# unconstrained.log (the comparison model), evaluation.txt / .md /
 # .json / .png (the table, the figures, the learning curve and the policy comparison),
 # timings.txt. Every step says how long it took; the VM lock wait is reported apart.
 #
 # Environment (the Makefile passes its variables): TRAIN_CPUS (4), TRAIN_SECONDS (210, the
 # training run), HELDOUT_SECONDS (TRAIN_SECONDS), TRAIN_EXPLORE (0.5), TRAIN_ESTIMATOR (dr),
-# TRAIN_MAX_LATE_MS (50, half the outcome window),
+# TRAIN_MAX_LATE_MS (50, half the outcome window), TRAIN_SAFE (1.96; "" trains MODEL without
+# --safe),
 # TRAIN_COST (delay-per-run), TRAINED_MODEL (model_dir/model_path_trained), TRAIN_COLLECT (1;
 # 0 trains and evaluates again on the datasets already in build/train), VM_LOCK (a file to
 # flock around each boot, so that two measurements never share the machine; unset: no lock),
@@ -33,6 +37,7 @@ TRAIN_S=${TRAIN_SECONDS:-210}
 HELDOUT_S=${HELDOUT_SECONDS:-$TRAIN_S}
 EXPLORE=${TRAIN_EXPLORE:-0.5}
 MAX_LATE_MS=${TRAIN_MAX_LATE_MS:-50}
+SAFE=${TRAIN_SAFE-1.96}
 ESTIMATOR=${TRAIN_ESTIMATOR:-dr}
 COST=${TRAIN_COST:-delay-per-run}
 MODEL=${TRAINED_MODEL:-model_dir/model_path_trained}
@@ -102,7 +107,7 @@ collect() {
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
 git diff --quiet HEAD 2>/dev/null || commit+="+changes"
-say "mlsched make train ($commit): $CPUS vCPUs, training run $TRAIN_S s, held-out run $HELDOUT_S s, explore P $EXPLORE; estimator $ESTIMATOR, cost $COST -> $MODEL"
+say "mlsched make train ($commit): $CPUS vCPUs, training run $TRAIN_S s, held-out run $HELDOUT_S s, explore P $EXPLORE; estimator $ESTIMATOR${SAFE:+, --safe $SAFE}, cost $COST -> $MODEL"
 if [ "$COLLECT" = 1 ]; then
 	step 1 "collection, boot 1: the training run ($TRAIN_S s: $TRAIN_ORDER)"
 	collect train "$TRAIN_S" "$TRAIN_ORDER"
@@ -117,16 +122,33 @@ else
 	say "TRAIN_COLLECT=0: the datasets already in $OUT (steps 1 and 2 skipped)"
 fi
 
-step 3 "training on the training run: model_export.py --objective policy --estimator $ESTIMATOR"
+step 3 "training on the training run: model_export.py --objective policy --estimator $ESTIMATOR${SAFE:+ --safe $SAFE}"
+safe_args=()
+[ -z "$SAFE" ] || safe_args=(--safe "$SAFE")
 if ! "$PY" model_dir/model_export.py --objective policy --estimator "$ESTIMATOR" \
-	--cost "$COST" --data "$OUT/train.csv" --history "$OUT/history.json" --output "$MODEL" \
-	2>&1 | tee "$OUT/train.log"; then
+	"${safe_args[@]}" --cost "$COST" --data "$OUT/train.csv" --history "$OUT/history.json" \
+	--output "$MODEL" 2>&1 | tee "$OUT/train.log"; then
 	die "training failed ($OUT/train.log)"
+fi
+compare=()
+if [ -n "$SAFE" ]; then
+	# The same objective learning from every row, for comparison: $OUT/unconstrained.log.
+	say "and without --safe, for comparison: $OUT/unconstrained (output in $OUT/unconstrained.log)"
+	if "$PY" model_dir/model_export.py --objective policy --estimator "$ESTIMATOR" \
+		--cost "$COST" --data "$OUT/train.csv" --output "$OUT/unconstrained" \
+		>"$OUT/unconstrained.log" 2>&1; then
+		compare=("$OUT/unconstrained")
+		grep -E '^(early stop|done after|fast path|learned - heuristic)' "$OUT/unconstrained.log" |
+			sed 's/^/  /'
+	else
+		say "the comparison model failed ($OUT/unconstrained.log); evaluating without it"
+	fi
 fi
 step_done "training"
 
 step 4 "evaluation on the held-out run: mlsched-evaluate"
-if ! "$PY" -m tools.evaluate --data "$OUT/heldout.csv" --model "$MODEL" --cost "$COST" \
+if ! "$PY" -m tools.evaluate --data "$OUT/heldout.csv" --model "$MODEL" "${compare[@]}" \
+	--cost "$COST" \
 	--history "$OUT/history.json" --plot "$OUT/evaluation.png" --json "$OUT/evaluation.json" \
 	--markdown "$OUT/evaluation.md" 2>&1 | tee "$OUT/evaluation.txt"; then
 	die "evaluation failed ($OUT/evaluation.txt)"
