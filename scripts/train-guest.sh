@@ -59,11 +59,15 @@ if ! grep -q 'attached mlsched' "$OUT/collect.log"; then
 fi
 say "collector attached ($ncpu CPUs, explore P $EXPLORE); $TOTAL s of load in ${#order[@]} phases of $phase s: ${order[*]}"
 
-# The collector's latest progress line ("t= 45 s: 1962 records ..."), without its time stamp.
+# The collector's latest progress line ("t= 45 s: 1962 records ..."), without its time stamp;
+# nothing when it has not moved on (the last phase outlives the collection by a little).
+last_progress=
 progress() {
 	local line
 	line=$(grep ' t=' "$OUT/collect.log" | tail -n 1) || true
-	[ -z "$line" ] || say "${line#* mlsched-collect: }"
+	[ -n "$line" ] && [ "$line" != "$last_progress" ] || return 0
+	last_progress=$line
+	say "${line#* mlsched-collect: }"
 }
 
 # Each phase runs in its own process group so that stop_load takes all of it down.
