@@ -91,8 +91,11 @@ clean:
 	rm -rf build
 
 # Model backends side by side on one core (CPU 0): a table, and JSON in bench-results/.
-bench-model: setup
+# Then the three networks' numpy rate and in-kernel inference time (tools/bench/kinfer.py).
+bench-model: setup $(MLP_BENCH)
 	taskset -c 0 $(PY) tools/bench_model.py --cpu 0
+	@mkdir -p bench-results
+	taskset -c 0 $(PY) -m tools.bench.kinfer --json bench-results/kinfer.json
 
 # The kernel's own example schedulers, peers for the benchmarks and tests/vm/test_peers.py: built
 # from the cached source tree (tools/sched_ext, with its own libbpf and bpftool) against the VM
