@@ -409,9 +409,19 @@ def target_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                              f"{_fmt_int(p['decisions_per_s'])} decided/s, "
                              f"{_fmt_int(p['ring_drops'])} ring drops",
                              "kept up with, no drops", _ok(ok)))
-    bm = res.get("bench_model")
-    if bm:
-        rows += bm.get("target_rows", [])
+    ki = res.get("kinfer")
+    if ki:
+        n = ki["nets"].get("64-64")
+        if n:
+            rate = n["numpy_per_s"]["64"] if "64" in n["numpy_per_s"] else n["numpy_per_s"][64]
+            rows.append(("issue 13: decide stage, 64-64 network, numpy batch 64, one core (host)",
+                         f"{_fmt_int(rate)}/s", "≥ 1,000,000/s", _ok(rate >= 1e6)))
+        for name, n in ki["nets"].items():
+            k = n["kernel"]
+            rows.append((f"issue 14: in-kernel inference on the host (test run), {name} "
+                         f"{n['shape']}", f"{k['ns_median']:,.0f} ns (p99 {k['ns_p99']:,.0f}); "
+                         f"BPF = mirror on {k['keys']:,} keys: "
+                         f"{'yes' if k['agrees_with_mirror'] else 'NO'}", "", ""))
     st = [s for s in vm.get("starts", []) if s["config"] in MLSCHED and "vmhwm_mb" in s]
     if st:
         hwm = max(s["vmhwm_mb"] for s in st if s["config"] != "kernel" or True)
@@ -436,9 +446,12 @@ def target_rows(res: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if "trained" in costs and "kernel" in costs:
         u, k = costs["trained"]["select_ns"], costs["kernel"]["select_ns"]
         if u and k:
-            rows.append(("issue 14: select_cpu per call, kernel (hash) − user (grid) mode",
-                         f"{k - u:+.0f} ns ({k:.0f} vs {u:.0f})", "≤ 30 ns on a hit",
-                         _ok(k - u <= TARGET_HIT_NS)))
+            # Under TCG a call costs microseconds of emulation and varies by thousands of ns
+            # from run to run: a 30 ns difference cannot be resolved here, so no verdict.
+            rows.append(("issue 14: select_cpu per call (bpf_stats), kernel (hash) − user "
+                         "(grid) mode, all runs pooled",
+                         f"{k - u:+,.0f} ns ({k:,.0f} vs {u:,.0f})", "≤ 30 ns on a hit",
+                         "n/a (TCG: not resolvable)"))
         if costs["kernel"]["kinfer_ns"]:
             rows.append(("issue 14: in-kernel inference in the VM (KINFER_NS / KINFER)",
                          f"{costs['kernel']['kinfer_ns']:,.0f} ns × "
@@ -548,6 +561,8 @@ def markdown(res: dict[str, Any], pngs: list[Path]) -> str:
         lines += ["## Start-up and memory of the loader (issue 13)", ""] + startup_table(vm)
     if res.get("host_pipeline"):
         lines += ["## Decision pipeline on the host (issue 13)", ""]
+        if res["meta"].get("host_pipeline_from"):
+            lines += [f"(From a separate run, {res['meta']['host_pipeline_from']}.)", ""]
         lines += pipeline_tables(res["host_pipeline"])
     for png in pngs:
         lines += [f"![{png.stem}]({png.name})", ""]
@@ -645,8 +660,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, help="default: next to the results file")
     ap.add_argument("--docs", action="store_true",
                     help="also docs/BENCHMARKS.md (keeping its reading) and docs/bench/*.png")
+    ap.add_argument("--host-pipeline", type=Path,
+                    help="a tools.bench.pipeline JSON to use instead of the run's (say why)")
+    ap.add_argument("--kinfer", type=Path, help="a tools.bench.kinfer JSON (make bench-model)")
     args = ap.parse_args(argv)
     res = json.loads(args.results.read_text())
+    if args.host_pipeline:
+        res["host_pipeline"] = json.loads(args.host_pipeline.read_text())
+        res["meta"]["host_pipeline_from"] = str(args.host_pipeline)
+    if args.kinfer:
+        res["kinfer"] = json.loads(args.kinfer.read_text())
     md, pngs = write(res, args.out_dir or args.results.parent, args.results.stem)
     if args.docs:
         print(f"report: {write_docs(res)}")
