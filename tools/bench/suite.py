@@ -599,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         lpu = result.get("loops_per_us") or calibrate(WAKEPROBE)
         result["loops_per_us"] = lpu
         wake.loops = max(1, round(lpu * wake.request_us))
+        for w in result["workloads"]:  # the command as run, with the calibrated loop count
+            if w["name"] == wake.name:
+                w["command"] = wake.command()
     try:
         say("warm-up under eevdf: " + ", ".join(w.name for w in wls))
         for w in wls:
