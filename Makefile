@@ -137,25 +137,6 @@ bench-model: setup $(MLP_BENCH)
 	@mkdir -p bench-results
 	taskset -c 0 $(PY) -m tools.bench.kinfer --json bench-results/kinfer.json
 
-# The kernel's own example schedulers, peers for the benchmarks and tests/vm/test_peers.py: built
-# from the cached source tree (tools/sched_ext, with its own libbpf and bpftool) against the VM
-# kernel's BTF. Objects go to build/scx/obj (O=; nothing is written into the cache tree), the
-# binaries to build/scx/.
-.PHONY: scx-peers
-SCX_PEERS := scx_simple scx_central
-SCX_OUT := $(CURDIR)/build/scx
-scx-peers: setup
-	@[ -n "$(SCX_SRC)" ] && [ -d "$(SCX_SRC)/tools/sched_ext" ] || \
-		{ echo "scx-peers: no kernel source in $(CACHE)/linux-source: run make setup" >&2; exit 2; }
-	@echo "scx-peers: building $(SCX_PEERS) from $(SCX_SRC)/tools/sched_ext"
-	@mkdir -p $(SCX_OUT)/obj
-	@$(MAKE) -s -C $(SCX_SRC)/tools/sched_ext -j2 O=$(SCX_OUT)/obj CLANG=$(CLANG) \
-		LLVM_STRIP=llvm-strip-19 VMLINUX_BTF=$(KERNEL_DIR)/vmlinux $(SCX_PEERS) \
-		> $(SCX_OUT)/build.log 2>&1 || \
-		{ tail -30 $(SCX_OUT)/build.log >&2; echo "scx-peers: build failed, see $(SCX_OUT)/build.log" >&2; exit 1; }
-	@cd $(SCX_OUT)/obj/build/bin && cp -p $(SCX_PEERS) $(SCX_OUT)/
-	@echo "scx-peers: $(addprefix build/scx/,$(SCX_PEERS))"
-
 # Benchmarks (docs/BENCHMARKS.md): the decision pipeline on the host and in the VM, and the
 # scheduling outcome in the VM; results in bench-results/. 10-15 minutes.
 .PHONY: bench
