@@ -106,18 +106,25 @@ demo: setup bpf
 soak: setup bpf
 	scripts/vm-run.sh --cpus $(VM_CPUS) -- 'bash scripts/soak-guest.sh'
 
-# The learning loop (tools/collect.md): mlsched-collect in the VM under the benchmark's kinds of
-# load (scripts/train-guest.sh), model_export.py --data on the host, then the model checked as the
-# loader will run it and compared with the heuristic. About 5 min; not part of `make test`.
+# The learning loop (tools/collect.md, "make train"; scripts/train.sh): two collection boots in
+# the VM (a training run and a held-out run, exploration P, dataset v2), model_export.py
+# --objective policy --safe 1.96 on the training run -> TRAINED_MODEL (64-64, verified fast path,
+# manifest), mlsched-evaluate on the held-out run -> build/train/evaluation.{txt,md,json,png}.
+# About 10 min; not part of `make test`. VM_LOCK=FILE flocks each boot; TRAIN_COLLECT=0 trains
+# and evaluates again on the datasets already in build/train.
 TRAIN_CPUS ?= 4
-TRAIN_SECONDS ?= 120
-TRAIN_DATA := build/vm-out/train/candidates.csv
+TRAIN_SECONDS ?= 210
+HELDOUT_SECONDS ?= $(TRAIN_SECONDS)
+TRAIN_EXPLORE ?= 0.5
+TRAIN_ESTIMATOR ?= dr
+TRAIN_SAFE ?= 1.96
+TRAIN_COLLECT ?= 1
 TRAINED_MODEL ?= model_dir/model_path_trained
 train: setup bpf
-	rm -f $(TRAIN_DATA)
-	scripts/vm-run.sh --cpus $(TRAIN_CPUS) -- 'TRAIN_SECONDS=$(TRAIN_SECONDS) bash scripts/train-guest.sh'
-	$(PY) model_dir/model_export.py --data $(TRAIN_DATA) --output $(TRAINED_MODEL)
-	$(PY) -m tools.trainreport --model $(TRAINED_MODEL) --data $(TRAIN_DATA)
+	TRAIN_CPUS=$(TRAIN_CPUS) TRAIN_SECONDS=$(TRAIN_SECONDS) HELDOUT_SECONDS=$(HELDOUT_SECONDS) \
+	TRAIN_EXPLORE=$(TRAIN_EXPLORE) TRAIN_ESTIMATOR=$(TRAIN_ESTIMATOR) TRAIN_SAFE=$(TRAIN_SAFE) \
+	TRAIN_COLLECT=$(TRAIN_COLLECT) TRAINED_MODEL=$(TRAINED_MODEL) VM_LOCK=$(VM_LOCK) PY=$(PY) \
+	scripts/train.sh
 
 # Install the runtime (tools/README.md has the service): a virtualenv of its own under
 # INSTALL_VENV with `pip install .` (add INSTALL_EXTRAS=[tf] for TensorFlow), the commands
@@ -144,8 +151,11 @@ clean:
 	rm -rf build
 
 # Model backends side by side on one core (CPU 0): a table, and JSON in bench-results/.
-bench-model: setup
+# Then the three networks' numpy rate and in-kernel inference time (tools/bench/kinfer.py).
+bench-model: setup $(MLP_BENCH)
 	taskset -c 0 $(PY) tools/bench_model.py --cpu 0
+	@mkdir -p bench-results
+	taskset -c 0 $(PY) -m tools.bench.kinfer --json bench-results/kinfer.json
 
 # Benchmarks (docs/BENCHMARKS.md): the decision pipeline on the host and in the VM, and the
 # scheduling outcome in the VM; results in bench-results/. 10-15 minutes.
@@ -162,7 +172,7 @@ $(MLP_BENCH): tools/bench/mlp_bench.bpf.c bpf/mlsched_mlp.h bpf/mlsched.h bpf/vm
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@
 
-bench: setup bpf $(BENCH_PRODUCER) $(MLP_BENCH)
+bench: setup bpf scx-peers $(BENCH_PRODUCER) $(MLP_BENCH)
 	$(PY) -m tools.bench $(BENCH_ARGS)
 
 # wakeprobe (tools/bench/wakeprobe.c): wakeup latency in the manner of schbench.

@@ -185,6 +185,7 @@ struct task_ctx {
 	u64 queued_at;		/* ns it was last queued: the starvation guard */
 	u64 full_doms;		/* bit d: may run on every CPU of domain d (set_cpumask) */
 	s32 last_cpu;		/* CPU it last ran on, -1 before its first run */
+	u32 decided_move;	/* 1: a decision (model or fallback) sent it to another domain */
 };
 
 struct {
@@ -667,6 +668,8 @@ s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 
 			return prev_cpu;
 	}
 	count_move(&c);
+	if (tc)
+		tc->decided_move = 1;
 	return cpu;
 }
 
@@ -771,8 +774,11 @@ static void steal(s32 cpu, u32 home)
 		} else if (!decide(&c)) {
 			break;
 		}
-		if (scx_bpf_dsq_move(BPF_FOR_EACH_ITER, p, SCX_DSQ_LOCAL, 0) && !forced)
+		if (scx_bpf_dsq_move(BPF_FOR_EACH_ITER, p, SCX_DSQ_LOCAL, 0) && !forced) {
 			count_move(&c);
+			if (tc)
+				tc->decided_move = 1;
+		}
 		break;
 	}
 }
@@ -806,10 +812,17 @@ void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
 
 	if (tc) {
 		tc->started_at = bpf_ktime_get_ns();
-		if (tc->last_cpu >= 0 && tc->last_cpu != cpu)
-			cnt_inc(dom_of(tc->last_cpu) == dom_of(cpu) ? MLSCHED_CNT_RAN_DOMAIN
-								     : MLSCHED_CNT_RAN_CROSS);
+		if (tc->last_cpu >= 0 && tc->last_cpu != cpu) {
+			if (dom_of(tc->last_cpu) == dom_of(cpu)) {
+				cnt_inc(MLSCHED_CNT_RAN_DOMAIN);
+			} else {
+				cnt_inc(MLSCHED_CNT_RAN_CROSS);
+				if (tc->decided_move)
+					cnt_inc(MLSCHED_CNT_RAN_CROSS_DECIDED);
+			}
+		}
 		tc->last_cpu = cpu;
+		tc->decided_move = 0;
 	}
 	/* The loader jumps the queue on wakeup: it must not drive the clock. */
 	if (is_loader(p))

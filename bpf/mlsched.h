@@ -146,6 +146,7 @@ enum mlsched_counter {
 	MLSCHED_CNT_KINFER,		/* in-kernel inferences (misses decided by the kernel) */
 	MLSCHED_CNT_KINFER_NS,		/* their total time, ns */
 	MLSCHED_CNT_RB_WAKEUPS,		/* records submitted with a wakeup of the reader */
+	MLSCHED_CNT_RAN_CROSS_DECIDED,	/* RAN_CROSS runs whose move a decision made */
 	MLSCHED_NR_COUNTERS,
 };
 

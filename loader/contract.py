@@ -140,6 +140,7 @@ class Counter(IntEnum):
     KINFER = 23
     KINFER_NS = 24
     RB_WAKEUPS = 25
+    RAN_CROSS_DECIDED = 26
 
 
 NR_COUNTERS = len(Counter)

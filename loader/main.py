@@ -382,14 +382,14 @@ def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: 
     try:
         while not stop.requested:
             switched = pipeline.take_model()
-            if switched is not None:
-                publisher.model_ready(switched[0], getattr(switched[1], "digest", ""))
             if pipeline.precompute_pending:
                 t0 = time.monotonic()
                 n = pipeline.precompute()
                 if n:
                     log.info("decided all %d keys of the grid in %.3f s", n,
                              time.monotonic() - t0)
+            if switched is not None:  # ready once its table is written
+                publisher.model_ready(switched[0], getattr(switched[1], "digest", ""))
             if reload.take():
                 threading.Thread(target=reload_model, daemon=True,
                                  args=(args, pipeline, publisher)).start()

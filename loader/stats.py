@@ -86,6 +86,8 @@ migr_forced          events  event u64    steals of a task queued past the starv
 migr_domain          events  event u64    moves inside a domain: to an idle sibling on wakeup, or
                                           pulled by one
 ran_cross            events  event u64    runs on a CPU of another domain than the last run
+ran_cross_decided    events  event u64    of ran_cross: runs whose move across domains a decision
+                                          (model or fallback) made
 ran_domain           events  event u64    runs on another CPU of the same domain
 preempts             events  event u64    woken tasks that preempted a task a slice ahead
 restricted           events  event u64    wakeups of tasks that may not use every CPU of their
@@ -103,9 +105,9 @@ reloads              events  event u64    models switched in on SIGHUP
 reload_failures      events  event u64    SIGHUPs whose new model was refused
 hit_rate             0..1    gauge float  hits / candidates over the interval (absent when no
                                           candidate)
-decided_share        0..1    gauge float  cross-domain moves a decision made (model + fallback) /
-                                          cross-domain runs seen, over the interval (absent when
-                                          none)
+decided_share        0..1    gauge float  ran_cross_decided / ran_cross over the interval: the share
+                                          of runs on another domain that a decision sent there
+                                          (absent when none)
 kinfer_avg_ns        ns      gauge float  mean in-kernel inference time over the interval (absent
                                           when none)
 model_digest         hex     label string first 16 hex digits of the serving model's sha256
@@ -258,7 +260,7 @@ def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
         out[f"{name}_per_s"] = round(delta(src, index) / dt, 2)
     batches, decisions = delta("loader", LS.BATCHES), delta("loader", LS.DECISIONS)
     h_batch, h_event = hist_delta(contract.Hist.BATCH), hist_delta(contract.Hist.EVENT)
-    decided = delta("counters", C.MIGR_MODEL) + delta("counters", C.MIGR_FALLBACK)
+    decided = delta("counters", C.RAN_CROSS_DECIDED)
     cross = delta("counters", C.RAN_CROSS)
     out.update({
         "hit_rate": ratio(delta("counters", C.HITS), delta("counters", C.CANDIDATES), 4),

@@ -57,6 +57,7 @@ from model_dir import offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.dataset import Dataset, DatasetError, read_dataset
 from model_dir.export_verified import check_replaceable, export_verified
+from model_dir.fastpath_verify import MAX_ABS_DIFF
 from model_dir.synthetic import (
     DEFAULT_SIM_EXPLORE,
     expected_cost,
@@ -139,6 +140,17 @@ def fold_feature_scale(model: keras.Model) -> None:
 EpochFigures = Callable[[Callable[[np.ndarray], np.ndarray]], dict[str, float]]
 
 
+def _StopWhenExact() -> keras.callbacks.Callback:  # noqa: N802 (a class, built lazily)
+    import keras
+
+    class StopWhenExact(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            if logs and logs.get("val_accuracy", 0.0) >= 1.0:
+                self.model.stop_training = True
+
+    return StopWhenExact()
+
+
 def train(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -150,11 +162,15 @@ def train(
     w_train: np.ndarray | None = None,
     w_val: np.ndarray | None = None,
     epoch_figures: EpochFigures | None = None,
+    stop_when_exact: bool = False,
 ) -> tuple[keras.Model, list[dict[str, float]]]:
     """Fit with early stopping; the best epoch's weights, taking raw features, and the history.
 
     w_train/w_val weight the rows' losses; epoch_figures(predict) adds figures to each
-    epoch's record (predict takes raw features, returns probabilities).
+    epoch's record (predict takes raw features, returns probabilities). stop_when_exact: also
+    stop after the first epoch that classifies every validation row right (a table to learn:
+    training on makes the network no better, only sharper, and a sharp network's float32
+    rounding on inputs far outside the table's breaks the fast path's agreement with TF).
     """
     tf = import_tensorflow()
     import keras
@@ -214,6 +230,7 @@ def train(
                 keras.callbacks.EarlyStopping(monitor="val_loss", patience=PATIENCE),
                 best,
                 keras.callbacks.LambdaCallback(on_epoch_end=report),
+                *([_StopWhenExact()] if stop_when_exact else []),
             ],
         )
         val_loss = fitted.history["val_loss"]
@@ -268,9 +285,69 @@ def _pct(n: int, total: int) -> str:
     return f"{n} of {total} ({100 * n / max(total, 1):.2f} %)"
 
 
-def _export(model: keras.Model, output: Path) -> Callable[[np.ndarray], np.ndarray]:
+# The output's distance from the threshold, in logits, below which float32 rounding (TF's
+# or numpy's) may decide: the fast path is only written when the two agree on every probe
+# row. Tried in turn, each while the fast path still does not verify.
+THRESHOLD_MARGINS = (2e-6, 1e-5, 5e-5)
+THRESHOLD_SHIFT_MAX = 1e-2  # the most the output bias is moved (logit; 0.0025 in probability)
+
+
+def clear_threshold(model: keras.Model, hidden: tuple[int, ...], margin: float
+                    ) -> tuple[float, int]:
+    """Move the output bias so that no fast-path probe row sits on the decision threshold.
+
+    A policy learned from weak signals is indifferent (output near 0.5) on much of the input
+    space, and among the fast path's probe rows (loader/fastpath.py: a 32-CPU grid and random
+    inputs) one within float32 rounding of the threshold makes TF and numpy decide
+    differently, so the fast path is refused. The boundary is moved, by at most
+    THRESHOLD_SHIFT_MAX in logit, to the nearest point at least `margin` from every probe
+    row's logit: decisions change only on inputs the model is indifferent about. Returns
+    (the boundary's new logit, probe rows whose decision changed); (0, 0) when nothing moved.
+    """
+    from model_dir.fastpath_verify import probe_inputs
+
+    x = probe_inputs(32, 8, 32768, 0)  # write_fastpath()'s probe rows
+    layers = [model.get_layer(f"dense_{i}") for i in range(len(hidden) + 1)]
+    h = x.astype(np.float64)
+    for i, layer in enumerate(layers):
+        kernel, bias = (w.astype(np.float64) for w in layer.get_weights())
+        h = h @ kernel + bias
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+    logits = h.ravel()
+    if not np.any(np.abs(logits) < margin):
+        return 0.0, 0
+    # Feasible boundaries b: no logit within margin of b. Between sorted neighbours z[j] and
+    # z[j+1] they are [z[j] + margin, z[j+1] - margin]; also below the least, above the most.
+    z = np.sort(logits)
+    lo = np.concatenate([[-np.inf], z + margin])
+    hi = np.concatenate([z - margin, [np.inf]])
+    ok = lo <= hi
+    b = np.clip(0.0, lo[ok], hi[ok])  # each gap's feasible point nearest 0
+    best = float(b[np.argmin(np.abs(b))])
+    if abs(best) > THRESHOLD_SHIFT_MAX:
+        return 0.0, 0
+    last = layers[-1]
+    kernel, bias = last.get_weights()
+    last.set_weights([kernel, (bias - best).astype(bias.dtype)])
+    return best, int(np.count_nonzero((logits > 0) != (logits > best)))
+
+
+def _export(model: keras.Model, output: Path, hidden: tuple[int, ...] = DEFAULT_HIDDEN
+            ) -> Callable[[np.ndarray], np.ndarray]:
     """Export and verify; the decisions the loader will take with it (bool [n])."""
-    info, result = export_verified(model, output)
+    for attempt, margin in enumerate(THRESHOLD_MARGINS):
+        shift, changed = clear_threshold(model, hidden, margin)
+        if shift:
+            log.info("output bias moved by %.3g (logit) so that no fast-path probe row is "
+                     "within %g of the threshold: %d of the probe rows change decision", -shift,
+                     margin, changed)
+        info, result = export_verified(model, output)
+        if result.written or attempt == len(THRESHOLD_MARGINS) - 1:
+            break
+        if not (result.max_abs_diff is not None and result.max_abs_diff <= MAX_ABS_DIFF):
+            break  # numpy and TF differ by more than rounding: moving the boundary cannot help
+        log.info("%s; moving the boundary further", result.message)
     log.info("exported SavedModel to %s (input %r)", output, info.input_key)
     log.info("%s", result.message)
     if not result.written:
@@ -319,7 +396,7 @@ def _run_label(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str
     log.info("training on %d candidates, validating on %d", len(train_idx), len(val_idx))
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"])
-    decide = _export(model, output)
+    decide = _export(model, output, opts["hidden"])
     _write_history(opts["history"], history, objective="label", hidden=list(opts["hidden"]))
 
     predicted_val = decide(x[val_idx]).astype(np.uint8)
@@ -365,7 +442,7 @@ def _run_imitate(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[s
     )
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"])
-    decide = _export(model, output)
+    decide = _export(model, output, opts["hidden"])
     _write_history(opts["history"], history, objective="imitate", hidden=list(opts["hidden"]))
 
     held = decide(x[val_idx]) == y[val_idx].astype(bool)
@@ -413,6 +490,8 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
         float(cost.mean()),
         float(np.median(cost)),
     )
+    if opts.get("safe") is not None:
+        return _run_safe_policy(dataset, output, opts, cost)
     train_idx, val_idx = split(len(dataset), opts["seed"])
     tr, va = dataset.subset(train_idx), dataset.subset(val_idx)
     # The direct model: cross-fitted on the training rows; fitted on all of them for the
@@ -443,7 +522,7 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
 
     model, history = train(x_train, y_train, x_val, y_val, opts["epochs"], opts["seed"],
                            opts["hidden"], w_train / scale, w_val / scale, epoch_figures)
-    decide = _export(model, output)
+    decide = _export(model, output, opts["hidden"])
     _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
                    estimator=estimator, cost=cost_kind, migrate_penalty=opts["migrate_penalty"],
                    data=dataset.source)
@@ -509,6 +588,112 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
     return figures
 
 
+SAFE_GRID = (8, 4)  # the keys --safe's network also learns the table on, beyond the data's
+
+
+def _run_safe_policy(dataset: Dataset, output: Path, opts: dict[str, Any],
+                     cost: np.ndarray) -> dict[str, float]:
+    """--safe Z: the heuristic, except on the buckets where the run's evidence is strong.
+
+    Every row's DR (or IPS) pseudo-costs, cross-fitted over the whole run; per bucket of
+    offpolicy.SAFE_LEVELS (the heuristic's inputs, then the key without the CPU) with enough
+    rows, the mean of migrate - keep and its block-bootstrap standard error; where the mean
+    clears Z of them, that bucket's decision is the cheaper action, elsewhere the heuristic's
+    (finer buckets override coarser ones). The network learns that table on the data's keys
+    and every key of a SAFE_GRID machine, a classification it learns exactly like imitation.
+    """
+    estimator, z = opts["estimator"], float(opts["safe"])
+    action = dataset.actions.astype(np.int64)
+    q = offpolicy.crossfit_direct(dataset.columns, action, cost, seed=opts["seed"])
+    g = offpolicy.pseudo_costs(cost, action, dataset.propensities(), estimator, q)
+    effects = offpolicy.bucket_effects(dataset.columns, g[:, 1] - g[:, 0],
+                                       nr_boot=opts["bootstrap"], seed=opts["seed"])
+    deviations = offpolicy.safe_deviations(effects, z)
+    log.info(
+        "%s pseudo-costs on all %d rows; %d buckets of >= %d rows tested (levels: %s); the "
+        "mean of migrate - keep clears %g standard errors on %d:",
+        estimator.upper(), len(dataset), len(effects), offpolicy.SAFE_MIN_ROWS,
+        ", ".join({2: "cpu_idle>0 and load gap", 1: "key without cpu"}[lv]
+                  for lv in offpolicy.SAFE_LEVELS), z, len(deviations),
+    )
+    for e in effects:
+        d = e.decision(z)
+        if d is None:
+            continue
+        verdict = ("migrate" if d else "keep") + (
+            " (the heuristic's too)" if d == e.heuristic else
+            f" (the heuristic {'migrates' if e.heuristic else 'keeps'}: deviate)")
+        log.info("  %-62s %5d rows  %+9.4f se %.4f  -> %s",
+                 offpolicy.describe_bucket(e.level, e.bucket), e.rows, e.mean, e.se, verdict)
+    # The examples, each labeled by the table: every key of a small machine's grid; as many
+    # random keys of machines up to contract.MAX_CPUS CPUs (where the heuristic's rule holds
+    # too, and the fast path's probe rows go: a network left to extrapolate there is sharp and
+    # wild, and float32 rounding then parts numpy from TF); the data's rows, repeated so that
+    # its keys weigh as much again.
+    grid = contract.feature_grid(*SAFE_GRID)
+    rng = np.random.default_rng([opts["seed"], 5])
+    wide = contract.pack_keys(rng.integers(0, contract.MAX_CPUS, len(grid)),
+                              *rng.integers(0, 65, (2, len(grid))),
+                              *np.sort(rng.integers(0, contract.LOAD_SCALE + 1, (2, len(grid))),
+                                       axis=0)[::-1])
+    keys = dataset.keys()
+    reps = max(1, len(grid) // max(len(keys), 1))
+    all_keys = np.concatenate([grid, wide, np.tile(keys, reps)])
+    y = offpolicy.safe_decide(offpolicy.key_columns(all_keys), deviations).astype(np.uint8)
+    x = contract.unpack_keys(all_keys)
+    train_idx, val_idx = split(len(all_keys), opts["seed"])
+    rows_table = offpolicy.safe_decide(dataset.columns, deviations)
+    x_rows = dataset.features()
+    heur = dataset.heuristic()
+    log.info("the table deviates from the heuristic on %s of the run's rows; training on %d "
+             "examples (%d keys of the %d-CPU grid, as many random ones, the run's %d rows x "
+             "%d), validating on %d",
+             _pct(int(np.count_nonzero(rows_table != heur)), len(heur)), len(train_idx),
+             len(grid), SAFE_GRID[0], len(keys), reps, len(val_idx))
+
+    def epoch_figures(predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+        learned = predict(x_rows) > contract.MIGRATE_THRESHOLD
+        return {
+            f"val_cost_{estimator}": float(offpolicy.contributions(g, learned).mean()),
+            f"val_cost_{estimator}_heuristic": float(offpolicy.contributions(g, heur).mean()),
+            "val_table_agreement": float(np.mean(learned == rows_table)),
+        }
+
+    model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
+                           opts["seed"], opts["hidden"], epoch_figures=epoch_figures,
+                           stop_when_exact=True)
+    decide = _export(model, output, opts["hidden"])
+    _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
+                   estimator=estimator, cost=opts["cost"], migrate_penalty=opts["migrate_penalty"],
+                   data=dataset.source, safe=z,
+                   deviations=[{"level": lv, "bucket": b, "what": offpolicy.describe_bucket(lv, b),
+                                "migrate": m} for (lv, b), m in deviations.items()])
+    learned = decide(x_rows)
+    agree_rows = float(np.mean(learned == rows_table))
+    gx = all_keys[val_idx]
+    agree_val = float(np.mean(decide(contract.unpack_keys(gx)) == y[val_idx].astype(bool)))
+    log.info("the exported model follows the table on %.2f %% of the run's rows and %.2f %% of "
+             "the held-back examples", 100 * agree_rows, 100 * agree_val)
+    block_ns = offpolicy.DEFAULT_BLOCK_NS if opts["data"] is not None else 0
+    reports = offpolicy.evaluate(dataset, {"heuristic": heur, "learned": learned}, cost=cost,
+                                 nr_boot=opts["bootstrap"], block_ns=block_ns, seed=opts["seed"])
+    mine = next(r for r in reports if r.name == "learned")
+    assert mine.vs_baseline is not None
+    diff = mine.vs_baseline[estimator]
+    log.info("in-sample (the table was chosen on these rows, so this is optimistic): learned - "
+             "heuristic (%s) %.4f [%.4f, %.4f]; judge it on another run with mlsched-evaluate",
+             estimator.upper(), diff.mean, diff.lo, diff.hi)
+    figures = {
+        "deviations": float(len([1 for e in effects if e.decision(z) not in (None, e.heuristic)])),
+        "table_agreement": agree_rows,
+        f"insample_diff_{estimator}": diff.mean,
+    }
+    if opts["data"] is None:
+        figures["true_cost"] = float(expected_cost(dataset.columns, learned).mean())
+        figures["true_cost_heuristic"] = float(expected_cost(dataset.columns, heur).mean())
+    return figures
+
+
 def run(
     output: Path,
     data: Path | None,
@@ -523,6 +708,7 @@ def run(
     migrate_penalty: float = 0.0,
     history: Path | None = None,
     bootstrap: int = offpolicy.DEFAULT_BOOTSTRAP,
+    safe: float | None = None,
 ) -> dict[str, float]:
     """Train, export and verify; returns the objective's figures. ModelError/DatasetError.
 
@@ -548,7 +734,7 @@ def run(
     log.info("network: %s; objective %s", describe(hidden), objective)
     opts = {"epochs": epochs, "seed": seed, "hidden": hidden, "history": history, "data": data,
             "estimator": estimator, "cost": cost, "migrate_penalty": migrate_penalty,
-            "bootstrap": bootstrap}
+            "bootstrap": bootstrap, "safe": safe}
     runner = {"label": _run_label, "imitate": _run_imitate, "policy": _run_policy}[objective]
     return runner(dataset, output, opts)
 
@@ -645,14 +831,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="write every epoch's losses and figures as JSON (for mlsched-evaluate --plot)",
     )
+    parser.add_argument(
+        "--safe",
+        type=_non_negative,
+        default=None,
+        metavar="Z",
+        help="policy: keep the heuristic's decision except on the buckets (its own inputs, "
+        "then the key without the CPU) where the estimated mean cost difference clears Z "
+        "block-bootstrap standard errors (e.g. 1.96); default: learn from every row",
+    )
     args = parser.parse_args(argv)
+    if args.safe is not None and args.objective != "policy":
+        parser.error("--safe is for --objective policy")
     # The report on stdout; stderr holds nothing but a refusal, one line.
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <tmp>"
     try:
         run(args.output, args.data, args.epochs, args.seed, args.samples,
             objective=args.objective, hidden=args.hidden, estimator=args.estimator,
-            cost=args.cost, migrate_penalty=args.migrate_penalty, history=args.history)
+            cost=args.cost, migrate_penalty=args.migrate_penalty, history=args.history,
+            safe=args.safe)
     except (ModelError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -268,3 +268,115 @@ def evaluate(ds: Dataset, policies: Mapping[str, np.ndarray], *, cost: np.ndarra
                                  draws[e][:, m + j]) for e in estimators}
         out.append(PolicyReport(name, float(migrate.mean()), int(match.sum()), ess, est, diff))
     return out
+
+
+# --- safe policy improvement: deviate from the heuristic only where the evidence is strong --
+
+SAFE_LEVELS = (2, 1)  # the heuristic's own inputs (cpu_idle > 0, load gap), then the key w/o cpu
+SAFE_MIN_ROWS = 20  # a bucket with fewer rows is never tested
+
+
+@dataclass(frozen=True)
+class BucketEffect:
+    """The estimated mean of cost(migrate) - cost(keep) over a bucket's rows."""
+
+    level: int  # bucket_ids() level
+    bucket: int  # bucket_ids() value
+    rows: int
+    mean: float
+    se: float  # block bootstrap
+    heuristic: bool  # what the heuristic decides there (one decision per bucket)
+
+    def decision(self, z: float) -> bool | None:
+        """migrate (True) or keep (False) when the mean clears z standard errors, else None."""
+        if self.se > 0 and abs(self.mean) > z * self.se:
+            return self.mean < 0
+        return None
+
+
+def _bucket_heuristic(columns: Mapping[str, np.ndarray], rows: np.ndarray) -> bool:
+    from loader import fallback
+
+    i = int(np.flatnonzero(rows)[0])  # buckets of levels 1 and 2 fix the heuristic's inputs
+    return bool(fallback.heuristic_migrate(np.asarray(columns["cpu_idle"])[i:i + 1],
+                                           np.asarray(columns["src_load_q"])[i:i + 1],
+                                           np.asarray(columns["dst_load_q"])[i:i + 1])[0])
+
+
+def bucket_effects(columns: Mapping[str, np.ndarray], delta: np.ndarray, *,
+                   levels: Sequence[int] = SAFE_LEVELS, min_rows: int = SAFE_MIN_ROWS,
+                   nr_boot: int = DEFAULT_BOOTSTRAP, block_ns: int = DEFAULT_BLOCK_NS,
+                   seed: int = 0) -> list[BucketEffect]:
+    """Every bucket's mean of delta (a row's pseudo-cost of migrating minus keeping) with its
+    block-bootstrap standard error (the same blocks as bootstrap(): rows close in time are
+    not independent), for the buckets of `levels` with at least min_rows rows."""
+    if any(level not in (1, 2) for level in levels):
+        raise ValueError("safe buckets are levels 1 and 2, where the heuristic is constant")
+    delta = np.asarray(delta, dtype=np.float64)
+    found: list[tuple[int, int, np.ndarray]] = []
+    for level in levels:
+        ids = bucket_ids(columns, level)
+        uniq, counts = np.unique(ids, return_counts=True)
+        found += [(level, int(b), ids == b) for b, c in zip(uniq, counts, strict=True)
+                  if c >= min_rows]
+    if not found:
+        return []
+    values = np.stack([np.where(m, delta, 0.0) for *_, m in found]
+                      + [m.astype(np.float64) for *_, m in found])
+    draws = bootstrap(values, block_ids(columns["ts_ns"], block_ns), nr_boot, seed)
+    k = len(found)
+    ratio = draws[:, :k] / np.maximum(draws[:, k:], 1e-12)
+    return [BucketEffect(level, bucket, int(m.sum()), float(delta[m].mean()),
+                         float(np.std(ratio[:, j], ddof=1)), _bucket_heuristic(columns, m))
+            for j, (level, bucket, m) in enumerate(found)]
+
+
+def safe_deviations(effects: Sequence[BucketEffect], z: float) -> dict[tuple[int, int], bool]:
+    """(level, bucket) -> decision for every bucket whose mean clears z standard errors.
+
+    Those that agree with the heuristic are kept too: safe_decide() applies them coarse
+    first, so a conclusive finer bucket overrides its coarser one, and an inconclusive one
+    follows it.
+    """
+    return {(e.level, e.bucket): d for e in effects if (d := e.decision(z)) is not None}
+
+
+def safe_decide(columns: Mapping[str, np.ndarray], deviations: Mapping[tuple[int, int], bool]
+                ) -> np.ndarray:
+    """The heuristic, overridden by the deviations, coarse buckets first: bool [n]."""
+    from loader import fallback
+
+    out = fallback.heuristic_migrate(np.asarray(columns["cpu_idle"]),
+                                     np.asarray(columns["src_load_q"]),
+                                     np.asarray(columns["dst_load_q"])).astype(bool)
+    for level in sorted({lv for lv, _ in deviations}, reverse=True):
+        ids = bucket_ids(columns, level)
+        for (lv, bucket), migrate in deviations.items():
+            if lv == level:
+                out[ids == bucket] = migrate
+    return out
+
+
+def key_columns(keys: np.ndarray) -> dict[str, np.ndarray]:
+    """The integer key fields of packed decision keys (what bucket_ids() reads)."""
+    from loader import contract
+
+    k = np.asarray(keys, dtype=np.uint64)
+    field = np.uint64(contract.KEY_FIELD_MAX)
+    return {
+        "cpu": (k >> np.uint64(contract.KEY_CPU_SHIFT)).astype(np.int64),
+        "cpu_idle": ((k >> np.uint64(contract.KEY_IDLE_SHIFT)) & field).astype(np.int64),
+        "cpu_not_idle": ((k >> np.uint64(contract.KEY_NOT_IDLE_SHIFT)) & field).astype(np.int64),
+        "src_load_q": ((k >> np.uint64(contract.KEY_SRC_SHIFT)) & field).astype(np.int64),
+        "dst_load_q": ((k >> np.uint64(contract.KEY_DST_SHIFT)) & field).astype(np.int64),
+    }
+
+
+def describe_bucket(level: int, bucket: int) -> str:
+    """A bucket id in words."""
+    if level == 2:
+        return f"cpu_idle {'> 0' if bucket >> 8 else '0'}, load gap {bucket & 0xff}"
+    if level == 1:
+        return (f"cpu_idle {(bucket >> 24) & 0xff}, cpu_not_idle {(bucket >> 16) & 0xff}, "
+                f"src_load_q {(bucket >> 8) & 0xff}, dst_load_q {bucket & 0xff}")
+    return f"key {bucket:#x}"

@@ -107,6 +107,17 @@ boot_config=
 [ -z "$kconfig" ] || boot_config="if [ ! -e /boot/config-$kver ]; then
 	mount -t tmpfs -o mode=0755 tmpfs /boot && cp $(sq "$kconfig") /boot/config-$kver ||
 	echo 'mlsched-vm: warning: no /boot/config-$kver' >&2; fi"
+# A repo under /tmp (a CI clone) must stay visible when a tmpfs covers /tmp: keep the host's
+# /tmp on /mnt first, then bind the repo's top directory back (with its writable build/vm-out).
+tmp_keep= tmp_back=
+case $ROOT in /tmp/?*)
+	top=${ROOT#/tmp/}
+	top=${top%%/*}
+	tmp_keep="mount --rbind /tmp /mnt &&"
+	tmp_back="mkdir -p $(sq "/tmp/$top") && mount --rbind $(sq "/mnt/$top") $(sq "/tmp/$top") ||
+	echo 'mlsched-vm: warning: cannot keep the repo under /tmp visible' >&2"
+	;;
+esac
 guest_script="echo $(sq "$MARKER")
 mnt() { grep -qs \" \$2 \$1 \" /proc/mounts || mount -t \$1 \$1 \$2 ||
 	echo \"mlsched-vm: warning: cannot mount \$1 on \$2\" >&2; }
@@ -114,8 +125,10 @@ mnt bpf /sys/fs/bpf
 mnt tracefs /sys/kernel/tracing
 mnt debugfs /sys/kernel/debug
 if touch /tmp/.mlsched-w 2>/dev/null; then rm -f /tmp/.mlsched-w
-else mount -t tmpfs -o mode=1777 tmpfs /tmp ||
-	echo 'mlsched-vm: warning: /tmp is read-only (no overlayfs) and no tmpfs on it' >&2; fi
+else $tmp_keep mount -t tmpfs -o mode=1777 tmpfs /tmp ||
+	echo 'mlsched-vm: warning: /tmp is read-only (no overlayfs) and no tmpfs on it' >&2
+	$tmp_back
+fi
 $boot_config
 cd $(sq "$ROOT") || { echo 'mlsched-vm: cannot cd to the repo' >&2; exit 125; }
 PATH=$(sq "$VENV/bin"):\$PATH

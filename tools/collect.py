@@ -37,6 +37,7 @@ from loader.stats_server import check_group
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
+    LEVEL_STALLED,
     LEVELS,
     MEASURED_COLUMNS,
     MIN_OTHER,
@@ -119,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-other", type=positive_int, default=MIN_OTHER, metavar="N",
                    help="rows of the other action a bucket needs for its median to label "
                    f"with (default: {MIN_OTHER})")
+    p.add_argument("--idle-rows", choices=("drop", "label"), default="drop",
+                   help="rows whose task neither ran nor waited in its window: drop them "
+                   "(default), or count them as m = 0 and label them like the others (what "
+                   "off-policy learning wants: whether a task sleeps through its window depends "
+                   "on the action)")
+    p.add_argument("--max-late-ms", type=lambda t: number_in(t, 0, 10000, "ms"), default=None,
+                   metavar="MS",
+                   help="leave out rows whose record was read, or whose window closed, more "
+                   "than MS late: the collector runs first in the guest, so then the VM itself "
+                   "did not run (the host was busy), and the outcome measures the host "
+                   "(default: keep them; with --relabel, --window-ms must be the run's)")
     p.add_argument("--outcomes", type=Path, metavar="FILE",
                    help="where the raw outcomes go (default: FILE with .outcomes.csv)")
     p.add_argument("--relabel", type=Path, metavar="OUTCOMES",
@@ -272,14 +284,24 @@ def label_and_write(
     outcomes: Path | None,
     min_other: int,
     comments: list[str],
+    idle_rows: str = "drop",
+    late: tuple[int, int] | None = None,
 ) -> tuple[int, int]:
     """Label, write the dataset (and outcomes unless None); returns (labeled rows, migrate).
 
     cols holds the measured columns and the run's explore_q and fallback (one per row).
+    idle_rows: "drop" or "label" (--idle-rows); late: (the window asked for, the most a row
+    may be late), in ns (--max-late-ms), or None.
     """
     from model_dir.dataset import COLUMN_NAMES_V2, logging_columns, write_dataset
 
-    labels, levels = label_rows(cols, cols["delay_ns"], cols["run_ns"], min_other)
+    idle_zero = idle_rows == "label"
+    stalled = None
+    if late is not None:
+        window, most = late
+        stalled = (cols["read_lag_ns"] > most) | (cols["window_ns"] > window + most)
+    labels, levels = label_rows(cols, cols["delay_ns"], cols["run_ns"], min_other, idle_zero,
+                                stalled)
     cols["label"], cols["label_level"] = labels.astype(np.int64), levels.astype(np.int64)
     n = len(labels)
     keep_rows = labels >= 0
@@ -287,6 +309,7 @@ def label_and_write(
     nr_migrate = int((labels == 1).sum())
     by_level = [int((levels == lv).sum()) for lv in range(len(LEVELS))]
     nr_idle = int((levels == LEVEL_IDLE).sum())
+    nothing = (cols["delay_ns"] == 0) & (cols["run_ns"] == 0)
     nr_no_other = int((levels == LEVEL_NO_OTHER).sum())
     action = cols["action"]
     agree = int((action[keep_rows] == labels[keep_rows]).sum())
@@ -295,8 +318,14 @@ def label_and_write(
         f"keep {_pct(nr - nr_migrate, nr)}; the action taken was the label's in {_pct(agree, nr)}",
         "bucket levels: " + ", ".join(
             f"{name} {c}" for name, c in zip(LEVELS, by_level, strict=True)),
-        f"dropped: {nr_no_other} without {min_other} rows of the other action in any bucket, "
-        f"{nr_idle} whose task neither ran nor waited in the window",
+        f"dropped: {nr_no_other} without {min_other} rows of the other action in any bucket"
+        + ("" if idle_zero else f", {nr_idle} whose task neither ran nor waited in the window")
+        + ("" if late is None else
+           f", {int((levels == LEVEL_STALLED).sum())} read or closed more than "
+           f"{late[1] / 1e6:g} ms late (--max-late-ms: the VM itself did not run)")
+        + ("" if not idle_zero else
+           f"; {int(np.sum(nothing & (levels >= 0)))} rows whose task neither ran nor waited "
+           "labeled with m = 0 (--idle-rows label)"),
     ]
     for line in summary:
         log.info("%s", line)
@@ -304,7 +333,9 @@ def label_and_write(
         f"label rule: m = run-queue delay / run time over the window; label 1 (migrate) when "
         f"the migrate side's m < the keep side's, one side the row's own m, the other the "
         f"median m of its bucket under the other action (>= {min_other} rows; bucket: key, "
-        "else key without cpu, else (cpu_idle>0, src_load_q-dst_load_q)); ties: 0 (keep)"
+        "else key without cpu, else (cpu_idle>0, src_load_q-dst_load_q)); ties: 0 (keep); "
+        + ("a task that neither ran nor waited: m = 0" if idle_zero else
+           "a task that neither ran nor waited: dropped")
     )
     header = [*comments, rule, *summary]
     if outcomes is not None:
@@ -337,6 +368,14 @@ def label_and_write(
     return nr, nr_migrate
 
 
+def _late(args: argparse.Namespace) -> tuple[int, int] | None:
+    """label_and_write()'s late: from --window-ms and --max-late-ms."""
+    most = getattr(args, "max_late_ms", None)
+    if most is None:
+        return None
+    return int(args.window_ms * 1e6), int(most * 1e6)
+
+
 def relabel(args: argparse.Namespace) -> int:
     try:
         cols = read_outcomes(args.relabel)
@@ -361,7 +400,8 @@ def relabel(args: argparse.Namespace) -> int:
         comments.append("written before v2: prob_q16 computed from --explore and --fallback, "
                         "not recorded by the kernel")
     try:
-        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, comments)
+        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, comments,
+                                args.idle_rows, _late(args))
     except PropensityDrift as e:
         return fail(str(e), 1)
     if nr == 0:
@@ -588,7 +628,8 @@ def _finish(args: argparse.Namespace, follower: Follower, sampler: Sampler, coun
     log.info("rows: %d, action migrate %d / keep %d", len(cols["action"]), nr_migrate_action,
              len(cols["action"]) - nr_migrate_action)
     try:
-        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, lines)
+        nr, _ = label_and_write(cols, args.output, args.outcomes, args.min_other, lines,
+                                getattr(args, "idle_rows", "drop"), _late(args))
     except PropensityDrift as e:
         return fail(str(e), 1)
     if nr == 0:

@@ -1,6 +1,7 @@
 """mlsched-evaluate: off-policy evaluation of migration policies on a collected dataset.
 
 usage: mlsched-evaluate --data FILE [--model DIR ...] [--history FILE] [--plot FILE.png]
+                        [--json FILE] [--markdown FILE]
 
 FILE is a v2 dataset from mlsched-collect (model_dir/README.md): every candidate with the
 action the logging policy took, the probability with which it took it, and the outcome. For
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model_export.py --history file: its learning curve goes in --plot")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="write the figure here")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--markdown", type=Path, metavar="FILE",
+                   help="write the table as Markdown (the data lines, the policies, the "
+                   "differences with the heuristic)")
     return p
 
 
@@ -139,7 +143,24 @@ def _verdict(e: offpolicy.Estimate) -> str:
     return "no difference shown (interval includes 0)"
 
 
-def table(reports: list[offpolicy.PolicyReport], estimators: list[str]) -> list[str]:
+def rows_needed(e: offpolicy.Estimate, nr_rows: int) -> float:
+    """Rows at which a difference this size would have a 95 % interval clear of 0.
+
+    The standard error shrinks as 1 / sqrt(rows) (whole blocks of them, so the rows' own
+    correlation is in it): n (1.96 se / |mean|)^2; inf for a zero difference.
+    """
+    if e.mean == 0 or not np.isfinite(e.se):
+        return float("inf")
+    return nr_rows * (1.96 * e.se / abs(e.mean)) ** 2
+
+
+def _needed(e: offpolicy.Estimate, nr_rows: int) -> str:
+    n = rows_needed(e, nr_rows)
+    return "never (no difference)" if not np.isfinite(n) else f"~{n:.0f} rows"
+
+
+def table(reports: list[offpolicy.PolicyReport], estimators: list[str],
+          nr_rows: int = 0) -> list[str]:
     w = max(len("policy"), *(len(r.name) for r in reports))
     head = f"{'policy':<{w}} {'migrate':>7} {'matched':>8} {'ESS':>7}"
     for e in estimators:
@@ -158,6 +179,52 @@ def table(reports: list[offpolicy.PolicyReport], estimators: list[str]) -> list[
         parts = [f"{e.upper()} {_fmt(r.vs_baseline[e]).strip()} {_verdict(r.vs_baseline[e])}"
                  for e in estimators]
         lines.append(f"  {r.name:<{w}} " + "; ".join(parts))
+    if nr_rows:
+        lines.append("")
+        lines.append(f"signal and noise: the difference, its standard error (block bootstrap) and "
+                     f"the rows at which a difference this size would exclude 0 (this run: "
+                     f"{nr_rows}):")
+        for r in reports:
+            if r.vs_baseline is None:
+                continue
+            parts = [f"{e.upper()} {r.vs_baseline[e].mean:+.4f} se {r.vs_baseline[e].se:.4f}: "
+                     f"{_needed(r.vs_baseline[e], nr_rows)}" for e in estimators]
+            lines.append(f"  {r.name:<{w}} " + "; ".join(parts))
+    return lines
+
+
+def markdown(head: list[str], reports: list[offpolicy.PolicyReport],
+             estimators: list[str], nr_rows: int = 0) -> list[str]:
+    """The table of table() as Markdown: the data lines, the policies, the differences."""
+    def cell(e: offpolicy.Estimate) -> str:
+        return f"{e.mean:.4f} [{e.lo:.4f}, {e.hi:.4f}]"
+
+    lines = [*(f"- {h}" for h in head), ""]
+    cols = ["policy", "migrate", "matched", "ESS"] + [f"{e.upper()} mean [95 %]"
+                                                      for e in estimators]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(
+        [" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
+    for r in reports:
+        row = [f"`{r.name}`", f"{100 * r.migrate_share:.1f} %", str(r.matched), f"{r.ess:.0f}"]
+        lines.append("| " + " | ".join(row + [cell(r.estimates[e]) for e in estimators]) + " |")
+    lines += ["", f"Difference with the {BASELINE} (policy − {BASELINE}, paired bootstrap):", ""]
+    cols = ["policy"] + [f"{e.upper()} difference [95 %]" for e in estimators]
+    if nr_rows:
+        cols += [f"{e.upper()} se, rows to exclude 0" for e in estimators]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(
+        [" --- "] + [" ---: "] * (len(cols) - 1)) + "|"]
+    for r in reports:
+        if r.vs_baseline is None:
+            continue
+        diffs = [f"{cell(r.vs_baseline[e])} {_verdict(r.vs_baseline[e])}" for e in estimators]
+        if nr_rows:
+            diffs += [f"{r.vs_baseline[e].se:.4f}, {_needed(r.vs_baseline[e], nr_rows)}"
+                      for e in estimators]
+        lines.append("| " + " | ".join([f"`{r.name}`", *diffs]) + " |")
+    if nr_rows:
+        lines += ["", f"Rows to exclude 0: where a difference of this size would get a 95 % "
+                  f"interval clear of 0, the standard error shrinking as 1/sqrt(rows) (this "
+                  f"run: {nr_rows} rows)."]
     return lines
 
 
@@ -227,6 +294,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     estimators = _estimators(args.estimators)
     if args.block_s < 0:
         raise EvalError("--block-s must be >= 0")
+    for name, out in (("--json", args.json), ("--markdown", args.markdown)):
+        if out is not None and not out.resolve().parent.is_dir():
+            raise EvalError(f"{name}: directory {out.resolve().parent} does not exist")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise EvalError(f"--plot: expected a .png file name, not {args.plot}")
     history = read_history(args.history) if args.history else None
@@ -267,7 +337,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ]
     for name, why in backends.items():
         head.append(f"model {name}: {why}")
-    lines = [*head, "", *table(reports, estimators)]
+    lines = [*head, "", *table(reports, estimators, n)]
     print("\n".join(lines))
     result = {
         "data": str(args.data),
@@ -278,12 +348,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "block_s": args.block_s,
         "observed_mean_cost": float(cost.mean()),
         "policies": [asdict(r) for r in reports],
+        "rows_needed": {r.name: {e: rows_needed(d, n) for e, d in r.vs_baseline.items()}
+                        for r in reports if r.vs_baseline is not None},
     }
     if args.json is not None:
         try:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         except OSError as e:
             raise EvalError(f"--json: cannot write {args.json} ({e.strerror})") from None
+    if args.markdown is not None:
+        try:
+            args.markdown.write_text("\n".join(markdown(head, reports, estimators, n)) + "\n")
+        except OSError as e:
+            raise EvalError(f"--markdown: cannot write {args.markdown} ({e.strerror})") from None
     if args.plot is not None:
         plot(args.plot, reports, estimators, history,
              f"{args.data.name}: {n} candidates, cost {args.cost}{penalty}")

@@ -246,6 +246,7 @@ MIN_OTHER = 5  # observations of the other action a bucket needs for its median 
 LEVELS = ("key", "key without cpu", "cpu_idle>0 and load gap")
 LEVEL_NO_OTHER = -1  # no bucket had MIN_OTHER observations of the other action: dropped
 LEVEL_IDLE = -2  # the task neither ran nor waited in the window: no outcome, dropped
+LEVEL_STALLED = -3  # read or closed too late (mlsched-collect --max-late-ms): not measured
 
 
 def delay_per_run(delay_ns: np.ndarray, run_ns: np.ndarray) -> np.ndarray:
@@ -288,6 +289,8 @@ def label_rows(
     delay_ns: np.ndarray,
     run_ns: np.ndarray,
     min_other: int = MIN_OTHER,
+    idle_zero: bool = False,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels (1 migrate, 0 keep, -1 dropped) and the bucket level each came from.
 
@@ -298,15 +301,24 @@ def label_rows(
     so that ties (often both zero) go to keeping the task where its cache is. The bucket is
     the decision key; when that has fewer than min_other rows of the other action, the key
     without the CPU; then (cpu_idle > 0, src_load_q - dst_load_q), the heuristic's own inputs;
-    else the row is dropped (level -1). Rows whose task did nothing in the window: level -2.
+    else the row is dropped (level -1). Rows whose task did nothing in the window: level -2,
+    unless idle_zero: then their m is 0 (the task lost nothing) and they are labeled like the
+    others (mlsched-collect --idle-rows label: whether a task sleeps through its window
+    depends on the action, so dropping those rows biases a policy's estimated cost).
+    Rows where exclude is True are neither labeled nor part of any median: level -3.
     """
     action = np.asarray(cols["action"], dtype=np.int64)
     metric = delay_per_run(delay_ns, run_ns)
+    if idle_zero:
+        metric = np.where(np.isnan(metric), 0.0, metric)
     n = len(action)
     labels = np.full(n, -1, np.int8)
     level_of = np.full(n, LEVEL_NO_OTHER, np.int8)
     active = ~np.isnan(metric)
     level_of[~active] = LEVEL_IDLE
+    if exclude is not None:
+        active &= ~np.asarray(exclude, bool)
+        level_of[np.asarray(exclude, bool)] = LEVEL_STALLED
     todo = active.copy()
     for level in range(len(LEVELS)):
         if not todo.any():

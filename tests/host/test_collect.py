@@ -25,6 +25,7 @@ from tools import collect
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
+    LEVEL_STALLED,
     MEASURED_COLUMNS,
     SamplerError,
     SchedstatSampler,
@@ -224,6 +225,53 @@ def test_coarser_buckets_then_drop() -> None:
     assert levels[7] == 2 and labels[7] == 1
     assert levels[8] == LEVEL_NO_OTHER and labels[8] == -1
     assert levels[9] == LEVEL_IDLE and labels[9] == -1
+
+
+def test_idle_rows_count_as_nothing_lost_when_asked() -> None:
+    """--idle-rows label: a task that neither ran nor waited has m = 0 and is labeled."""
+    spec = [(0, 1, 1, 0.5)] * 5 + [(0, 1, 0, 1.0)] * 5 + [(0, 1, 0, 0.0), (0, 1, 1, 0.0)]
+    cols, delay, run = _rows(spec)
+    run[-2:] = 0
+    labels, levels = label_rows(cols, delay, run)
+    assert levels[-2:].tolist() == [LEVEL_IDLE] * 2 and labels[-2:].tolist() == [-1, -1]
+    labels, levels = label_rows(cols, delay, run, idle_zero=True)
+    assert levels[-2:].tolist() == [0, 0]
+    # Kept and slept: keeping lost nothing (0 < the migrate median 0.5): keep. Migrated and
+    # slept: migrating lost nothing against the keep median 1.0: migrate.
+    assert labels[-2:].tolist() == [0, 1]
+
+
+def test_relabel_keeps_idle_rows_when_asked(tmp_path: Path) -> None:
+    raw = read_outcomes(VM_OUTCOMES)
+    idle = int(((raw["delay_ns"] == 0) & (raw["run_ns"] == 0)).sum())
+    assert idle > 0
+    dropped, kept = tmp_path / "d.csv", tmp_path / "k.csv"
+    _relabel_vm(dropped)
+    assert collect.main(["--relabel", str(VM_OUTCOMES), "--output", str(kept), "--explore",
+                         "0.5", "--idle-rows", "label", "--outcomes",
+                         str(tmp_path / "k.outcomes.csv")]) == 0
+    ds = read_dataset(kept)
+    assert len(ds) > len(read_dataset(dropped))
+    assert int(((ds.columns["delay_ns"] == 0) & (ds.columns["run_ns"] == 0)).sum()) > 0
+    assert "a task that neither ran nor waited: m = 0" in kept.read_text()
+
+
+def test_late_rows_are_left_out_when_asked(tmp_path: Path) -> None:
+    """--max-late-ms: a row read, or closed, more than that late is not labeled (level -3)."""
+    raw = read_outcomes(VM_OUTCOMES)
+    most = float(np.percentile(raw["read_lag_ns"], 80)) / 1e6  # ms: a fifth of the rows late
+    late = (raw["read_lag_ns"] > most * 1e6) | (raw["window_ns"] > 100e6 + most * 1e6)
+    assert 0 < late.sum() < len(late)
+    out, outcomes = tmp_path / "l.csv", tmp_path / "l.outcomes.csv"
+    assert collect.main(["--relabel", str(VM_OUTCOMES), "--output", str(out), "--explore",
+                         "0.5", "--max-late-ms", f"{most}", "--outcomes", str(outcomes)]) == 0
+    again = read_outcomes(outcomes)
+    assert (again["label_level"][late] == LEVEL_STALLED).all()
+    assert (again["label"][late] == -1).all()
+    assert not (again["label_level"][~late] == LEVEL_STALLED).any()
+    ds = read_dataset(out)
+    assert (ds.columns["window_ns"] <= 100e6 + most * 1e6).all()
+    assert f"{int(late.sum())} read or closed more than" in out.read_text()
 
 
 # --- files and CLI --------------------------------------------------------------------------

@@ -408,6 +408,33 @@ def test_policy_objective_beats_the_heuristic_on_simulated_data(tmp_path, tf):
     assert true_best.mean() <= true_learned < true_heuristic - 0.01
 
 
+def test_safe_policy_follows_its_table_and_beats_the_heuristic(tmp_path, tf, caplog):
+    """--safe: the heuristic except where the simulated run's evidence is strong; the network
+    follows that table exactly, keeps its fast path, and is truly cheaper on another run."""
+    out, history = tmp_path / "safe", tmp_path / "h.json"
+    caplog.set_level(logging.INFO)
+    figures = model_export.run(out, None, epochs=40, seed=0, samples=20000, objective="policy",
+                               bootstrap=200, safe=1.96, history=history)
+    assert figures["table_agreement"] >= 0.99 and figures["deviations"] >= 1
+    assert "the heuristic keeps: deviate" in caplog.text or "the heuristic migrates: deviate" \
+        in caplog.text
+    assert check_model_dir(out).fastpath_ok
+    doc = json.loads(history.read_text())
+    assert doc["safe"] == 1.96 and doc["deviations"]
+    other = synthetic.simulated_logged_dataset(20000, seed=99)
+    backend, _ = open_backend(check_model_dir(out), "auto")
+    learned = backend.predict(other.features()) > 0.5
+    true_learned = synthetic.expected_cost(other.columns, learned).mean()
+    true_heuristic = synthetic.expected_cost(other.columns, other.heuristic()).mean()
+    assert true_learned < true_heuristic
+
+
+def test_safe_is_for_the_policy_objective(tmp_path):
+    res = run_tool("model_dir/model_export.py", "--objective", "imitate", "--safe", "2",
+                   "--output", str(tmp_path / "m"))
+    assert res.returncode == 2 and "--safe is for --objective policy" in res.stderr
+
+
 def test_policy_objective_cli_ips_and_history(tmp_path, tf, caplog):
     out, history = tmp_path / "m", tmp_path / "h.json"
     caplog.set_level(logging.INFO)
@@ -423,6 +450,29 @@ def test_policy_objective_cli_ips_and_history(tmp_path, tf, caplog):
     assert doc["objective"] == "policy" and doc["estimator"] == "ips"
     assert len(doc["epochs"]) == 2 and "val_cost_ips" in doc["epochs"][0]
     assert NumpyModel.load(out).describe() == "10 -> 16 relu -> 8 relu -> 1 sigmoid"
+
+
+def test_an_indifferent_model_gets_its_fast_path(tmp_path, tf, caplog):
+    """A model whose logit is ~0 on many probe rows: float32 rounding would decide them, and
+    numpy and TF would disagree; the export moves the boundary clear of every probe row."""
+    model = model_export.build_model((4, 4))
+    k0, b0 = model.get_layer("dense_0").get_weights()
+    k0[:] = 0
+    k0[0, 0] = 1.0  # unit 0 = relu(cpu)
+    model.get_layer("dense_0").set_weights([k0, b0 * 0])
+    k1, b1 = model.get_layer("dense_1").get_weights()
+    model.get_layer("dense_1").set_weights([np.eye(4, dtype=k1.dtype), b1 * 0])
+    k2, b2 = model.get_layer("dense_2").get_weights()
+    k2[:] = 0
+    k2[0, 0] = 1e-9  # logit = 1e-9 cpu - 3e-9: zero at cpu 3, within rounding everywhere
+    model.get_layer("dense_2").set_weights([k2, b2 * 0 - 3e-9])
+    caplog.set_level(logging.INFO)
+    decide = model_export._export(model, tmp_path / "m", (4, 4))
+    assert "output bias moved by" in caplog.text
+    assert "fast path verified" in caplog.text
+    assert check_model_dir(tmp_path / "m").fastpath_ok
+    x = contract.unpack_keys(contract.feature_grid(8, 4))
+    assert decide(x).all()  # the boundary went below every probe row's logit
 
 
 def test_policy_objective_refuses_v1_data(tmp_path):

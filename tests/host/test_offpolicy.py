@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, fallback
 from model_dir import dataset, offpolicy, synthetic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,6 +189,62 @@ def test_block_bootstrap_keeps_correlated_rows_together() -> None:
     assert by_row.std() < 0.3 * want
 
 
+# --- safe policy improvement ------------------------------------------------------------------
+
+
+def _bucketed(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Rows in three (cpu_idle, load) cells; the migrate - keep difference known per cell."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    cell = rng.integers(0, 3, n)
+    cols = {
+        "ts_ns": np.sort(rng.integers(0, 60 * 10**9, n)),
+        "cpu": rng.integers(0, 4, n),
+        "cpu_idle": np.array([1, 1, 0])[cell],
+        "cpu_not_idle": np.full(n, 2),
+        "src_load_q": np.array([6, 10, 10])[cell],
+        "dst_load_q": np.array([4, 4, 4])[cell],
+    }
+    # Cell 0 (idle, gap 2: the heuristic keeps): migrating is much cheaper; cell 1 (idle, gap
+    # 6: it migrates): no difference; cell 2 (no idle CPU, gap 6: it keeps): noise only.
+    delta = np.array([-3.0, 0.0, 0.0])[cell] + rng.normal(0, 5, n)
+    return cols, delta
+
+
+def test_safe_deviates_only_where_the_evidence_is_strong() -> None:
+    cols, delta = _bucketed()
+    effects = offpolicy.bucket_effects(cols, delta, nr_boot=300)
+    by = {(e.level, e.bucket): e for e in effects}
+    strong = by[(1, int(offpolicy.bucket_ids(cols, 1)[cols["src_load_q"] == 6][0]))]
+    assert strong.mean == pytest.approx(-3.0, abs=0.5) and not strong.heuristic
+    assert 0.1 < strong.se < 0.4  # ~ 5 / sqrt(1000), the rows independent here
+    deviations = offpolicy.safe_deviations(effects, 1.96)
+    assert deviations[(strong.level, strong.bucket)] is True
+    decided = offpolicy.safe_decide(cols, deviations)
+    heur = fallback.heuristic_migrate(cols["cpu_idle"], cols["src_load_q"], cols["dst_load_q"])
+    changed = decided != heur
+    assert changed.any() and (cols["src_load_q"][changed] == 6).all()
+    # Too few rows: nothing tested, the heuristic stands.
+    assert offpolicy.bucket_effects(cols, delta, min_rows=10**6) == []
+    assert (offpolicy.safe_decide(cols, {}) == heur).all()
+
+
+def test_safe_finer_buckets_override_coarser_ones() -> None:
+    cols, _ = _bucketed()
+    coarse = int(offpolicy.bucket_ids(cols, 2)[cols["src_load_q"] == 6][0])
+    fine = int(offpolicy.bucket_ids(cols, 1)[cols["src_load_q"] == 6][0])
+    decided = offpolicy.safe_decide(cols, {(2, coarse): True, (1, fine): False})
+    assert not decided[cols["src_load_q"] == 6].any()
+    keys = contract.pack_keys(cols["cpu"], cols["cpu_idle"], cols["cpu_not_idle"],
+                              cols["src_load_q"], cols["dst_load_q"])
+    back = offpolicy.key_columns(keys)
+    for name in ("cpu", "cpu_idle", "cpu_not_idle", "src_load_q", "dst_load_q"):
+        assert back[name].tolist() == cols[name].tolist()
+    assert offpolicy.describe_bucket(1, fine) == ("cpu_idle 1, cpu_not_idle 2, src_load_q 6, "
+                                                  "dst_load_q 4")
+    assert offpolicy.describe_bucket(2, coarse) == "cpu_idle > 0, load gap 2"
+
+
 # --- mlsched-evaluate -----------------------------------------------------------------------
 
 
@@ -213,16 +269,26 @@ def heldout(tmp_path_factory) -> Path:
 
 
 def test_evaluate_prints_json_and_plots(tmp_path: Path, heldout: Path) -> None:
-    out, png = tmp_path / "e.json", tmp_path / "e.png"
+    out, png, md = tmp_path / "e.json", tmp_path / "e.png", tmp_path / "e.md"
     res = _evaluate("--data", str(heldout), "--no-dummy", "--bootstrap", "300", "--block-s", "0",
-                    "--json", str(out), "--plot", str(png))
+                    "--json", str(out), "--plot", str(png), "--markdown", str(md))
     assert res.returncode == 0, res.stderr
+    table = md.read_text().splitlines()
+    assert "| policy | migrate | matched | ESS | IPS mean [95 %] | DR mean [95 %] |" in table
+    assert sum(line.startswith("| `") for line in table) == 3 + 2  # policies, differences
+    assert any(line.startswith("| `always-keep` |") and "interval" in line for line in table)
+    assert "signal and noise: " in res.stdout and "DR se, rows to exclude 0" in md.read_text()
     for text in ("always-keep", "always-migrate", "heuristic", "IPS mean [95 % interval]",
                  "DR mean [95 % interval]", "difference with the heuristic",
                  "8000 single rows", "explore P 0.300003"):
         assert text in res.stdout, text
     doc = json.loads(out.read_text())
     by_name = {p["name"]: p for p in doc["policies"]}
+    # Rows for the interval to clear 0: n (1.96 se / |mean|)^2, from the same figures.
+    d = by_name["always-keep"]["vs_baseline"]["dr"]
+    assert doc["rows_needed"]["always-keep"]["dr"] == pytest.approx(
+        8000 * (1.96 * d["se"] / abs(d["mean"])) ** 2)
+    assert set(doc["rows_needed"]) == {"always-keep", "always-migrate"}
     ds = dataset.read_dataset(heldout)
     for name, migrate in (("heuristic", ds.heuristic()),
                           ("always-migrate", np.ones(len(ds), bool))):
@@ -242,7 +308,7 @@ def test_evaluate_models_and_learning_curve(tmp_path: Path, heldout: Path, dummy
                     "--bootstrap", "100", "--history", str(history), "--plot", str(png))
     assert res.returncode == 0, res.stderr
     assert f"model dummy ({dummy}): numpy: verified fast-path weights" in res.stdout
-    assert res.stdout.count(f"dummy ({dummy})") == 3  # the backend line, the table, the diff
+    assert res.stdout.count(f"dummy ({dummy})") == 4  # backend line, table, diff, signal+noise
     assert "blocks of 1 s" in res.stdout
     assert _png_size(png)[0] == 1560  # two panels: the learning curve too
 

@@ -1,18 +1,20 @@
-"""make bench: the decision pipeline and the scheduling outcome, measured in one run.
+"""make bench: mlsched against EEVDF and the kernel's sched_ext examples, in one VM boot.
 
-usage: python -m tools.bench [--repeats N] [--scale X] [--quick] [--skip-host] [--skip-vm]
+usage: python -m tools.bench [--rounds N] [--scale X] [--quick] [--skip-host] [--skip-vm]
 
-Steps (progress on stdout; 10-15 min on a 2-core machine):
+Steps (progress on stdout; about 30 min with 5 rounds on this 2-core machine, --quick < 10):
   1. the C code base of the build workload (generated, deterministic) in build/bench/cbase
-  2. the trained model for configuration (d): model_dir/model_export.py --output
-     build/bench-models/trained (trained again when model_export.py is newer)
-  3. pipeline on the host: python -m tools.bench.pipeline (numpy, TF and the naive TF path)
-  4. one VM boot (4 vCPUs, 2 mlsched domains): python -m tools.bench.guest (pipeline with
-     mlsched attached, then every outcome run)
-  5. bench-results/<date>.json, <date>.md and <date>-*.png (python -m tools.bench.report)
+  2. the decision pipeline on the host: python -m tools.bench.pipeline (numpy backend, event ->
+     map at 1 k, 10 k, 100 k and 1 M offered/s)
+  3. one VM boot (4 vCPUs, 2 mlsched domains): python -m tools.bench.suite (every scheduler
+     under every workload, interleaved rounds; then the loader's start-up under the smoke
+     stress); booted again to finish when a VM dies part way
+  4. bench-results/<date>.json (every run), <date>.md and <date>-<workload>.png
+     (python -m tools.bench.report); --docs also writes docs/BENCHMARKS.md's tables and
+     docs/bench/<workload>.png
 
-Needs root, `make setup` and `make bpf`; `make bench` also builds
-build/bench/ringbuf_producer.bpf.o.
+Needs root, `make setup bpf scx-peers` and build/bench/{wakeprobe,ringbuf_producer.bpf.o}
+(`make bench` builds them). On a shared machine run it under `flock /tmp/mlsched-vm.lock`.
 """
 
 from __future__ import annotations
@@ -37,22 +39,21 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD = REPO_ROOT / "build" / "bench"
 CODEBASE = BUILD / "cbase"
 CODEBASE_UNITS, CODEBASE_FUNCS = 14, 2  # ~9 s of make -j4 in a TCG guest on a quiet host
-TRAINED = REPO_ROOT / "build" / "bench-models" / "trained"
-MODEL_EXPORT = REPO_ROOT / "model_dir" / "model_export.py"
+TRAINED = REPO_ROOT / "model_dir" / "model_path_trained"
 VM_OUT = REPO_ROOT / "build" / "vm-out" / "bench"
 PRODUCER_OBJ = BUILD / "ringbuf_producer.bpf.o"
-SCHED_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
-# A VM that dies part way (vng exit 255: it happens every few minutes of mlsched attach cycles
-# on this machine, see docs/BENCHMARKS.md) is booted again to finish the runs still missing.
-VM_BOOTS = 8
+NEEDED = (REPO_ROOT / "bpf" / "mlsched.bpf.o", PRODUCER_OBJ, BUILD / "wakeprobe",
+          REPO_ROOT / "build" / "scx" / "scx_simple")
+VM_BOOTS = 4
 WORKLOAD_TOOLS = (("gcc", "gcc"), ("make", "make"), ("perf", "linux-perf"),
-                  ("stress-ng", "stress-ng"))
+                  ("stress-ng", "stress-ng"), ("bpftool", "bpftool"))
 
 EXAMPLES = """examples:
-  make bench                                   # everything, 3 rounds (10-15 min)
-  python -m tools.bench --quick                # 1 round, smaller loads: a smoke run
-  python -m tools.bench --skip-vm              # the host pipeline only
-  python -m tools.bench.report bench-results/2026-11-24-0730.json   # redo the tables/plots
+  make bench                                   # 5 rounds, about 30 min
+  make bench BENCH_ARGS='--rounds 3'           # shorter, still with intervals
+  python -m tools.bench --quick                # 1 round, smaller loads: < 10 min
+  python -m tools.bench --skip-host --rounds 2 --configs eevdf,trained
+  python -m tools.bench.report bench-results/2026-12-01-2300.json --docs   # redo the docs
 """
 
 
@@ -125,36 +126,26 @@ class LoadSampler:
                 "samples": len(self.samples)}
 
 
-def trained_model(retrain: bool) -> Path:
-    stamp = TRAINED / "saved_model.pb"
-    fresh = stamp.is_file() and stamp.stat().st_mtime >= MODEL_EXPORT.stat().st_mtime
-    if fresh and not retrain:
-        say(f"trained model: {TRAINED.relative_to(REPO_ROOT)} is up to date")
-        return TRAINED
-    TRAINED.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    rc = run_streamed([sys.executable, str(MODEL_EXPORT), "--output", str(TRAINED)],
-                      "training the model for (d)")
-    if rc != 0 or not stamp.is_file():
-        raise SystemExit(f"bench: model_export.py failed ({rc})")
-    say(f"trained model ready in {time.monotonic() - t0:.0f} s")
-    return TRAINED
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m tools.bench",
-        description="Benchmark mlsched: the decision pipeline (host and VM) and the scheduling "
-        "outcome against the kernel's default scheduler (VM).",
+        description="Benchmark mlsched against EEVDF and scx_simple in one VM boot, and its "
+        "decision pipeline on the host.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=3, help="outcome rounds (default: 3)")
-    ap.add_argument("--scale", type=float, default=1.0,
-                    help="messaging and mixed workload size factor (default: 1)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
+    ap.add_argument("--scale", type=float, default=1.0, help="workload size factor (default: 1)")
     ap.add_argument("--quick", action="store_true",
-                    help="1 round, half-size workloads, short pipeline windows")
+                    help="1 round, half-size workloads, short pipeline windows (< 10 min)")
+    ap.add_argument("--configs", default="", help="schedulers, comma-separated (default: "
+                    "eevdf,scx_simple,fallback,dummy,trained,kernel; also scx_central)")
+    ap.add_argument("--workloads", default="", help="comma-separated (default: "
+                    "wakeup,messaging,build,mixed; also kbuild)")
+    ap.add_argument("--trained", type=Path, default=TRAINED,
+                    help="the learned model (default: model_dir/model_path_trained)")
     ap.add_argument("--skip-host", action="store_true", help="no host pipeline run")
     ap.add_argument("--skip-vm", action="store_true", help="no VM boot")
-    ap.add_argument("--retrain", action="store_true", help="train the (d) model again")
+    ap.add_argument("--docs", action="store_true",
+                    help="also write docs/BENCHMARKS.md's generated part and docs/bench/*.png")
     ap.add_argument("--vm-cpus", type=int, default=4, help="vCPUs (default: 4)")
     ap.add_argument("--vm-memory", default="3G", help="VM memory (default: 3G)")
     ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench-results",
@@ -163,21 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: must run as root (BPF on the host, the VM)", file=sys.stderr)
         return 2
-    for f in (PRODUCER_OBJ, SCHED_OBJ):
+    for f in NEEDED:
         if not f.is_file():
             print(f"bench: {f.relative_to(REPO_ROOT)} missing: run `make bench`",
                   file=sys.stderr)
             return 2
-    # The guest runs the host's binaries (its root is the host's, read-only).
     missing = [f"{tool} (Debian package {pkg})" for tool, pkg in WORKLOAD_TOOLS
                if shutil.which(tool) is None]
     if missing and not args.skip_vm:
         print(f"bench: the workloads need {', '.join(missing)}: apt-get install them",
               file=sys.stderr)
         return 2
-    repeats, scale, seconds = args.repeats, args.scale, 2.0
+    rounds, scale, seconds, smoke = args.rounds, args.scale, 2.0, 2
     if args.quick:
-        repeats, scale, seconds = 1, scale / 2, 1.0
+        rounds, scale, seconds, smoke = 1, scale / 2, 1.0, 1
 
     t0 = time.monotonic()
     stem = time.strftime("%Y-%m-%d-%H%M")
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": "make bench"
         + (" (" + " ".join(argv or sys.argv[1:]) + ")" if (argv or sys.argv[1:]) else ""),
         "host": platform.node(), "host_kernel": platform.release(), "host_cpus": os.cpu_count(),
-        "commit": git_commit(), "repeats": repeats, "scale": scale}}
+        "commit": git_commit(), "rounds": rounds, "scale": scale}}
     out_json = args.out_dir / f"{stem}.json"
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -195,15 +185,18 @@ def main(argv: list[str] | None = None) -> int:
 
     generate_codebase(CODEBASE, CODEBASE_UNITS, CODEBASE_FUNCS)
     say(f"C code base: {CODEBASE.relative_to(REPO_ROOT)} ({CODEBASE_UNITS} units)")
-    trained = trained_model(args.retrain) if not args.skip_vm else TRAINED
+    kb_src = Path("/nonexistent")
+    if "kbuild" in args.workloads.split(","):
+        from tools.bench import kbuild
+
+        kb_src, _ = kbuild.ensure()
 
     if not args.skip_host:
         host_json = BUILD / "host-pipeline.json"
         host_json.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "tools.bench.pipeline", "--where", "host",
-               "--seconds", str(seconds), "--json", str(host_json)]
-        if args.quick:
-            cmd += ["--rates", "1000,100000,1000000"]
+               "--backends", "numpy", "--rates", "1000,10000,100000,1000000",
+               "--low-wait-rates", "", "--seconds", str(seconds), "--json", str(host_json)]
         with LoadSampler() as load:
             rc = run_streamed(cmd, "pipeline on the host")
         res["meta"]["host_load_pipeline"] = load.summary()
@@ -215,11 +208,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_vm:
         VM_OUT.mkdir(parents=True, exist_ok=True)
-        guest_json = VM_OUT / "guest.json"
-        guest_json.unlink(missing_ok=True)
-        guest = ["python", "-m", "tools.bench.guest", "--out", str(guest_json),
-                 "--codebase", str(CODEBASE), "--trained", str(trained),
-                 "--repeats", str(repeats), "--scale", str(scale), "--seconds", str(seconds)]
+        suite_json = VM_OUT / "suite.json"
+        suite_json.unlink(missing_ok=True)
+        guest = ["python", "-m", "tools.bench.suite", "--out", str(suite_json),
+                 "--trained", str(args.trained), "--kb-src", str(kb_src),
+                 "--codebase", str(CODEBASE), "--rounds", str(rounds), "--scale", str(scale),
+                 "--smoke-startups", str(smoke)]
+        guest += ["--configs", args.configs] if args.configs else []
+        guest += ["--workloads", args.workloads] if args.workloads else []
         with LoadSampler() as load:
             for boot in range(1, VM_BOOTS + 1):
                 cmd = guest + (["--resume"] if boot > 1 else [])
@@ -227,24 +223,24 @@ def main(argv: list[str] | None = None) -> int:
                                    str(args.vm_cpus), "--memory", args.vm_memory, "--",
                                    shlex.join(cmd)], f"the VM part (boot {boot})")
                 try:
-                    res["vm"] = json.loads(guest_json.read_text())
+                    res["vm"] = json.loads(suite_json.read_text())
                 except (OSError, ValueError):
                     res.pop("vm", None)
                 if res.get("vm", {}).get("done"):
                     break
-                # A VM killed from outside (the machine is shared) leaves partial results:
-                # boot again and run only what is missing.
                 say(f"the VM part stopped early (exit {rc})"
                     + ("; booting again to finish it" if boot < VM_BOOTS else ""))
-        res["meta"]["host_load_vm"] = load.summary()  # the VM itself counts as one
+        res["meta"]["host_load_vm"] = load.summary()
         save()
 
     save()
     md, pngs = report.write(res, args.out_dir, stem)
+    if args.docs:
+        report.write_docs(res)
     say(f"done in {(time.monotonic() - t0) / 60:.1f} min: {out_json}, {md}"
         + "".join(f", {p}" for p in pngs))
     print()
-    print("\n".join(report.summary_table(res)))
+    print("\n".join(report.summary_table(res) + report.target_table(res)))
     return 0
 
 
