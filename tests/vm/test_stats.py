@@ -186,7 +186,16 @@ def bad_clients() -> dict[str, object]:
     return got
 
 
-def test_bad_clients_leave_it_attached_and_deciding(loader: Loader) -> None:
+@pytest.fixture
+def ring_loader() -> Iterator[Loader]:
+    """Decisions written as candidates come (the hash table, the ring path): with the dense
+    grid every key is decided at model-ready and no decision is written afterwards."""
+    with running_loader("--table", "hash", name="loader-stats-abuse") as ld:
+        yield ld
+
+
+def test_bad_clients_leave_it_attached_and_deciding(ring_loader: Loader) -> None:
+    loader = ring_loader
     loader.wait_model_ready()
     before = read_stats()
     load = stress(STRESS_S)
