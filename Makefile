@@ -17,7 +17,7 @@ VM_CPUS ?= 2
 MLP_BENCH := build/bench/mlp_bench.bpf.o
 
 .PHONY: all setup bpf model test host-test vm-test vm-test-topology vm-test-619 vm-models \
-	scx-peers demo soak lint clean bench-model train
+	scx-peers demo soak lint clean bench-model train install
 
 all: bpf
 
@@ -125,6 +125,26 @@ train: setup bpf
 	TRAIN_EXPLORE=$(TRAIN_EXPLORE) TRAIN_ESTIMATOR=$(TRAIN_ESTIMATOR) TRAIN_SAFE=$(TRAIN_SAFE) \
 	TRAIN_COLLECT=$(TRAIN_COLLECT) TRAINED_MODEL=$(TRAINED_MODEL) VM_LOCK=$(VM_LOCK) PY=$(PY) \
 	scripts/train.sh
+
+# Install the runtime (tools/README.md has the service): a virtualenv of its own under
+# INSTALL_VENV with `pip install .` (add INSTALL_EXTRAS=[tf] for TensorFlow), the commands
+# linked into PREFIX/bin, mlsched.service into UNITDIR, /etc/default/mlsched unless it exists.
+PREFIX ?= /usr/local
+INSTALL_VENV ?= $(PREFIX)/lib/mlsched
+INSTALL_EXTRAS ?=
+UNITDIR ?= /etc/systemd/system
+DEFAULTS ?= /etc/default/mlsched
+SYSTEM_PYTHON ?= /usr/bin/python3
+install: bpf
+	$(SYSTEM_PYTHON) -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/pip install -q --disable-pip-version-check "$(CURDIR)$(INSTALL_EXTRAS)"
+	install -d $(PREFIX)/bin $(UNITDIR) $(dir $(DEFAULTS))
+	for c in mlsched-load mlsched-stats mlsched-collect mlsched-evaluate; do \
+		ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c; done
+	sed 's|@BINDIR@|$(PREFIX)/bin|' scripts/mlsched.service > $(UNITDIR)/mlsched.service
+	test -e $(DEFAULTS) || install -m 644 scripts/mlsched.default $(DEFAULTS)
+	if [ "$(UNITDIR)" = /etc/systemd/system ]; then systemctl daemon-reload 2>/dev/null || true; fi
+	@echo "install: done; start it with: systemctl start mlsched (flags: $(DEFAULTS))"
 
 clean:
 	rm -f bpf/*.o bpf/*.enums bpf/vmlinux.h

@@ -19,7 +19,7 @@ from loader.model_check import SIGNATURE_KEY, ModelError, ModelInfo, model_diges
 BACKEND_CHOICES = ("auto", "tf", "numpy")
 
 
-class ModelBackend(Protocol):
+class Predictor(Protocol):
     name: str
     kind: contract.Backend
 
@@ -70,7 +70,7 @@ class NumpyBackend:
         return self.model.predict(x)
 
 
-def open_backend(info: ModelInfo, want: str = "auto") -> tuple[ModelBackend, str]:
+def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
     """The backend for a checked model and one line saying why it was chosen.
 
     want: "auto" (numpy when verified fast-path weights match the model, else tf), "tf", or

@@ -21,11 +21,7 @@ _vp, _int, _u32p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32
 for _name, _res, _args in (
     ("bpf_update_elem", _int, [_int, _vp, _vp, ctypes.c_ulonglong]),
     ("bpf_lookup_elem", _int, [_int, _vp, _vp]),
-    ("bpf_delete_elem", _int, [_int, _vp]),
-    ("bpf_get_first_key", _int, [_int, _vp, ctypes.c_size_t]),
-    ("bpf_get_next_key", _int, [_int, _vp, _vp]),
     ("bpf_update_batch", _int, [_int, _vp, _vp, _u32p]),
-    ("bpf_lookup_batch", _int, [_int, _u32p, _u32p, _vp, _vp, _u32p]),
     ("bpf_new_ringbuf", _vp, [_int, _vp, _vp]),
     ("bpf_free_ringbuf", None, [_vp]),
     ("bpf_poll_ringbuf", _int, [_vp, _int]),
@@ -154,31 +150,6 @@ class DecisionMap:
             ctypes.byref(count),
         )
         _check(res, f"batch update of {len(keys)} decisions")
-
-    def get(self, key: int) -> int | None:
-        k = ctypes.c_uint64(key)
-        v = ctypes.c_uint32()
-        if bcc.bpf_lookup_elem(self.fd, ctypes.byref(k), ctypes.byref(v)) < 0:
-            return None
-        return v.value
-
-    def count(self) -> int:
-        """Entries in the map (walks the keys: for stats, not the hot path)."""
-        n = 0
-        key = ctypes.c_uint64()
-        nxt = ctypes.c_uint64()
-        if bcc.bpf_get_first_key(self.fd, ctypes.byref(key), ctypes.sizeof(key)) < 0:
-            return 0
-        n = 1
-        while bcc.bpf_get_next_key(self.fd, ctypes.byref(key), ctypes.byref(nxt)) == 0:
-            key.value = nxt.value
-            n += 1
-        return n
-
-    def clear(self) -> None:
-        key = ctypes.c_uint64()
-        while bcc.bpf_get_first_key(self.fd, ctypes.byref(key), ctypes.sizeof(key)) == 0:
-            bcc.bpf_delete_elem(self.fd, ctypes.byref(key))
 
 
 class RingBufferReader:

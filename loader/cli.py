@@ -7,6 +7,12 @@ import os
 import signal
 
 
+def parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
+    """An ArgumentParser with the examples epilog, printed as written."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=examples,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def number_in(text: str, lo: float, hi: float, unit: str = "", lo_open: bool = True) -> float:
     """A float in (lo, hi] (or [lo, hi]), as argparse's one-line error otherwise."""
     try:

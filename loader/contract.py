@@ -11,36 +11,33 @@ from enum import IntEnum
 
 import numpy as np
 
-MAX_CPUS = 512
+# The feature schema (key fields, shifts, scaling, model input), re-exported: one definition.
+from loader.schema import (  # noqa: F401
+    FEATURE_NAMES,
+    KEY_CPU_SHIFT,
+    KEY_DST_SHIFT,
+    KEY_FIELD_MAX,
+    KEY_IDLE_SHIFT,
+    KEY_NOT_IDLE_SHIFT,
+    KEY_SRC_SHIFT,
+    LOAD_FULL_PER_CPU,
+    LOAD_SCALE,
+    MAX_CPUS,
+    NR_FEATURES,
+    feature_grid,
+    grid_index,
+    grid_keys,
+    grid_size,
+    pack_key,
+    pack_keys,
+    unpack_keys,
+)
+
 MAX_DOMS = 64
-LOAD_SCALE = 16
-LOAD_FULL_PER_CPU = 4
-
-KEY_CPU_SHIFT = 32
-KEY_IDLE_SHIFT = 24
-KEY_NOT_IDLE_SHIFT = 16
-KEY_SRC_SHIFT = 8
-KEY_DST_SHIFT = 0
-KEY_FIELD_MAX = 255
-
 RINGBUF_DEFAULT_BYTES = 1 << 20
 EXIT_REASON_LEN = 128
 EXIT_MSG_LEN = 1024
 
-# Model input: float32 [?, 10] in this order; the last five are reserved zeros.
-FEATURE_NAMES = (
-    "cpu",
-    "cpu_idle",
-    "cpu_not_idle",
-    "src_dom_load",
-    "dst_dom_load",
-    "reserved0",
-    "reserved1",
-    "reserved2",
-    "reserved3",
-    "reserved4",
-)
-NR_FEATURES = len(FEATURE_NAMES)
 MODEL_INPUT_KEY = "features"
 MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
 
@@ -299,17 +296,6 @@ CANDIDATE_DTYPE = np.dtype(
 )
 
 
-def pack_key(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int) -> int:
-    """The decision key of a candidate, as select_cpu packs it."""
-    return (
-        (cpu << KEY_CPU_SHIFT)
-        | (min(cpu_idle, KEY_FIELD_MAX) << KEY_IDLE_SHIFT)
-        | (min(cpu_not_idle, KEY_FIELD_MAX) << KEY_NOT_IDLE_SHIFT)
-        | (src_load_q << KEY_SRC_SHIFT)
-        | (dst_load_q << KEY_DST_SHIFT)
-    )
-
-
 def heuristic_migrate(src_load_q: np.ndarray, dst_load_q: np.ndarray,
                       cpu_idle: np.ndarray) -> np.ndarray:
     """The kernel's heuristic fallback (mlsched_heuristic in bpf/mlsched_policy.h), vectorised:
@@ -326,83 +312,3 @@ def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray
     same = np.asarray(fallback_action).astype(bool) == np.asarray(action).astype(bool)
     p = explore_q16 // 2 + np.where(same, EXPLORE_SCALE - explore_q16, 0)
     return p / EXPLORE_SCALE
-
-
-def pack_keys(cpu: np.ndarray, cpu_idle: np.ndarray, cpu_not_idle: np.ndarray,
-              src_load_q: np.ndarray, dst_load_q: np.ndarray) -> np.ndarray:
-    """Vectorised pack_key: uint64 keys from integer field arrays (fields clamped as BPF does)."""
-    u = np.uint64
-    f = u(KEY_FIELD_MAX)
-    return ((np.asarray(cpu).astype(u) << u(KEY_CPU_SHIFT))
-            | (np.minimum(np.asarray(cpu_idle).astype(u), f) << u(KEY_IDLE_SHIFT))
-            | (np.minimum(np.asarray(cpu_not_idle).astype(u), f) << u(KEY_NOT_IDLE_SHIFT))
-            | (np.asarray(src_load_q).astype(u) << u(KEY_SRC_SHIFT))
-            | (np.asarray(dst_load_q).astype(u) << u(KEY_DST_SHIFT)))
-
-
-def unpack_keys(keys: np.ndarray) -> np.ndarray:
-    """Model input [n, 10] float32 for packed keys: exactly what the kernel quantized."""
-    keys = np.asarray(keys, dtype=np.uint64)
-    field = np.uint64(KEY_FIELD_MAX)
-    x = np.zeros((keys.shape[0], NR_FEATURES), dtype=np.float32)
-    x[:, 0] = (keys >> np.uint64(KEY_CPU_SHIFT)).astype(np.float32)
-    x[:, 1] = ((keys >> np.uint64(KEY_IDLE_SHIFT)) & field).astype(np.float32)
-    x[:, 2] = ((keys >> np.uint64(KEY_NOT_IDLE_SHIFT)) & field).astype(np.float32)
-    x[:, 3] = ((keys >> np.uint64(KEY_SRC_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
-    x[:, 4] = ((keys >> np.uint64(KEY_DST_SHIFT)) & field).astype(np.float32) / LOAD_SCALE
-    return x
-
-
-def grid_size(nr_cpus: int, dom_cpus: int) -> int:
-    """Keys in the dense decision grid (mlsched_grid_size in bpf/mlsched_policy.h)."""
-    return nr_cpus * (dom_cpus + 1) ** 2 * (LOAD_SCALE + 1) ** 2
-
-
-def grid_index(cpu: int, cpu_idle: int, cpu_not_idle: int, src_load_q: int, dst_load_q: int,
-               nr_cpus: int, dom_cpus: int) -> int:
-    """A key's place in the grid, or -1 (mlsched_grid_index in bpf/mlsched_policy.h)."""
-    if (cpu >= nr_cpus or cpu_idle > dom_cpus or cpu_not_idle > dom_cpus
-            or src_load_q > LOAD_SCALE or dst_load_q > LOAD_SCALE):
-        return -1
-    d, n = dom_cpus + 1, LOAD_SCALE + 1
-    return (((cpu * d + cpu_idle) * d + cpu_not_idle) * n + src_load_q) * n + dst_load_q
-
-
-def grid_keys(nr_cpus: int, dom_cpus: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Packed keys of grid indices [start, stop), in index order (every key the machine can
-    produce, on the wakeup path and the steal path alike)."""
-    stop = grid_size(nr_cpus, dom_cpus) if stop is None else stop
-    idx = np.arange(start, stop, dtype=np.uint64)
-    d, n = np.uint64(dom_cpus + 1), np.uint64(LOAD_SCALE + 1)
-    dst = idx % n
-    idx //= n
-    src = idx % n
-    idx //= n
-    busy = idx % d
-    idx //= d
-    idle = idx % d
-    cpu = idx // d
-    return pack_keys(cpu, idle, busy, src, dst)
-
-
-def feature_grid(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:
-    """Every packed key a machine with these CPUs and domain size can produce.
-
-    Candidates have src_load_q > dst_load_q (the source domain is the busier one).
-    """
-    cpu, idle, busy, src, dst = np.meshgrid(
-        np.arange(nr_cpus, dtype=np.uint64),
-        np.arange(max_dom_cpus + 1, dtype=np.uint64),
-        np.arange(max_dom_cpus + 1, dtype=np.uint64),
-        np.arange(LOAD_SCALE + 1, dtype=np.uint64),
-        np.arange(LOAD_SCALE + 1, dtype=np.uint64),
-        indexing="ij",
-    )
-    keep = src > dst
-    return (
-        (cpu[keep] << np.uint64(KEY_CPU_SHIFT))
-        | (idle[keep] << np.uint64(KEY_IDLE_SHIFT))
-        | (busy[keep] << np.uint64(KEY_NOT_IDLE_SHIFT))
-        | (src[keep] << np.uint64(KEY_SRC_SHIFT))
-        | (dst[keep] << np.uint64(KEY_DST_SHIFT))
-    )

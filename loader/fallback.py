@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 
 HEURISTIC_GAP_Q = contract.LOAD_SCALE // 4  # the load gap, in quanta, the heuristic needs
 PROPENSITY_SCALE = 2 * contract.EXPLORE_SCALE  # propensities are exact in these units
@@ -48,14 +48,14 @@ def fallback_migrate(policy: contract.Fallback | int, cpu_idle: np.ndarray,
 
 def load_quanta(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(src_load_q, dst_load_q) back from model inputs (float32 [n, 10], loads q / LOAD_SCALE)."""
-    q = np.rint(np.asarray(x)[:, 3:5] * contract.LOAD_SCALE).astype(np.int64)
-    return q[:, 0], q[:, 1]
+    f = schema.fields_of_features(np.asarray(x))
+    return f["src_load_q"], f["dst_load_q"]
 
 
 def heuristic_from_features(x: np.ndarray) -> np.ndarray:
     """The heuristic on model inputs as contract.unpack_keys() makes them: bool [n]."""
-    src_q, dst_q = load_quanta(x)
-    return heuristic_migrate(np.asarray(x)[:, 1], src_q, dst_q)
+    f = schema.fields_of_features(np.asarray(x))
+    return heuristic_migrate(f["cpu_idle"], f["src_load_q"], f["dst_load_q"])
 
 
 def explore_q_for(p: float) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.fastpath import NumpyModel
 from loader.model_check import ModelError
 
@@ -132,18 +132,7 @@ def machine_keys(nr_cpus: int, dom_cpus: int) -> np.ndarray:
     if size <= SAMPLE_KEYS:
         return contract.grid_keys(nr_cpus, dom_cpus)
     idx = np.unique(np.random.default_rng(0).integers(0, size, SAMPLE_KEYS))
-    return _keys_at(idx, nr_cpus, dom_cpus)
-
-
-def _keys_at(idx: np.ndarray, nr_cpus: int, dom_cpus: int) -> np.ndarray:
-    """Packed keys of grid indices idx (as grid_keys, for scattered indices)."""
-    idx = idx.astype(np.uint64)
-    d, n = np.uint64(min(dom_cpus, contract.KEY_FIELD_MAX) + 1), np.uint64(contract.LOAD_SCALE + 1)
-    dst, idx = idx % n, idx // n
-    src, idx = idx % n, idx // n
-    busy, idx = idx % d, idx // d
-    idle, cpu = idx % d, idx // d
-    return contract.pack_keys(cpu, idle, busy, src, dst)
+    return schema.grid_keys_at(idx, nr_cpus, dom_cpus)
 
 
 def prepare(path: object, nr_cpus: int, dom_cpus: int) -> QuantizedMlp:

@@ -37,6 +37,8 @@ _lib.bpf_obj_pin.restype = ctypes.c_int
 _lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
 _lib.bpf_obj_get.restype = ctypes.c_int
 _lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+_lib.bpf_obj_get_info_by_fd.restype = ctypes.c_int
+_lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, _vp, ctypes.POINTER(ctypes.c_uint32)]
 _lib.libbpf_get_error.restype = ctypes.c_long
 _lib.libbpf_get_error.argtypes = [_vp]
 _lib.bpf_object__find_program_by_name.restype = _vp
@@ -108,6 +110,15 @@ def obj_get(path: str) -> int:
     if fd < 0:
         raise _errno_error(f"open pinned {path}", ctypes.get_errno())
     return fd
+
+
+def map_max_entries(fd: int) -> int:
+    """max_entries of a map, from struct bpf_map_info (type, id, key_size, value_size, max_...)."""
+    info = (ctypes.c_uint32 * 64)()  # zeroed; the kernel fills as much as its struct holds
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if _lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) != 0:
+        raise _errno_error("map info", ctypes.get_errno())
+    return info[4]
 
 
 # BTF kinds and records (include/uapi/linux/btf.h): libbpf returns raw struct btf_type

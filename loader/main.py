@@ -13,16 +13,15 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 
-from loader import contract
-from loader.cli import Reload, Stop, interval_s, number_in, positive_int, ringbuf_size
+from loader import contract, paths
+from loader.cli import Reload, Stop, number_in, positive_int, ringbuf_size
+from loader.stats_server import add_arguments as add_stats_arguments
+from loader.stats_server import check_group
 
 log = logging.getLogger("mlsched")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BPF_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
-DEFAULT_MODEL = REPO_ROOT / "model_dir" / "model_path"
+DEFAULT_BPF_OBJ, DEFAULT_MODEL = paths.BPF_OBJ, paths.BUNDLED_MODEL
 IDLE_POLL_MS = 100  # how often an idle loader checks for signals, ejection and stats
 
 EXAMPLES = """\
@@ -154,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compiled scheduler (default: %(default)s; build with `make bpf`)",
     )
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the model, the BPF object and the domains as before an attach, say what "
+        "would run, and exit (no root needed)",
+    )
+    p.add_argument(
         "--pin-dir",
         default=contract.PIN_DIR,
         metavar="DIR",
@@ -166,13 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="push a still undecided candidate key again after MS (default: 1000)",
     )
-    p.add_argument(
-        "--stats",
-        type=interval_s,
-        default=None,
-        metavar="SECS",
-        help="print the mlsched-stats block to stdout every SECS seconds",
-    )
+    add_stats_arguments(p)
     p.add_argument(
         "-v",
         "--verbose",
@@ -194,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 and not args.check:
         return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
+    if refusal := check_group(args.stats_group):
+        return fail(refusal)
     # Until the first attach the loader runs as a real-time thread: on a loaded machine the
     # imports and the BPF load would otherwise queue behind every CPU hog (run() drops it).
     realtime(True)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "numpy" and not model_info.fastpath_ok:
         return fail(f"--backend numpy: {model_info.fastpath_reason}")
     if not os.path.isfile(args.bpf_obj):
-        return fail(f"BPF object not found at {args.bpf_obj} (run `make bpf`)")
+        return fail(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
 
     from loader.domains import DomainError, plan_domains
 
@@ -231,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             args.kernel_mlp = prepare(model_info.path, plan.nr_cpus, plan.max_dom_cpus)
         except ModelError as e:
             return fail(str(e))
+    if args.check:
+        backend = "numpy fast path" if model_info.fastpath_ok else model_info.fastpath_reason
+        print(f"mlsched-load: ok: model {model_info.path} (digest {model_info.digest[:12]}, "
+              f"{backend}); BPF object {args.bpf_obj}; {plan.reason}")
+        return 0
     return run(args, model_info, plan)
 
 
@@ -288,7 +294,9 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     from loader.domains import DomainError, plan_domains
     from loader.pipeline import DecisionPipeline
     from loader.scheduler import SchedulerError, scx_state
+    from loader.stats import MapSampler
     from loader.stats_publisher import StatsPublisher
+    from loader.stats_server import serve_stats
 
     stop = Stop()
     stop.install()
@@ -319,6 +327,8 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
         if pipeline is None:
             pipeline = DecisionPipeline(sched.table, args.batch_size, args.max_wait_ms / 1000)
             publisher = StatsPublisher(sched.loader_stats, sched.latency_hist, pipeline)
+            sampler = MapSampler(sched, os.path.abspath(args.model))
+            serve_stats(args, sampler.sample)  # until the process exits
             if args.kernel_mlp is not None:
                 from loader.kernel_mlp import KernelBackend
 
@@ -329,6 +339,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
         else:
             pipeline.rebind(sched.table)
             publisher.rebind(sched.loader_stats, sched.latency_hist)
+            sampler.rebind(sched)
         status, restart = serve(args, sched, pipeline, publisher, stop, reload)
         if not restart:
             break
@@ -368,12 +379,7 @@ def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: 
     reader = RingBufferReader(sched.ringbuf_fd, pipeline.on_record)
     status, restart = 0, False
     batch_poll_ms = max(1, int(args.max_wait_ms))
-    printer = None
     try:
-        if args.stats:
-            from tools.stats import LoaderMaps, StatsPrinter
-
-            printer = StatsPrinter(LoaderMaps(sched), os.path.abspath(args.model), args.stats)
         while not stop.requested:
             switched = pipeline.take_model()
             if pipeline.precompute_pending:
@@ -394,8 +400,6 @@ def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: 
                 sched.load_kernel_mlp(args.kernel_mlp, sched.table.generation)
             pump(reader, pipeline, IDLE_POLL_MS, batch_poll_ms)
             publisher.maybe_publish()
-            if printer is not None:
-                printer.maybe_print()
             if publisher.model_failed is not None:
                 log.error("%s", publisher.model_failed)
                 status = 2

@@ -12,19 +12,13 @@ from typing import Protocol
 import numpy as np
 
 from loader import contract
+from loader.backends import Predictor
 from loader.table import DecisionTable
 
 log = logging.getLogger("mlsched.pipeline")
 
 # Keys waiting for a model are capped: past this the kernel pushes them again later.
 MAX_WAITING_KEYS = 65536
-
-
-class Predictor(Protocol):
-    name: str
-    kind: contract.Backend
-
-    def predict(self, x: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass

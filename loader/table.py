@@ -14,7 +14,7 @@ import mmap
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.bpfmaps import DecisionMap, U64Array
 
 GridDims = tuple[int, int]  # (nr_cpus, dom_cpus) of the grid
@@ -36,19 +36,7 @@ def grid_words(dims: GridDims | None) -> int:
 
 def grid_indices(keys: np.ndarray, dims: GridDims) -> np.ndarray:
     """Vectorised mlsched_grid_index(): each packed key's grid index, -1 outside the grid."""
-    keys = np.asarray(keys, dtype=np.uint64)
-    field = np.uint64(contract.KEY_FIELD_MAX)
-    cpu = (keys >> np.uint64(contract.KEY_CPU_SHIFT)).astype(np.int64)
-    idle = ((keys >> np.uint64(contract.KEY_IDLE_SHIFT)) & field).astype(np.int64)
-    busy = ((keys >> np.uint64(contract.KEY_NOT_IDLE_SHIFT)) & field).astype(np.int64)
-    src = ((keys >> np.uint64(contract.KEY_SRC_SHIFT)) & field).astype(np.int64)
-    dst = ((keys >> np.uint64(contract.KEY_DST_SHIFT)) & field).astype(np.int64)
-    nr_cpus, dom_cpus = dims
-    d, n = dom_cpus + 1, contract.LOAD_SCALE + 1
-    idx = (((cpu * d + idle) * d + busy) * n + src) * n + dst
-    ok = ((cpu < nr_cpus) & (idle <= dom_cpus) & (busy <= dom_cpus)
-          & (src <= contract.LOAD_SCALE) & (dst <= contract.LOAD_SCALE))
-    return np.where(ok, idx, -1)
+    return schema.grid_indices(keys, *dims)
 
 
 class DecisionGrid:
@@ -103,12 +91,7 @@ class DecisionTable:
 
     def is_decided(self, key: int) -> bool:
         if self.grid is not None:
-            f = contract.KEY_FIELD_MAX
-            i = contract.grid_index(key >> contract.KEY_CPU_SHIFT,
-                                    key >> contract.KEY_IDLE_SHIFT & f,
-                                    key >> contract.KEY_NOT_IDLE_SHIFT & f,
-                                    key >> contract.KEY_SRC_SHIFT & f,
-                                    key >> contract.KEY_DST_SHIFT & f, *self.grid.dims)
+            i = int(schema.grid_indices(key, *self.grid.dims))
             if i >= 0:
                 return bool(self.grid.codes[i])
         return key in self.hash_keys

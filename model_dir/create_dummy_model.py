@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loader import contract
-from loader.fastpath import DenseLayer, NumpyModel, grid_decisions, import_tensorflow
-from loader.fastpath import write_fastpath as write_fastpath_file
+from loader.fastpath import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import ModelError, ModelInfo, check_model_dir
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.export_verified import write_manifest
+from model_dir.fastpath_verify import grid_decisions
+from model_dir.fastpath_verify import write_fastpath as write_fastpath_file
 
 if TYPE_CHECKING:
     import keras

@@ -36,7 +36,7 @@ from typing import IO
 
 import numpy as np
 
-from loader import contract, fallback
+from loader import contract, fallback, schema
 
 FORMAT_VERSION = 2  # what write_dataset() writes when it has the columns
 U32_MAX = (1 << 32) - 1
@@ -46,13 +46,10 @@ U64_MAX = (1 << 64) - 1
 COLUMNS_V1: tuple[tuple[str, type, int, int], ...] = (
     ("ts_ns", np.uint64, 0, U64_MAX),
     ("pid", np.uint32, 0, U32_MAX),
-    ("cpu", np.uint32, 0, contract.MAX_CPUS - 1),
-    ("cpu_idle", np.uint32, 0, contract.KEY_FIELD_MAX),
-    ("cpu_not_idle", np.uint32, 0, contract.KEY_FIELD_MAX),
+    *((f.name, np.uint32, 0, f.hi) for f in schema.KEY_FIELDS[:3]),
     ("src_dom", np.uint32, 0, contract.MAX_DOMS - 1),
     ("dst_dom", np.uint32, 0, contract.MAX_DOMS - 1),
-    ("src_load_q", np.uint32, 0, contract.LOAD_SCALE),
-    ("dst_load_q", np.uint32, 0, contract.LOAD_SCALE),
+    *((f.name, np.uint32, 0, f.hi) for f in schema.KEY_FIELDS[3:]),
     ("action", np.uint8, 0, 1),
     ("source", np.uint8, 0, len(contract.Source) - 1),
     ("label", np.uint8, 0, 1),
@@ -75,7 +72,6 @@ COLUMN_NAMES_V2 = tuple(c[0] for c in COLUMNS_V2)
 HEADER = ",".join(COLUMN_NAMES)
 HEADER_V2 = ",".join(COLUMN_NAMES_V2)
 HEADERS = {HEADER: 1, HEADER_V2: 2}
-_KEY_FIELDS = ("cpu", "cpu_idle", "cpu_not_idle", "src_load_q", "dst_load_q")
 _REF = "dataset format: model_dir/README.md"
 
 
@@ -124,14 +120,7 @@ class Dataset:
 
     def keys(self) -> np.ndarray:
         """The packed decision key of every row, as select_cpu packs it."""
-        c = {name: self.columns[name].astype(np.uint64) for name in _KEY_FIELDS}
-        return (
-            (c["cpu"] << np.uint64(contract.KEY_CPU_SHIFT))
-            | (c["cpu_idle"] << np.uint64(contract.KEY_IDLE_SHIFT))
-            | (c["cpu_not_idle"] << np.uint64(contract.KEY_NOT_IDLE_SHIFT))
-            | (c["src_load_q"] << np.uint64(contract.KEY_SRC_SHIFT))
-            | (c["dst_load_q"] << np.uint64(contract.KEY_DST_SHIFT))
-        )
+        return schema.pack_columns(self.columns)
 
     def features(self) -> np.ndarray:
         """Model input float32 [n, 10]: exactly what the loader feeds for these candidates."""
@@ -206,79 +195,85 @@ def _check_logging(path: Path, linenos: list[int], cols: dict[str, np.ndarray]) 
 
 
 def read_dataset(path: str | Path) -> Dataset:
-    """Read and validate a dataset file (v1 or v2); DatasetError (one line) when malformed."""
+    """Read and validate a dataset file (v1 or v2); DatasetError (one line) when malformed.
+
+    numpy parses and checks every row at once; only a file it cannot parse is read again line
+    by line, to name the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset not found at {path}")
-    values: list[list[int]] = []
-    linenos: list[int] = []
     try:
         with _open_text(path, "r") as f:
-            lines = _lines(f)
-            first = next(lines, None)
-            if first is None:
-                raise DatasetError(f"{path}: empty file, expected the header {HEADER_V2} ({_REF})")
-            lineno, header = first
-            version = HEADERS.get(header.replace(" ", ""))
-            if version is None:
-                raise DatasetError(
-                    f"{path}:{lineno}: header is {header[:120]!r}, expected {HEADER_V2!r} (v2) "
-                    f"or {HEADER!r} (v1) ({_REF})"
-                )
-            columns = COLUMNS_BY_VERSION[version]
-            names = tuple(c[0] for c in columns)
-            width = len(columns)
-            for lineno, line in lines:
-                fields = line.split(",")
-                if len(fields) != width:
-                    raise DatasetError(
-                        f"{path}:{lineno}: {len(fields)} fields, expected {width} (v{version}) "
-                        f"({_REF})"
-                    )
-                try:
-                    row = [int(v) for v in fields]
-                except ValueError:
-                    bad = next((n, v) for n, v in zip(names, fields, strict=True) if not _is_int(v))
-                    raise DatasetError(
-                        f"{path}:{lineno}: {bad[0]} is {bad[1][:40]!r}, not an integer ({_REF})"
-                    ) from None
-                for (name, _, lo, hi), v in zip(columns, row, strict=True):
-                    if not lo <= v <= hi:
-                        raise DatasetError(
-                            f"{path}:{lineno}: {name} is {v}, expected {lo}..{hi} ({_REF})"
-                        )
-                # What the kernel guarantees for every candidate it builds on a wakeup (a
-                # steal, v2's path 1, may find the source no busier than the destination).
-                if row[7] <= row[8] and (version == 1 or row[12] == contract.Path.WAKEUP):
-                    raise DatasetError(
-                        f"{path}:{lineno}: src_load_q {row[7]} <= dst_load_q {row[8]}; a "
-                        f"candidate's destination is less loaded than its source ({_REF})"
-                    )
-                if row[5] == row[6]:
-                    raise DatasetError(
-                        f"{path}:{lineno}: src_dom and dst_dom are both {row[5]} ({_REF})"
-                    )
-                values.append(row)
-                linenos.append(lineno)
+            numbered = list(_lines(f))
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: not a UTF-8 text file ({_REF})") from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DatasetError(f"{path}: cannot read it ({e})") from None
-    if not values:
+    if not numbered:
+        raise DatasetError(f"{path}: empty file, expected the header {HEADER_V2} ({_REF})")
+    (lineno, header), rows = numbered[0], numbered[1:]
+    version = HEADERS.get(header.replace(" ", ""))
+    if version is None:
+        raise DatasetError(
+            f"{path}:{lineno}: header is {header[:120]!r}, expected {HEADER_V2!r} (v2) "
+            f"or {HEADER!r} (v1) ({_REF})"
+        )
+    columns = COLUMNS_BY_VERSION[version]
+    if not rows:
         raise DatasetError(f"{path}: a header but no rows ({_REF})")
-    table = np.array(values, dtype=np.uint64)
-    cols = {name: table[:, i].astype(dtype) for i, (name, dtype, _, _) in enumerate(columns)}
+    try:
+        table = np.loadtxt([line for _, line in rows], delimiter=",", dtype=np.uint64, ndmin=2)
+    except ValueError:
+        table = None
+    if table is None or table.shape[1] != len(columns):
+        raise _unparsable(path, rows, columns, version)
+    col = {name: table[:, i] for i, (name, _, _, _) in enumerate(columns)}
+    # What the kernel guarantees for every candidate it builds on a wakeup (a steal, v2's
+    # path 1, may find the source no busier than the destination).
+    wakeup = col["path"] == contract.Path.WAKEUP if version == 2 else True
+    # Each check: the rows it fails and the message for one of them, checked in this order on
+    # the first row that fails any.
+    checks = [
+        ((col[name] < lo) | (col[name] > hi), lambda r, name=name, lo=lo, hi=hi:
+         f"{name} is {col[name][r]}, expected {lo}..{hi}")
+        for name, _, lo, hi in columns
+    ] + [
+        ((col["src_load_q"] <= col["dst_load_q"]) & wakeup, lambda r: f"src_load_q "
+         f"{col['src_load_q'][r]} <= dst_load_q {col['dst_load_q'][r]}; a candidate's "
+         "destination is less loaded than its source"),
+        (col["src_dom"] == col["dst_dom"], lambda r: f"src_dom and dst_dom are both "
+         f"{col['src_dom'][r]}"),
+    ]
+    bad = np.logical_or.reduce([mask for mask, _ in checks])
+    if bad.any():
+        r = int(np.argmax(bad))
+        what = next(say for mask, say in checks if mask[r])
+        raise DatasetError(f"{path}:{rows[r][0]}: {what(r)} ({_REF})")
+    cols = {name: col[name].astype(dtype) for name, dtype, _, _ in columns}
     if version == 2:
-        _check_logging(path, linenos, cols)
+        _check_logging(path, [n for n, _ in rows], cols)
     return Dataset(cols, str(path))
 
 
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+def _unparsable(path: Path, rows: list[tuple[int, str]], columns: tuple[tuple[str, type, int,
+                int], ...], version: int) -> DatasetError:
+    """The error for the first row numpy could not parse as len(columns) unsigned integers."""
+    for lineno, line in rows:
+        fields = line.split(",")
+        if len(fields) != len(columns):
+            return DatasetError(f"{path}:{lineno}: {len(fields)} fields, expected "
+                                f"{len(columns)} (v{version}) ({_REF})")
+        for (name, _, lo, hi), v in zip(columns, fields, strict=True):
+            try:
+                value = int(v)
+            except ValueError:
+                return DatasetError(
+                    f"{path}:{lineno}: {name} is {v[:40]!r}, not an integer ({_REF})")
+            if not lo <= value <= hi:
+                return DatasetError(
+                    f"{path}:{lineno}: {name} is {value}, expected {lo}..{hi} ({_REF})")
+    return DatasetError(f"{path}: unreadable rows ({_REF})")
 
 
 def write_dataset(

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loader import contract
-from loader.fastpath import FastpathResult, write_fastpath
 from loader.model_check import (
     MANIFEST_FILE,
     MANIFEST_FORMAT,
@@ -31,6 +30,7 @@ from loader.model_check import (
     check_model_dir,
     file_digests,
 )
+from model_dir.fastpath_verify import FastpathResult, write_fastpath
 
 if TYPE_CHECKING:
     import keras

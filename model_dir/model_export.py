@@ -51,12 +51,13 @@ import numpy as np
 
 from loader import contract, fallback
 from loader.backends import open_backend
-from loader.fastpath import MAX_ABS_DIFF, import_tensorflow
+from loader.fastpath import import_tensorflow
 from loader.model_check import ModelError
 from model_dir import offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.dataset import Dataset, DatasetError, read_dataset
 from model_dir.export_verified import check_replaceable, export_verified
+from model_dir.fastpath_verify import MAX_ABS_DIFF
 from model_dir.synthetic import (
     DEFAULT_SIM_EXPLORE,
     expected_cost,
@@ -303,7 +304,7 @@ def clear_threshold(model: keras.Model, hidden: tuple[int, ...], margin: float
     row's logit: decisions change only on inputs the model is indifferent about. Returns
     (the boundary's new logit, probe rows whose decision changed); (0, 0) when nothing moved.
     """
-    from loader.fastpath import probe_inputs
+    from model_dir.fastpath_verify import probe_inputs
 
     x = probe_inputs(32, 8, 32768, 0)  # write_fastpath()'s probe rows
     layers = [model.get_layer(f"dense_{i}") for i in range(len(hidden) + 1)]

@@ -40,11 +40,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from loader import contract, fallback
+from loader import contract, fallback, schema
 from model_dir.dataset import COLUMN_NAMES, COLUMNS, COLUMNS_V2, Dataset, logging_columns
 
-# Rule thresholds in load quanta: 0.25 and 0.5 of LOAD_SCALE.
-GAP_WITH_IDLE_Q = contract.LOAD_SCALE // 4
+# The rule's second threshold in load quanta (the first is the heuristic's, 0.25).
 GAP_ALONE_Q = contract.LOAD_SCALE // 2
 
 PATTERNS = ("steady", "imbalanced", "bursty", "saturated")
@@ -67,14 +66,14 @@ DEFAULT_SIM_EXPLORE = 0.3
 def rule(cpu_idle: np.ndarray, src_load_q: np.ndarray, dst_load_q: np.ndarray) -> np.ndarray:
     """The synthetic labeling rule (module docstring), on quantized loads: 1 migrate, 0 keep."""
     gap = src_load_q.astype(np.int64) - dst_load_q.astype(np.int64)
-    migrate = ((cpu_idle > 0) & (gap >= GAP_WITH_IDLE_Q)) | (gap >= GAP_ALONE_Q)
+    migrate = fallback.heuristic_migrate(cpu_idle, src_load_q, dst_load_q) | (gap >= GAP_ALONE_Q)
     return migrate.astype(np.uint8)
 
 
 def rule_from_features(x: np.ndarray) -> np.ndarray:
     """The rule on model inputs (float32 [n, 10] as unpack_keys makes them)."""
-    load_q = np.rint(x[:, 3:5] * contract.LOAD_SCALE).astype(np.int64)
-    return rule(x[:, 1], load_q[:, 0], load_q[:, 1])
+    f = schema.fields_of_features(x)
+    return rule(f["cpu_idle"], f["src_load_q"], f["dst_load_q"])
 
 
 def _runnable(pattern: str, rng: np.random.Generator, nr_doms: int, dom_cpus: int) -> np.ndarray:
@@ -101,10 +100,7 @@ def _pattern_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
     runnable = _runnable(pattern, rng, nr_doms, dom_cpus)
     busy = np.minimum(runnable, dom_cpus)
     idle = dom_cpus - busy
-    load_q = np.minimum(
-        runnable * contract.LOAD_SCALE // (contract.LOAD_FULL_PER_CPU * dom_cpus),
-        contract.LOAD_SCALE,
-    )
+    load_q = schema.load_q(runnable, dom_cpus)
     rows = np.arange(CHUNK)
     src = rng.integers(0, nr_doms, CHUNK)  # the waking task's domain
     others = load_q.astype(np.float64)

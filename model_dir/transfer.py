@@ -47,9 +47,10 @@ import numpy as np
 
 from loader import contract
 from loader.backends import open_backend
-from loader.fastpath import FastpathResult, import_tensorflow
+from loader.fastpath import import_tensorflow
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
 from model_dir.export_verified import check_replaceable, export_verified, with_contract_input
+from model_dir.fastpath_verify import FastpathResult
 
 log = logging.getLogger("transfer")
 

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from loader.backends import open_backend
-from loader.fastpath import grid_decisions, write_fastpath
 from loader.model_check import ModelError, check_model_dir
 from model_dir.export_verified import write_manifest
+from model_dir.fastpath_verify import grid_decisions, write_fastpath
 
 log = logging.getLogger("verify_model")
 

@@ -49,7 +49,7 @@ python - "$before" "$after" <<'PY'
 import json, sys
 a, b = (json.loads(x) for x in sys.argv[1:3])
 keys = ("candidates", "hits", "misses", "migrate", "keep", "fallback_migrate", "fallback_keep",
-        "submitted", "rb_drops", "decisions", "migrations")
+        "submitted", "rb_drops", "decisions", "migr_model", "migr_fallback")
 print("  " + "  ".join(f"{k}={b[k + '_total'] - a[k + '_total']}" for k in keys))
 PY
 echo

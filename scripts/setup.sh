@@ -32,7 +32,7 @@ mkdir -p "$CACHE"
 # libelf-dev and zlib1g-dev: `make scx-peers` builds libbpf and bpftool from the kernel tree.
 BOOKWORM_PKGS=(clang-19 llvm-19 make qemu-system-x86 udev kmod busybox-static python3-bpfcc
 	bpfcc-tools stress-ng zstd xz-utils binutils ca-certificates procps python3-venv
-	util-linux gcc linux-perf libelf-dev zlib1g-dev)
+	util-linux gcc linux-perf libelf-dev zlib1g-dev systemd)  # systemd: systemd-analyze verify
 BACKPORTS_PKGS=(libbpf1 libbpf-dev bpftool)
 BACKPORTS_LIST=/etc/apt/sources.list.d/mlsched-bookworm-backports.list
 

@@ -30,8 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract, fallback
+from loader import contract, fallback, paths
 from loader.cli import Stop, number_in, positive_int, ringbuf_size
+from loader.stats_server import add_arguments as add_stats_arguments
+from loader.stats_server import check_group
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -55,8 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mlsched-collect")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BPF_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
+DEFAULT_BPF_OBJ = paths.BPF_OBJ
 DEFAULT_DURATION_S = 60.0
 DEFAULT_EXPLORE = 0.25
 DEFAULT_WINDOW_MS = 100.0
@@ -148,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpf-obj", default=str(DEFAULT_BPF_OBJ), metavar="FILE",
                    help="compiled scheduler (default: %(default)s)")
     p.add_argument("--pin-dir", default=contract.PIN_DIR, metavar="DIR",
-                   help="where the stats maps are pinned for mlsched-stats "
-                   "(default: %(default)s)")
+                   help="where the maps are pinned (default: %(default)s)")
+    add_stats_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -434,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
     if not os.path.isfile(args.bpf_obj):
-        return fail(f"BPF object not found at {args.bpf_obj} (run `make bpf`)")
+        return fail(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
+    if refusal := check_group(args.stats_group):
+        return fail(refusal)
 
     from loader.domains import DomainError, plan_domains
 
@@ -518,6 +521,10 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
     except (LibbpfError, SchedulerError, OSError) as e:
         sched.close()
         return fail(str(e), 1)
+    from loader.stats import MapSampler
+    from loader.stats_server import serve_stats
+
+    serve_stats(args, MapSampler(sched, "(collection mode)").sample)
     nr_cpus = sum(len(d) for d in plan.domains)
     log.info("attached %s in collection mode: %d CPUs in %s; fallback %s, explore P = %g; "
              "collecting for %g s, window %g ms, following up to %d candidates/s",

@@ -28,6 +28,8 @@ from typing import Protocol
 
 import numpy as np
 
+from loader import schema
+
 # --- samplers -------------------------------------------------------------------------------
 
 
@@ -246,8 +248,6 @@ LEVEL_NO_OTHER = -1  # no bucket had MIN_OTHER observations of the other action:
 LEVEL_IDLE = -2  # the task neither ran nor waited in the window: no outcome, dropped
 LEVEL_STALLED = -3  # read or closed too late (mlsched-collect --max-late-ms): not measured
 
-FEATURES = ("cpu", "cpu_idle", "cpu_not_idle", "src_load_q", "dst_load_q")
-
 
 def delay_per_run(delay_ns: np.ndarray, run_ns: np.ndarray) -> np.ndarray:
     """Run-queue delay per ns of run time; inf when it only waited, nan when it did neither."""
@@ -260,16 +260,11 @@ def delay_per_run(delay_ns: np.ndarray, run_ns: np.ndarray) -> np.ndarray:
 
 def bucket_ids(cols: Mapping[str, np.ndarray], level: int) -> np.ndarray:
     """The bucket of every row at a level of LEVELS, as one integer."""
-    f = {k: np.asarray(cols[k], dtype=np.int64) for k in FEATURES}
     if level == 0:
-        return (
-            (f["cpu"] << 32) | (f["cpu_idle"] << 24) | (f["cpu_not_idle"] << 16)
-            | (f["src_load_q"] << 8) | f["dst_load_q"]
-        )
+        return schema.pack_columns(cols).astype(np.int64)
     if level == 1:
-        return (f["cpu_idle"] << 24) | (f["cpu_not_idle"] << 16) | (f["src_load_q"] << 8) | (
-            f["dst_load_q"]
-        )
+        return schema.pack_columns({**cols, "cpu": 0}).astype(np.int64)
+    f = {k: np.asarray(cols[k], dtype=np.int64) for k in ("cpu_idle", "src_load_q", "dst_load_q")}
     if level == 2:
         return ((f["cpu_idle"] > 0).astype(np.int64) << 8) | (f["src_load_q"] - f["dst_load_q"])
     raise ValueError(f"no bucket level {level}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from loader import contract, fallback
+from loader.cli import parser
 
 log = logging.getLogger("trainreport")
 
@@ -111,13 +112,8 @@ def report(model: Path, data: Path, seed: int, grid: tuple[int, int] | None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="trainreport",
-        description="Check a trained model as the loader will and compare it with the kernel's "
-        "heuristic on a collected dataset.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser("trainreport", "Check a trained model as the loader will and compare it with "
+               "the kernel's heuristic on a collected dataset.", EXAMPLES)
     p.add_argument("--model", required=True, type=Path, metavar="DIR", help="SavedModel dir")
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
                    help="the dataset it was trained on (format v1 or v2)")

@@ -17,7 +17,7 @@ import pytest
 
 from loader import contract
 from loader.backends import NumpyBackend, TFBackend, open_backend
-from loader.fastpath import MAX_ABS_DIFF, DenseLayer, NumpyModel, write_fastpath
+from loader.fastpath import DenseLayer, NumpyModel
 from loader.model_check import (
     FASTPATH_FILE,
     MANIFEST_FILE,
@@ -29,6 +29,7 @@ from loader.model_check import (
 )
 from model_dir import create_dummy_model, verify_model
 from model_dir.export_verified import write_manifest
+from model_dir.fastpath_verify import MAX_ABS_DIFF, write_fastpath
 from tests.host.conftest import _copy
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, schema
 
 REPO = Path(__file__).resolve().parents[2]
 MS = 1_000_000
@@ -79,6 +79,10 @@ def test_load_quantization(harness) -> None:
     per = contract.LOAD_SCALE // contract.LOAD_FULL_PER_CPU
     assert got == [0, per, contract.LOAD_SCALE, contract.LOAD_SCALE, contract.LOAD_SCALE,
                    contract.LOAD_SCALE]
+    grid = list(itertools.product(range(0, 70), range(0, 9)))
+    got = harness([f"load {r} {n}" for r, n in grid])
+    runnable, nr_cpus = (np.array(col) for col in zip(*grid, strict=True))
+    assert got == schema.load_q(runnable, nr_cpus).tolist()  # the Python mirror
 
 
 def test_heuristic_matches_python_on_the_whole_grid(harness) -> None:

@@ -1,7 +1,7 @@
-"""mlsched-stats' figures from two synthetic samples: rates, percentiles, JSON, OpenMetrics.
+"""mlsched's stats figures from two synthetic samples: rates, percentiles, JSON, OpenMetrics.
 
-Pure computation (tools/statsmodel.py) plus the CLI's refusals; the real maps are read by
-tests/vm/test_stats.py.
+The computation (loader/stats.py) and its renderings (tools/stats.py) plus the CLI's refusals;
+the server is tests/host/test_stats_server.py, the real maps tests/vm/test_stats.py.
 """
 
 from __future__ import annotations
@@ -15,20 +15,18 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from loader import contract
-from tools.stats import model_from_cmdline
-from tools.statsmodel import (
+from loader.stats import (
     COUNTED,
     DOM_FIELDS,
     FIELD_NAMES,
     FIELDS,
     Sample,
     compute,
-    markdown_table,
+    meta,
     percentile_us,
-    render_json,
-    render_openmetrics,
     render_text,
 )
+from tools.stats import markdown_table, render_json, render_openmetrics
 
 REPO = Path(__file__).resolve().parents[2]
 C = contract.Counter
@@ -47,6 +45,7 @@ def sample(t_s: float, counters: dict[C, int], loader: dict[LS, int],
     ls[LS.LOADER_PID] = 4242
     ls[LS.BACKEND] = contract.Backend.NUMPY
     ls[LS.MODEL_READY] = 1
+    ls[LS.TABLE_ENTRIES] = 820
     for k, v in loader.items():
         ls[k] = v
     hist = [[0] * NB for _ in range(contract.NR_HISTS)]
@@ -61,7 +60,7 @@ def sample(t_s: float, counters: dict[C, int], loader: dict[LS, int],
     return Sample(
         mono_ns=int(t_s * 1e9), wall_s=1_700_000_000 + t_s, state="enabled", ops="mlsched",
         model='/m/model "x"', counters=c, loader=ls, config=config, hist=hist,
-        doms=[(1, 8, 3), (1, 4, 0)], table_entries=820, table_capacity=65536,
+        doms=[(1, 8, 3), (1, 4, 0)], table_capacity=65536,
     )
 
 
@@ -105,10 +104,10 @@ def test_rates_are_deltas_over_the_interval(busy: dict[str, object]) -> None:
     assert busy["uptime_s"] == 12.0
     assert busy["table_occupancy"] == round(820 / 65536, 4)
     assert (busy["backend"], busy["fallback"], busy["loader_pid"]) == ("numpy", "heuristic", 4242)
-    assert busy["domains"] == [
-        {"dom": 0, "nr_cpus": 1, "load": 0.5, "queued": 3},
-        {"dom": 1, "nr_cpus": 1, "load": 0.25, "queued": 0},
-    ]
+    assert busy["domains"] == {
+        "0": {"nr_cpus": 1, "load": 0.5, "queued": 3},
+        "1": {"nr_cpus": 1, "load": 0.25, "queued": 0},
+    }
 
 
 def test_percentiles_are_bucket_upper_bounds_of_the_delta(busy: dict[str, object]) -> None:
@@ -137,19 +136,33 @@ def test_idle_interval_reports_nothing_rather_than_zero() -> None:
     assert idle["candidates_per_s"] == 0.0
     for name in ("hit_rate", "batch_size_avg", "batch_latency_p50_us", "event_latency_p99_us",
                  "batch_latency_avg_us", "event_latency_avg_us"):
-        assert idle[name] is None, name
-    obj = json.loads(render_json(idle))
-    assert obj["hit_rate"] is None
-    families = {f.name for f in text_string_to_metric_families(render_openmetrics(idle))}
-    assert "mlsched_hit_rate" in families  # declared, without a sample
+        assert name not in idle, name  # left out: scx_stats clients expect numbers
+    families = {f.name: f for f in text_string_to_metric_families(render_openmetrics(idle))}
+    assert families["mlsched_hit_rate"].samples == []  # declared, without a sample
+    assert "model loading" not in render_text(idle) and "hit -" in render_text(idle)
 
 
 def test_json_has_every_field_and_only_those(busy: dict[str, object]) -> None:
     text = render_json(busy)
     assert "\n" not in text
     obj = json.loads(text)
-    assert list(obj) == [*FIELD_NAMES, "domains"]
-    assert all(set(d) == {"dom", *(f.name for f in DOM_FIELDS)} for d in obj["domains"])
+    absent = {"decided_share", "kinfer_avg_ns"}  # no cross-domain run, no in-kernel inference
+    assert list(obj) == [*(n for n in FIELD_NAMES if n not in absent), "domains"]
+    assert not absent & set(busy)  # nothing to measure this interval: no figure
+    assert all(set(d) == {f.name for f in DOM_FIELDS} for d in obj["domains"].values())
+
+
+def test_meta_describes_every_field_in_scx_stats_terms() -> None:
+    structs = meta()
+    top = next(s for s in structs.values() if s.get("top") == "true")
+    assert set(top["fields"]) == {*FIELD_NAMES, "domains"}
+    assert top["fields"]["domains"]["dict"] == {"key": "u64", "datum": {"struct": "dom_stats"}}
+    assert set(structs["dom_stats"]["fields"]) == {f.name for f in DOM_FIELDS}
+    assert structs["dom_stats"]["user"]["_om_label"] == "dom"
+    for f in FIELDS:
+        field = top["fields"][f.name]
+        assert field["datum"] in ("u64", "float", "string") and field["desc"] == f.help
+        assert (field["datum"] == "string") == (f.kind == "label")
 
 
 def test_openmetrics_parses_with_prometheus_client(busy: dict[str, object]) -> None:
@@ -164,7 +177,8 @@ def test_openmetrics_parses_with_prometheus_client(busy: dict[str, object]) -> N
         elif f.kind == "gauge":
             assert families["mlsched_" + f.name].type == "gauge"
     assert families["mlsched_candidates_per_s"].samples[0].value == 200.0
-    info = families["mlsched_info"].samples[0].labels
+    assert families["mlsched"].type == "info"
+    info = families["mlsched"].samples[0].labels
     assert info == {"state": "enabled", "ops": "mlsched", "model": '/m/model "x"',
                     "backend": "numpy", "fallback": "heuristic",
                     "model_digest": busy["model_digest"]}
@@ -185,23 +199,13 @@ def test_text_block(busy: dict[str, object]) -> None:
 
 def test_every_kernel_counter_is_reported() -> None:
     reported = {index for _, src, index, _ in COUNTED if src == "counters"}
-    assert reported == set(C), "add the new counter to tools/statsmodel.py COUNTED"
+    assert reported == set(C), "add the new counter to the table of loader/stats.py"
 
 
 def test_readme_field_table_is_generated_from_the_fields() -> None:
     readme = (REPO / "tools" / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate it: python -m tools.statsmodel"
-
-
-@pytest.mark.parametrize("argv,cwd,want", [
-    (["python", "-m", "loader.main", "--model", "m/dir", "-v"], "/w", "/w/m/dir"),
-    (["python", "-m", "loader.main", "--model=/abs/m"], "/w", "/abs/m"),
-    (["/v/bin/python3", "/v/bin/mlsched-load", "--mod", "../m"], "/w/x", "/w/m"),
-    (["python", "-m", "loader.main", "--domains", "2"], "/w", "model_dir/model_path (default)"),
-    (["bash", "-c", "sleep 1"], "/w", "?"),
-])
-def test_model_from_loader_cmdline(argv: list[str], cwd: str, want: str) -> None:
-    assert model_from_cmdline(argv, cwd).endswith(want)
+    assert markdown_table() in readme, "regenerate it: mlsched-stats --help-stats"
+    assert run_stats("--help-stats").stdout.strip() == markdown_table()
 
 
 def run_stats(*args: str) -> subprocess.CompletedProcess[str]:
@@ -214,9 +218,10 @@ def test_help_has_examples_and_no_tensorflow() -> None:
     assert res.returncode == 0
     assert "examples:" in res.stdout and "--openmetrics" in res.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, tools.stats; print('tensorflow' in sys.modules)"],
+        [sys.executable, "-c", "import sys, tools.stats; print(sorted({'tensorflow', 'libbpf', "
+         "'loader.bpfmaps', 'loader.libbpf'} & set(sys.modules)))"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == "False"
+    assert probe.stdout.strip() == "[]"  # a socket client: no TensorFlow, no BPF
 
 
 @pytest.mark.parametrize("args,pattern", [
@@ -228,13 +233,18 @@ def test_bad_arguments(args: tuple[str, ...], pattern: str) -> None:
     assert res.returncode == 2 and pattern in res.stderr and "Traceback" not in res.stderr
 
 
-def test_json_mode_when_nothing_attached() -> None:
-    res = run_stats("--once", "--json")
+def test_json_mode_when_nothing_attached(tmp_path: Path) -> None:
+    res = run_stats("--once", "--json", "--socket", str(tmp_path / "none"))
     assert res.returncode == 1 and res.stdout == ""
-    assert res.stderr.count("\n") == 1 and "mlsched is not attached" in res.stderr
+    assert res.stderr == (f"mlsched-stats: mlsched is not attached (no stats socket at "
+                          f"{tmp_path / 'none'}); this kernel has no sched_ext\n")
 
 
-def test_loader_refuses_a_bad_stats_interval() -> None:
-    res = subprocess.run([sys.executable, "-m", "loader.main", "--stats", "-1"], cwd=REPO,
+@pytest.mark.parametrize("args,pattern", [
+    (("--stats", "-1"), "--stats: must be in (0, 3600] seconds"),
+    (("--stats-group", "no-such-group-here"), "--stats-group: no group 'no-such-group-here'"),
+])
+def test_loader_refuses_bad_stats_options(args: tuple[str, ...], pattern: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "loader.main", *args], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "--stats: must be in (0, 3600] seconds" in res.stderr
+    assert res.returncode == 2 and pattern in res.stderr and "Traceback" not in res.stderr

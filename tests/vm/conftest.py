@@ -19,6 +19,7 @@ import pytest
 
 from loader import contract
 from loader.scheduler import scx_ops_name, scx_state
+from loader.stats_server import DEFAULT_PATH as STATS_SOCKET
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "model_dir" / "model_path"
@@ -50,14 +51,22 @@ def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen | None = 
 
 
 def read_stats() -> dict[str, int]:
-    """One snapshot of the pinned maps (opens and closes their fds)."""
-    from tools.stats import Pinned, snapshot
+    """The kernel's counters and the loader's figures straight from the pinned maps, which
+    answer even while the loader is stopped: Counter names, and "loader_" + LoaderStat names."""
+    from loader import libbpf
+    from loader.bpfmaps import PerCpuU64Array, U64Array
 
-    pinned = Pinned(contract.PIN_DIR)
+    fds = [libbpf.obj_get(os.path.join(contract.PIN_DIR, name))
+           for name in (contract.MAP_COUNTERS, contract.MAP_LOADER_STATS)]
     try:
-        return snapshot(pinned)
+        counters = PerCpuU64Array(fds[0], contract.NR_COUNTERS).read_all()
+        loader = U64Array(fds[1], contract.NR_LOADER_STATS).read_all()
     finally:
-        pinned.close()
+        for fd in fds:
+            os.close(fd)
+    return ({c.name.lower(): v for c, v in zip(contract.Counter, counters, strict=True)}
+            | {"loader_" + s.name.lower(): v
+               for s, v in zip(contract.LoaderStat, loader, strict=True)})
 
 
 def attached() -> bool:
@@ -106,6 +115,8 @@ def running_loader(*extra: str, name: str = "loader") -> Iterator[Loader]:
     ld = start_loader(*extra, name=name)
     try:
         wait_for(attached, ATTACH_WAIT_S, "mlsched to attach", ld.proc)
+        wait_for(lambda: os.path.exists(STATS_SOCKET), ATTACH_WAIT_S, "the stats socket",
+                 ld.proc)
         yield ld
     finally:
         if ld.proc.poll() is None:

@@ -38,6 +38,16 @@ def uneven_load(seconds: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def stop(proc: subprocess.Popen, load: subprocess.Popen | None, log_path: Path) -> None:
+    """After a collection: the collector killed if still running, the load stopped, the log."""
+    if proc.poll() is None:
+        proc.kill()
+    if load is not None:
+        load.terminate()  # stress-ng stops its workers on SIGTERM
+        load.wait(timeout=30)
+    print(f"--- {log_path.name} ---\n{log_path.read_text(errors='replace')}")
+
+
 def test_short_collection_gives_a_labeled_dataset() -> None:
     out = LOG_DIR / "collect-test.csv"
     outcomes = LOG_DIR / "collect-test.outcomes.csv"
@@ -62,12 +72,7 @@ def test_short_collection_gives_a_labeled_dataset() -> None:
         assert mid["explored"] > 0
         status = proc.wait(timeout=COLLECT_S * 6)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if load is not None:
-            load.terminate()  # stress-ng stops its workers on SIGTERM
-            load.wait(timeout=30)
-        print(f"--- {log_path.name} ---\n{log_path.read_text(errors='replace')}")
+        stop(proc, load, log_path)
     assert status == 0
     assert scx_state() == "disabled", "mlsched-collect left the scheduler attached"
     assert not os.path.exists(contract.PIN_DIR), "mlsched-collect left its pins"
@@ -110,12 +115,7 @@ def test_sigterm_ends_collection_cleanly() -> None:
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        if load is not None:
-            load.terminate()  # stress-ng stops its workers on SIGTERM
-            load.wait(timeout=30)
-        print(f"--- {log_path.name} ---\n{log_path.read_text(errors='replace')}")
+        stop(proc, load, log_path)
     assert status == 0
     assert "SIGTERM" in log_path.read_text()
     assert scx_state() == "disabled"

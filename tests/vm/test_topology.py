@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from loader.scheduler import scx_state
+from loader.stats_server import DEFAULT_PATH as STATS_SOCKET
+from tests.scx_stats_client import Client
 from tests.vm.conftest import attached, running_loader, stress, wait_for
 
 CPU_SYSFS = Path("/sys/devices/system/cpu")
@@ -52,6 +54,10 @@ def test_cpu_offline_and_online_restart_in_the_same_process() -> None:
             print(f"cpu{cpu} offline: mlsched enabled again after {took_off:.2f} s")
             wait_for(lambda: ld.stats()["loader_restarts"] == 1, RESTART_WAIT_S,
                      "the restart count", ld.proc)
+            # The stats socket outlives the restart and reads the new scheduler's maps.
+            stats_client = Client(STATS_SOCKET)
+            assert stats_client.request("stats")["args"]["resp"]["restarts_total"] == 1
+            stats_client.close()
             time.sleep(3)
             set_online(cpu, True)
             took_on = wait_reattached(ld, 2, f"cpu{cpu} came back")

@@ -125,11 +125,7 @@ def realistic_keys(n: int, seed: int = 1) -> np.ndarray:
     seq = rng.permutation(1 << 22)[:n].astype(np.uint64)
     cpu, idle = seq & np.uint64(255), (seq >> np.uint64(8)) & np.uint64(31)
     busy, dst = (seq >> np.uint64(13)) & np.uint64(31), (seq >> np.uint64(18)) & np.uint64(15)
-    return ((cpu << np.uint64(contract.KEY_CPU_SHIFT))
-            | (idle << np.uint64(contract.KEY_IDLE_SHIFT))
-            | (busy << np.uint64(contract.KEY_NOT_IDLE_SHIFT))
-            | (np.uint64(contract.LOAD_SCALE) << np.uint64(contract.KEY_SRC_SHIFT))
-            | (dst << np.uint64(contract.KEY_DST_SHIFT)))
+    return contract.pack_keys(cpu, idle, busy, contract.LOAD_SCALE, dst)
 
 
 class Bench:
