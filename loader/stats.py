@@ -80,14 +80,14 @@ steal_candidates     events  event u64    candidates built when an idle CPU eyed
                                           queue
 migr_model           events  event u64    cross-domain moves a model decision made
 migr_fallback        events  event u64    cross-domain moves the fallback policy (or a coin flip)
-                                          fallback) made
+                                          made
 migr_forced          events  event u64    steals of a task queued past the starvation guard,
                                           whatever the decision
 migr_domain          events  event u64    moves inside a domain: to an idle sibling on wakeup, or
                                           pulled by one
 ran_cross            events  event u64    runs on a CPU of another domain than the last run
-ran_cross_decided    events  event u64    of ran_cross: runs whose move a decision (model or
-                                          fallback) made
+ran_cross_decided    events  event u64    of ran_cross: runs whose move across domains a decision
+                                          (model or fallback) made
 ran_domain           events  event u64    runs on another CPU of the same domain
 preempts             events  event u64    woken tasks that preempted a task a slice ahead
 restricted           events  event u64    wakeups of tasks that may not use every CPU of their
@@ -105,9 +105,9 @@ reloads              events  event u64    models switched in on SIGHUP
 reload_failures      events  event u64    SIGHUPs whose new model was refused
 hit_rate             0..1    gauge float  hits / candidates over the interval (absent when no
                                           candidate)
-decided_share        0..1    gauge float  ran_cross_decided / ran_cross over the interval: runs on
-                                          another domain that a decision sent there (absent when
-                                          none)
+decided_share        0..1    gauge float  ran_cross_decided / ran_cross over the interval: the share
+                                          of runs on another domain that a decision sent there
+                                          (absent when none)
 kinfer_avg_ns        ns      gauge float  mean in-kernel inference time over the interval (absent
                                           when none)
 model_digest         hex     label string first 16 hex digits of the serving model's sha256

@@ -37,7 +37,6 @@ from loader.model_check import (
 )
 
 MAX_ABS_DIFF = 1e-5  # TF vs numpy, on probabilities
-PROBE_DOM_CPUS = 64  # idle and busy counts of the random probe rows: domains up to this size
 _ACT_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
 _BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 
@@ -146,21 +145,25 @@ class FastpathResult:
 
 
 def probe_inputs(nr_cpus: int, max_dom_cpus: int, nr_random: int, seed: int = 0) -> np.ndarray:
-    """The quantized grid of one machine size, then random realistic and off-grid rows."""
+    """The quantized grid of one machine size, then random realistic and off-grid rows.
+
+    model_export.py moves a model's decision boundary off exactly these rows: change them and
+    models verified before may fail verification again.
+    """
     grid = schema.unpack_keys(schema.feature_grid(nr_cpus, max_dom_cpus))
     rng = np.random.default_rng(seed)
-    half, rest = nr_random // 2, nr_random - nr_random // 2
-    # Packed and unpacked as the kernel and the loader do, on machines up to MAX_CPUS with up
-    # to PROBE_DOM_CPUS per domain...
-    his = [PROBE_DOM_CPUS if f.name in ("cpu_idle", "cpu_not_idle") else f.hi
-           for f in schema.KEY_FIELDS]
-    keys = schema.pack_keys(*(rng.integers(0, hi + 1, half) for hi in his))
+    rand = np.zeros((nr_random, schema.NR_FEATURES), np.float32)
+    half = nr_random // 2
+    # Quantized like the kernel would, on machines up to MAX_CPUS...
+    rand[:half, 0] = rng.integers(0, schema.MAX_CPUS, half)
+    rand[:half, 1:3] = rng.integers(0, 65, (half, 2))
+    rand[:half, 3:5] = rng.integers(0, schema.LOAD_SCALE + 1, (half, 2)) / schema.LOAD_SCALE
     # ...and continuous values, a little outside the ranges too: the math must agree anywhere.
-    off = np.zeros((rest, schema.NR_FEATURES), np.float32)
-    for i, (f, hi) in enumerate(zip(schema.KEY_FIELDS, his, strict=True)):
-        top = hi / f.scale
-        off[:, i] = rng.uniform(-0.1 * top, 1.1 * top, rest)
-    return np.concatenate([grid, schema.unpack_keys(keys), off])
+    rest = nr_random - half
+    rand[half:, 0] = rng.uniform(-1, schema.MAX_CPUS, rest)
+    rand[half:, 1:3] = rng.uniform(-1, 70, (rest, 2))
+    rand[half:, 3:5] = rng.uniform(-0.1, 1.1, (rest, 2))
+    return np.concatenate([grid, rand])
 
 
 def _save_npz(file: Path, arrays: dict[str, np.ndarray]) -> None:
