@@ -904,8 +904,6 @@ static long add_cpu_cb(u64 cpu, void *data)
 	struct dom_ctx *dc;
 	u32 d = dom_of(cpu), idx;
 
-	if (scx_bpf_create_dsq(CPU_DSQ(cpu), -1))
-		return 1;
 	dc = bpf_map_lookup_elem(&dom_ctxs, &d);
 	ds = bpf_map_lookup_elem(&dom_stats, &d);
 	if (!dc || !ds)
@@ -979,6 +977,20 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 			return -ENOENT;
 		dc->first = first;
 		first += sizes[d];
+	}
+
+	/*
+	 * A queue for every possible CPU, not only the planned ones: a CPU that comes online
+	 * runs tasks (as domain 0's) until the kernel ends us for the re-attach.
+	 */
+	bpf_for(d, 0, scx_bpf_nr_cpu_ids()) {
+		if (d >= MLSCHED_MAX_CPUS)
+			break;
+		ret = scx_bpf_create_dsq(CPU_DSQ(d), -1);
+		if (ret) {
+			scx_bpf_error("failed to create the queue of CPU %u (%d)", d, ret);
+			return ret;
+		}
 	}
 
 	/* Build each domain's cpumask and queue order one CPU at a time. */
