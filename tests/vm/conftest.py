@@ -69,6 +69,17 @@ def read_stats() -> dict[str, int]:
                for s, v in zip(contract.LoaderStat, loader, strict=True)})
 
 
+# The counters are read one key after another while the scheduler keeps counting, so two
+# counters bumped by the same event can straddle a read: a sum that must equal another counter
+# may be off by the few events that land inside a snapshot (each snapshot, each side).
+COUNTER_SKEW = 4
+
+
+def sums_match(parts: int, whole: int) -> bool:
+    """parts == whole up to the events caught between the reads of two snapshots."""
+    return abs(parts - whole) <= COUNTER_SKEW
+
+
 def attached() -> bool:
     """mlsched is the running scheduler and its loader has pinned its maps."""
     return (

@@ -24,6 +24,7 @@ from tests.vm.conftest import (
     running_loader,
     start_loader,
     stress,
+    sums_match,
     wait_for,
 )
 
@@ -97,7 +98,8 @@ def stopped_loader_falls_back_then_catches_up(loader: Loader) -> None:
     print("while stopped:", missed, "decisions written:",
           during["loader_decisions"] - before["loader_decisions"])
     assert missed["misses"] > 0
-    assert missed["fallback_migrate"] + missed["fallback_keep"] == missed["misses"]
+    fallback = missed["fallback_migrate"] + missed["fallback_keep"]
+    assert sums_match(fallback, missed["misses"]), missed
     assert during["loader_decisions"] == before["loader_decisions"]
 
     load = stress(10)
