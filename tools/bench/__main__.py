@@ -125,11 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     generate_codebase(CODEBASE, CODEBASE_UNITS, CODEBASE_FUNCS)
     say(f"C code base: {CODEBASE.relative_to(REPO_ROOT)} ({CODEBASE_UNITS} units)")
-    kb_src = Path("/nonexistent")
     if "kbuild" in (args.workloads.split(",") if args.workloads else DEFAULT_WORKLOADS):
         from tools.bench import kbuild
 
-        kb_src, _ = kbuild.ensure()
+        kbuild.ensure()
 
     if not args.skip_host:
         host_json = BUILD / "host-pipeline.json"
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         suite_json = VM_OUT / "suite.json"
         suite_json.unlink(missing_ok=True)
         guest = ["python", "-m", "tools.bench.suite", "--out", str(suite_json),
-                 "--trained", str(args.trained), "--kb-src", str(kb_src),
+                 "--trained", str(args.trained),
                  "--codebase", str(CODEBASE), "--rounds", str(rounds), "--scale", str(scale),
                  "--smoke-startups", str(smoke)]
         guest += ["--configs", args.configs] if args.configs else []

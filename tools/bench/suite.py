@@ -326,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
                                  "model_dir/model_path_trained --rounds 1 --scale 0.5")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--trained", type=Path, required=True, help="the learned model")
-    ap.add_argument("--kb-src", type=Path, required=True, help="full kernel source tree")
     ap.add_argument("--codebase", type=Path, required=True, help="generated C code base")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default: 5)")
     ap.add_argument("--scale", type=float, default=1.0, help="workload size factor")
@@ -348,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     want_c = args.configs.split(",") if args.configs else DEFAULT_CONFIGS
     want_w = args.workloads.split(",") if args.workloads else wl.DEFAULT_WORKLOADS
     cfgs = [c for c in configs(args.trained) if c.name in want_c]
-    wls = [w for w in wl.workloads(args.scale, args.kb_src, ncpu, args.codebase)
+    wls = [w for w in wl.workloads(args.scale, ncpu, args.codebase)
            if w.name in want_w]
     result: dict[str, Any] = {"kernel": os.uname().release, "cpus": ncpu, "runs": [],
                               "starts": [], "warmup": [], "boots": 0}
@@ -384,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if wake is not None:
         lpu = result.get("loops_per_us") or calibrate(wl.WAKEPROBE)
         result["loops_per_us"] = lpu
-        wake.loops = max(1, round(lpu * wake.request_us))
+        wake.loops = max(1, round(lpu * wl.REQUEST_US))
         for w in result["workloads"]:  # the command as run, with the calibrated loop count
             if w["name"] == wake.name:
                 w["command"] = wake.command()
@@ -407,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             sch: Attached | None = None
             start: dict[str, Any] = {"config": cfg.name, "round": rnd}
-            wl.drop_inodes()
             if cfg.cmd is not None:
                 try:
                     sch = Attached(cfg, out_dir / f"sched-{rnd}-{cfg.name}.log")
