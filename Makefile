@@ -157,8 +157,10 @@ bench-model: setup $(MLP_BENCH)
 	@mkdir -p bench-results
 	taskset -c 0 $(PY) -m tools.bench.kinfer --json bench-results/kinfer.json
 
-# Benchmarks (docs/BENCHMARKS.md): the decision pipeline on the host and in the VM, and the
-# scheduling outcome in the VM; results in bench-results/. 10-15 minutes.
+# Benchmarks (docs/BENCHMARKS.md): the decision pipeline on the host, and the scheduling
+# outcome in one VM boot (EEVDF, scx_simple, scx_central, mlsched x4; wakeup probe, perf bench
+# sched messaging, a kernel build, the stress-ng mix; 5 interleaved rounds); results in
+# bench-results/. At most 45 minutes here; BENCH_ARGS=--quick at most 10.
 .PHONY: bench
 BENCH_PRODUCER := build/bench/ringbuf_producer.bpf.o
 

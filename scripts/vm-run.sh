@@ -138,6 +138,19 @@ exec bash -c $(sq "$command")"
 # --- boot, with one retry when the guest never came up -----------------------------------------
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/vm-run.XXXXXX")
 vng_pid=
+# virtiofsd references every inode the guest has looked up with an O_PATH file descriptor by
+# default, under its RLIMIT_NOFILE: 20,000 here, a hard limit that cannot be raised without
+# CAP_SYS_RESOURCE (virtiofsd's own --rlimit-nofile and `ulimit -n` only go up to it). A kernel
+# build through the shared root looks up more files than that and fails with "Too many open
+# files in system". With file handles (ext4 has them; CAP_DAC_READ_SEARCH to open them) an
+# inode costs no descriptor, only open files do; "prefer" falls back to O_PATH descriptors on
+# a filesystem without handles. vng starts the first virtiofsd on PATH with fixed options, so
+# a wrapper in front of setup.sh's adds this one.
+mkdir "$tmp/bin"
+printf '#!/bin/sh\nexec %s --inode-file-handles=prefer "$@"\n' "$(sq "$CACHE/bin/virtiofsd")" \
+	>"$tmp/bin/virtiofsd"
+chmod +x "$tmp/bin/virtiofsd"
+export PATH="$tmp/bin:$PATH"
 tee_pid=
 
 # The VM (vng, qemu, virtiofsd) runs in its own session so a stuck boot can be killed as a group.

@@ -19,7 +19,6 @@ Needs root, `make setup bpf scx-peers` and build/bench/{wakeprobe,ringbuf_produc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -27,13 +26,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tools.bench import report
-from tools.bench.workloads import generate_codebase
+from tools.bench.host import LoadSampler, arg_parser, git_commit
+from tools.bench.suite import DEFAULT_CONFIGS
+from tools.bench.workloads import DEFAULT_WORKLOADS, generate_codebase
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD = REPO_ROOT / "build" / "bench"
@@ -43,7 +43,7 @@ TRAINED = REPO_ROOT / "model_dir" / "model_path_trained"
 VM_OUT = REPO_ROOT / "build" / "vm-out" / "bench"
 PRODUCER_OBJ = BUILD / "ringbuf_producer.bpf.o"
 NEEDED = (REPO_ROOT / "bpf" / "mlsched.bpf.o", PRODUCER_OBJ, BUILD / "wakeprobe",
-          REPO_ROOT / "build" / "scx" / "scx_simple")
+          REPO_ROOT / "build" / "scx" / "scx_simple", REPO_ROOT / "build" / "scx" / "scx_central")
 VM_BOOTS = 4
 WORKLOAD_TOOLS = (("gcc", "gcc"), ("make", "make"), ("perf", "linux-perf"),
                   ("stress-ng", "stress-ng"), ("bpftool", "bpftool"))
@@ -70,76 +70,18 @@ def run_streamed(cmd: list[str], what: str) -> int:
     return subprocess.run(cmd, cwd=REPO_ROOT).returncode
 
 
-def git_commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-class LoadSampler:
-    """Samples the host's 1-min load average and the VMs running, every few seconds.
-
-    The machine is shared: other VMs running at the same time are the main source of noise,
-    so the report says how busy the host was during each phase.
-    """
-
-    def __init__(self, interval_s: float = 5.0) -> None:
-        self.interval_s = interval_s
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def qemu_count() -> int:
-        n = 0
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/comm") as f:
-                        n += f.read().startswith("qemu-system")
-                except OSError:
-                    pass
-        return n
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((os.getloadavg()[0], self.qemu_count()))
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> LoadSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict[str, float]:
-        loads = sorted(s[0] for s in self.samples) or [0.0]
-        return {"load1_median": round(loads[len(loads) // 2], 2), "load1_max": round(loads[-1], 2),
-                "vms_max": max((s[1] for s in self.samples), default=0),
-                "samples": len(self.samples)}
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m tools.bench",
-        description="Benchmark mlsched against EEVDF and scx_simple in one VM boot, and its "
-        "decision pipeline on the host.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser("python -m tools.bench", "Benchmark mlsched against EEVDF and the kernel's "
+                    "scx_simple and scx_central in one VM boot, and its decision pipeline on "
+                    "the host.", EXAMPLES)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: 5)")
     ap.add_argument("--scale", type=float, default=1.0, help="workload size factor (default: 1)")
     ap.add_argument("--quick", action="store_true",
                     help="1 round, half-size workloads, short pipeline windows (< 10 min)")
     ap.add_argument("--configs", default="", help="schedulers, comma-separated (default: "
-                    "eevdf,scx_simple,fallback,dummy,trained,kernel; also scx_central)")
+                    + ",".join(DEFAULT_CONFIGS) + ")")
     ap.add_argument("--workloads", default="", help="comma-separated (default: "
-                    "wakeup,messaging,build,mixed; also kbuild)")
+                    + ",".join(DEFAULT_WORKLOADS) + "; also build)")
     ap.add_argument("--trained", type=Path, default=TRAINED,
                     help="the learned model (default: model_dir/model_path_trained)")
     ap.add_argument("--skip-host", action="store_true", help="no host pipeline run")
@@ -148,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write docs/BENCHMARKS.md's generated part and docs/bench/*.png")
     ap.add_argument("--vm-cpus", type=int, default=4, help="vCPUs (default: 4)")
     ap.add_argument("--vm-memory", default="3G", help="VM memory (default: 3G)")
-    ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench-results",
-                    help="results directory (default: bench-results/)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: must run as root (BPF on the host, the VM)", file=sys.stderr)
@@ -185,11 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     generate_codebase(CODEBASE, CODEBASE_UNITS, CODEBASE_FUNCS)
     say(f"C code base: {CODEBASE.relative_to(REPO_ROOT)} ({CODEBASE_UNITS} units)")
-    kb_src = Path("/nonexistent")
-    if "kbuild" in args.workloads.split(","):
+    if "kbuild" in (args.workloads.split(",") if args.workloads else DEFAULT_WORKLOADS):
         from tools.bench import kbuild
 
-        kb_src, _ = kbuild.ensure()
+        kbuild.ensure()
 
     if not args.skip_host:
         host_json = BUILD / "host-pipeline.json"
@@ -211,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         suite_json = VM_OUT / "suite.json"
         suite_json.unlink(missing_ok=True)
         guest = ["python", "-m", "tools.bench.suite", "--out", str(suite_json),
-                 "--trained", str(args.trained), "--kb-src", str(kb_src),
+                 "--trained", str(args.trained),
                  "--codebase", str(CODEBASE), "--rounds", str(rounds), "--scale", str(scale),
                  "--smoke-startups", str(smoke)]
         guest += ["--configs", args.configs] if args.configs else []

@@ -16,11 +16,12 @@ Schedulers (configurations):
                 model-ready and the kernel never infers)
 Every mlsched configuration uses --domains 2 (two domains of two vCPUs).
 
-Workloads (tools/bench/suite.py's Workload classes):
+Workloads (tools/bench/workloads.py):
   wakeup     stress-ng --cpu N hogs + build/bench/wakeprobe: wakeup p50/p99, requests/s
   messaging  perf bench sched messaging: completion time
   kbuild     a subset of a tinyconfig kernel build (tools/bench/kbuild.py): completion time
   mixed      stress-ng: FFT hogs beside pipe ping-pong, fixed work: completion time
+  build      (not by default) make -jN of a generated C code base: completion time
 
 Protocol: an untimed warm-up pass of every workload under eevdf, then R rounds; each round runs
 the configurations in a seeded random order, and under each (attached once: one loader or peer
@@ -42,33 +43,28 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.bench.wakelat import Hogs, calibrate, scx_enable_seq, scx_ops, scx_state
+from tools.bench import workloads as wl
+from tools.bench.sched import SchedProcess, scx_ops, scx_state
+from tools.bench.wakelat import calibrate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WAKEPROBE = REPO_ROOT / "build" / "bench" / "wakeprobe"
 SCX_BIN = REPO_ROOT / "build" / "scx"
 DUMMY = REPO_ROOT / "model_dir" / "model_path"
-PREPARED_KB = REPO_ROOT / "build" / "bench" / "kb"
 ATTACH_TIMEOUT_S = 150
 MODEL_TIMEOUT_S = 300
-STOP_TIMEOUT_S = 60
-RUN_TIMEOUT_S = 600
 SMOKE_STRESS = ["stress-ng", "--temp-path", "/tmp", "-t", "60", "--aggressive", "-M",
                 "-c", "2", "-f", "2", "--affinity", "1", "--affinity-delay", "1",
                 "--affinity-pin"]
-# Small translation units of lib/ of a tinyconfig kernel: the first round(16 * scale) are built.
-KBUILD_OBJS = ("argv_split bcd bsearch clz_ctz cmdline ctype hexdump kasprintf kstrtox "
-               "list_sort llist memweight plist rbtree sort timerqueue uuid win_minmax siphash "
-               "errseq klist kfifo idr parser").split()
+DEFAULT_CONFIGS = ("eevdf", "scx_simple", "scx_central", "fallback", "dummy", "trained",
+                   "kernel")
 ATTACHED = re.compile(r"attached \S+ ([0-9.]+) s after start")
 MODEL_READY = re.compile(r"model ready in [0-9.]+ s \(([0-9.]+) s after start\)")
 LLVM = re.compile(r"libLLVM|libclang")
@@ -178,58 +174,24 @@ def ctxt() -> int:
     return 0
 
 
-class Attached:
-    """One scheduler process (mlsched's loader or an scx peer) from start to SIGINT."""
+class Attached(SchedProcess):
+    """One scheduler process (mlsched's loader or an scx peer) from start to SIGINT; for
+    mlsched, its pinned counters and (wait_model) the wait for model-ready."""
 
     def __init__(self, cfg: Config, log_path: Path) -> None:
         assert cfg.cmd is not None
-        if scx_state() != "disabled":
-            raise RuntimeError(f"sched_ext is {scx_state()} ({scx_ops()}) before start")
-        self.cfg, self.log_path = cfg, log_path
-        seq0 = scx_enable_seq()
-        self.enable_seq = None if seq0 is None else seq0 + 1
+        self.cfg = cfg
         self.pinned: Pinned | None = None
-        t0 = time.monotonic()
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(list(cfg.cmd), cwd=REPO_ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        self._wait(lambda: scx_state() == "enabled" and scx_ops() == cfg.ops
-                   and (not cfg.mlsched or os.path.isdir("/sys/fs/bpf/mlsched")),
-                   ATTACH_TIMEOUT_S, "attach")
-        self.attach_s = time.monotonic() - t0
+        super().__init__(cfg.name, cfg.cmd, cfg.ops, log_path, ATTACH_TIMEOUT_S,
+                         (lambda: os.path.isdir("/sys/fs/bpf/mlsched")) if cfg.mlsched else None)
         self.model_s: float | None = None
         if cfg.mlsched:
             self.pinned = Pinned()
             if cfg.wait_model:
                 pinned = self.pinned
-                self._wait(lambda: pinned.snapshot()["loader_model_ready"] == 1,
-                           MODEL_TIMEOUT_S, "the model")
-                self.model_s = time.monotonic() - t0
-
-    def _wait(self, pred: Any, timeout_s: float, what: str) -> None:
-        t0 = time.monotonic()
-        while not pred():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cfg.name} exited {self.proc.returncode} waiting for "
-                                   f"{what}: {self.tail()}")
-            if time.monotonic() - t0 > timeout_s:
-                self.stop()
-                raise RuntimeError(f"no {what} after {timeout_s} s: {self.tail()}")
-            time.sleep(0.1)
-
-    def tail(self, n: int = 3) -> str:
-        lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(lines[-n:])
-
-    def left(self) -> str:
-        """Why the scheduler is no longer attached; "" while it is."""
-        if self.proc.poll() is not None:
-            return f"exited {self.proc.returncode}: {self.tail()}"
-        if scx_state() != "enabled" or scx_ops() != self.cfg.ops:
-            return f"sched_ext {scx_state()} ({scx_ops() or 'no ops'}): {self.tail()}"
-        if scx_enable_seq() != self.enable_seq:
-            return "attached again (enable_seq moved)"
-        return ""
+                self.wait(lambda: pinned.snapshot()["loader_model_ready"] == 1,
+                          MODEL_TIMEOUT_S, "the model")
+                self.model_s = time.monotonic() - self.t0
 
     def memory(self) -> dict[str, Any]:
         """VmRSS/VmHWM in MB and whether an LLVM library is mapped (whole process)."""
@@ -260,199 +222,22 @@ class Attached:
         if self.pinned is not None:
             self.pinned.close()
             self.pinned = None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            status = self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            status = self.proc.wait()
-        t0 = time.monotonic()
-        while scx_state() not in ("disabled", "unsupported") and time.monotonic() - t0 < 10:
-            time.sleep(0.05)
-        return status
-
-
-# --- workloads ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Workload:
-    name: str
-    what: str
-    metric: str  # the figure the report compares: "seconds" or "requests_per_s"
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def run(self) -> dict[str, Any]:
-        t0 = time.monotonic()
-        res = subprocess.run(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, timeout=RUN_TIMEOUT_S)
-        wall = time.monotonic() - t0
-        if res.returncode != 0:
-            raise RuntimeError(f"{self.name} exited {res.returncode}: "
-                               + " | ".join(res.stdout.strip().splitlines()[-3:]))
-        return {"seconds": round(wall, 3), **self.parse(res.stdout)}
-
-    def parse(self, output: str) -> dict[str, Any]:
-        return {}
-
-
-@dataclass
-class Wakeup(Workload):
-    hogs: int = 4
-    message_threads: int = 2
-    workers: int = 2
-    runtime_s: float = 8.0
-    warmup_s: float = 2.0
-    request_us: float = 50.0
-    loops: int = 0  # set from the calibration
-
-    def command(self) -> list[str]:
-        return [str(WAKEPROBE), "--message-threads", str(self.message_threads), "--workers",
-                str(self.workers), "--runtime-s", f"{self.runtime_s:g}", "--warmup-s",
-                f"{self.warmup_s:g}", "--request-loops", str(self.loops), "--json"]
-
-    def run(self) -> dict[str, Any]:
-        hogs = Hogs(self.hogs, self.runtime_s + self.warmup_s + 120)
-        try:
-            time.sleep(1.0)
-            if hogs.proc.poll() is not None:
-                raise RuntimeError(f"stress-ng exited {hogs.proc.returncode} at start")
-            res = subprocess.run(self.command(), capture_output=True, text=True,
-                                 timeout=RUN_TIMEOUT_S)
-            if res.returncode != 0:
-                raise RuntimeError(f"wakeprobe exited {res.returncode}: {res.stderr.strip()}")
-            probe = json.loads(res.stdout)
-        finally:
-            hog = hogs.stop()
-        w = probe["wakeup_us"]
-        if not w.get("samples"):
-            raise RuntimeError("wakeprobe took no samples")
-        return {"seconds": self.runtime_s, "wakeup_avg_us": w["avg"], "wakeup_p50_us": w["p50"],
-                "wakeup_p99_us": w["p99"], "wakeup_max_us": w["max"], "samples": w["samples"],
-                "requests_per_s": probe["requests_per_s"],
-                "hog_ops_per_s": hog["bogo_ops_per_s"], "probe": probe}
-
-
-@dataclass
-class Messaging(Workload):
-    groups: int = 4
-    loops: int = 100
-
-    def command(self) -> list[str]:
-        return ["perf", "bench", "sched", "messaging", "-g", str(self.groups), "-l",
-                str(self.loops)]
-
-    def parse(self, output: str) -> dict[str, Any]:
-        m = re.search(r"Total time:\s*([0-9.]+)", output)
-        return {"perf_total_s": float(m.group(1))} if m else {}
-
-
-@dataclass
-class KBuild(Workload):
-    src: Path = Path(".")
-    objs: list[str] = field(default_factory=list)
-    jobs: int = 4
-    out: Path = Path("/tmp/bench-kb")
-
-    def command(self) -> list[str]:
-        return ["make", "-s", "-C", str(self.src), f"O={self.out}", f"-j{self.jobs}",
-                *[f"lib/{o}.o" for o in self.objs]]
-
-    def run(self) -> dict[str, Any]:
-        shutil.rmtree(self.out, ignore_errors=True)
-        shutil.copytree(PREPARED_KB, self.out, symlinks=True)
-        drop_inodes()  # every run starts from the same cold cache, and virtiofsd lets go
-        try:
-            return super().run()
-        finally:
-            drop_inodes()
-
-
-def drop_inodes() -> None:
-    """Drop the guest's dentries and inodes (untimed).
-
-    virtiofsd holds one file descriptor per inode the guest has looked up until the guest
-    forgets it, under its RLIMIT_NOFILE (20,000 here): a kernel build looks up thousands of
-    files, and a boot that builds again and again ends in "Too many open files in system".
-    """
-    subprocess.run(["sync"], check=False)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
-
-
-@dataclass
-class Mixed(Workload):
-    cpu_workers: int = 6
-    cpu_ops: int = 300
-    pipe_workers: int = 2
-    pipe_ops: int = 20000
-
-    def command(self) -> list[str]:
-        return ["stress-ng", "--temp-path", "/tmp", "--cpu", str(self.cpu_workers),
-                "--cpu-ops", str(self.cpu_ops), "--cpu-method", "fft", "--pipe",
-                str(self.pipe_workers), "--pipe-ops", str(self.pipe_ops), "--timeout", "600s",
-                "--metrics-brief"]
-
-
-@dataclass
-class CBuild(Workload):
-    """make -jN of the generated C code base (tools/bench/workloads.py): short gcc processes."""
-
-    src: Path = Path(".")
-    jobs: int = 4
-    out: Path = Path("/tmp/bench-cbuild")
-
-    def command(self) -> list[str]:
-        return ["make", "-s", "-f", str(self.src / "Makefile"), f"SRC={self.src}",
-                f"OUT={self.out}", f"-j{self.jobs}"]
-
-    def run(self) -> dict[str, Any]:
-        shutil.rmtree(self.out, ignore_errors=True)
-        return super().run()
-
-
-# kbuild is not in the default set: through virtiofs (the guest's root) a kernel build looks up
-# more files than virtiofsd's RLIMIT_NOFILE (20,000 here, one O_PATH fd per inode) allows, and
-# fails with "Too many open files in system" even after dropping the guest's inodes.
-DEFAULT_WORKLOADS = ("wakeup", "messaging", "build", "mixed")
-DEFAULT_CONFIGS = ("eevdf", "scx_simple", "fallback", "dummy", "trained", "kernel")
-
-
-def workloads(scale: float, kb_src: Path, ncpu: int, codebase: Path) -> list[Workload]:
-    nobj = max(2, min(len(KBUILD_OBJS), round(16 * scale)))
-    wk = Wakeup("wakeup", f"wakeprobe (2 message threads x 2 workers, 50 µs requests) beside "
-                f"stress-ng --cpu {ncpu} hogs, {8 * scale:g} s measured", "requests_per_s",
-                hogs=ncpu, runtime_s=max(3.0, round(8 * scale, 1)))
-    msg = Messaging("messaging", "perf bench sched messaging (sockets, 20 senders and 20 "
-                    "receivers per group)", "seconds", groups=max(1, round(4 * scale)),
-                    loops=max(1, round(60 * scale)))
-    kb = KBuild("kbuild", f"make -j{ncpu} of {nobj} lib/ objects of a tinyconfig 7.3 kernel "
-                "(O= a prepared copy in /tmp)", "seconds", src=kb_src,
-                objs=KBUILD_OBJS[:nobj], jobs=ncpu)
-    mix = Mixed("mixed", "stress-ng: 6 FFT CPU hogs (fixed ops) + 2 pipe ping-pong pairs",
-                "seconds", cpu_ops=max(1, round(300 * scale)),
-                pipe_ops=max(1, round(25000 * scale)))
-    cb = CBuild("build", f"make -j{ncpu} of a generated C code base ({codebase.name}: many "
-                "short gcc processes, as in a kernel build)", "seconds", src=codebase, jobs=ncpu)
-    return [wk, msg, cb, kb, mix]
+        return super().stop()
 
 
 # --- one run, the plan --------------------------------------------------------------------------
 
 
-def run_one(wl: Workload, cfg: Config, rnd: int, counter: Any, sch: Attached | None
+def run_one(work: wl.Workload, cfg: Config, rnd: int, counter: Any, sch: Attached | None
             ) -> dict[str, Any]:
-    rec: dict[str, Any] = {"config": cfg.name, "workload": wl.name, "round": rnd}
+    rec: dict[str, Any] = {"config": cfg.name, "workload": work.name, "round": rnd}
     before = sch.pinned.snapshot() if sch and sch.pinned else None
     sel0 = select_cpu_stats() if cfg.mlsched else None
     cpu0 = cpu_seconds(sch.proc.pid) if sch else 0.0
     m0, x0 = counter.read()
     c0 = ctxt()
     try:
-        rec.update(wl.run())
+        rec.update(work.run())
     except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
         rec["error"] = str(e)
     rec["ctxt"] = ctxt() - c0
@@ -486,8 +271,8 @@ def describe(r: dict[str, Any]) -> str:
     return s
 
 
-def plan(cfgs: list[Config], wls: list[Workload], rounds: int, seed: int
-         ) -> list[tuple[int, Config, list[Workload]]]:
+def plan(cfgs: list[Config], wls: list[wl.Workload], rounds: int, seed: int
+         ) -> list[tuple[int, Config, list[wl.Workload]]]:
     rng = random.Random(seed)
     out = []
     for rnd in range(rounds):
@@ -503,7 +288,8 @@ def plan(cfgs: list[Config], wls: list[Workload], rounds: int, seed: int
 def smoke_startup(trained: Path, out_dir: Path, times: int) -> list[dict[str, Any]]:
     """start -> attached and -> model-ready of mlsched-load under the scx CI smoke stress."""
     res = []
-    cfg = configs(trained)[4]  # the dummy: the bundled model, as the smoke test runs it
+    # the dummy: the bundled model, as the smoke test runs it
+    cfg = next(c for c in configs(trained) if c.name == "dummy")
     for i in range(times):
         stress = subprocess.Popen(SMOKE_STRESS, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
@@ -540,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
                                  "model_dir/model_path_trained --rounds 1 --scale 0.5")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--trained", type=Path, required=True, help="the learned model")
-    ap.add_argument("--kb-src", type=Path, required=True, help="full kernel source tree")
     ap.add_argument("--codebase", type=Path, required=True, help="generated C code base")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default: 5)")
     ap.add_argument("--scale", type=float, default=1.0, help="workload size factor")
@@ -548,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke-startups", type=int, default=2,
                     help="loader start-ups under the smoke stress (default: 2)")
     ap.add_argument("--configs", default="", help="comma-separated (default: "
-                    + ",".join(DEFAULT_CONFIGS) + "; also scx_central)")
+                    + ",".join(DEFAULT_CONFIGS) + ")")
     ap.add_argument("--workloads", default="", help="comma-separated (default: "
-                    + ",".join(DEFAULT_WORKLOADS) + "; also kbuild)")
+                    + ",".join(wl.DEFAULT_WORKLOADS) + "; also build)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or scx_state() == "unsupported":
@@ -560,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     ncpu = os.cpu_count() or 1
     want_c = args.configs.split(",") if args.configs else DEFAULT_CONFIGS
-    want_w = args.workloads.split(",") if args.workloads else DEFAULT_WORKLOADS
+    want_w = args.workloads.split(",") if args.workloads else wl.DEFAULT_WORKLOADS
     cfgs = [c for c in configs(args.trained) if c.name in want_c]
-    wls = [w for w in workloads(args.scale, args.kb_src, ncpu, args.codebase)
+    wls = [w for w in wl.workloads(args.scale, ncpu, args.codebase)
            if w.name in want_w]
     result: dict[str, Any] = {"kernel": os.uname().release, "cpus": ncpu, "runs": [],
                               "starts": [], "warmup": [], "boots": 0}
@@ -594,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     counter = MigrationCounter(plan_domains(2).cpu_to_dom())
     result["bcc_compile_s"] = round(counter.compile_s, 1)
     say(f"kernel {result['kernel']}, {ncpu} CPUs; bcc counter in {counter.compile_s:.1f} s")
-    wake = next((w for w in wls if isinstance(w, Wakeup)), None)
+    wake = next((w for w in wls if isinstance(w, wl.Wakeup)), None)
     if wake is not None:
-        lpu = result.get("loops_per_us") or calibrate(WAKEPROBE)
+        lpu = result.get("loops_per_us") or calibrate(wl.WAKEPROBE)
         result["loops_per_us"] = lpu
-        wake.loops = max(1, round(lpu * wake.request_us))
+        wake.loops = max(1, round(lpu * wl.REQUEST_US))
         for w in result["workloads"]:  # the command as run, with the calibrated loop count
             if w["name"] == wake.name:
                 w["command"] = wake.command()
@@ -621,7 +406,6 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             sch: Attached | None = None
             start: dict[str, Any] = {"config": cfg.name, "round": rnd}
-            drop_inodes()
             if cfg.cmd is not None:
                 try:
                     sch = Attached(cfg, out_dir / f"sched-{rnd}-{cfg.name}.log")

@@ -43,13 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tools.bench.sched import STOP_TIMEOUT_S, SchedProcess, read_text, scx_ops, scx_state
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAKEPROBE = REPO_ROOT / "build" / "bench" / "wakeprobe"
 DUMMY_MODEL = REPO_ROOT / "model_dir" / "model_path"
-SCX = Path("/sys/kernel/sched_ext")
 SCHED_NAME = "mlsched"
 ATTACH_TIMEOUT_S = 120
-STOP_TIMEOUT_S = 60
 HOG_METHOD = "int64"  # one fixed stress-ng method: a bogo op is the same work in every run
 BASELINE = "eevdf"
 
@@ -69,40 +69,17 @@ def say(msg: str) -> None:
     print(f"wakelat [{t // 60:02d}:{t % 60:02d}]: {msg}", flush=True)
 
 
-# --- sched_ext state (sysfs only: independent of the loader's internals) -----------------------
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def scx_state() -> str:
-    return _read(SCX / "state") or "unsupported"
-
-
-def scx_ops() -> str:
-    return _read(SCX / "root" / "ops")
-
-
-def scx_enable_seq() -> int | None:
-    v = _read(SCX / "enable_seq")
-    return int(v) if v.isdigit() else None
-
-
 def kernel_sched() -> dict[str, Any]:
     """What shapes EEVDF's wakeup latency: the preemption model, HZ, the base slice."""
     out: dict[str, Any] = {}
-    m = re.search(r"\((\w+)\)", _read(Path("/sys/kernel/debug/sched/preempt")))
+    m = re.search(r"\((\w+)\)", read_text(Path("/sys/kernel/debug/sched/preempt")))
     if m:
         out["preempt"] = m.group(1)  # under "lazy", a fair wakeup preempts at the next tick
-    m = re.search(r"^CONFIG_HZ=(\d+)$", _read(Path(f"/lib/modules/{os.uname().release}/config")),
-                  re.M)
+    config = read_text(Path(f"/lib/modules/{os.uname().release}/config"))
+    m = re.search(r"^CONFIG_HZ=(\d+)$", config, re.M)
     if m:
         out["hz"] = int(m.group(1))
-    v = _read(Path("/sys/kernel/debug/sched/base_slice_ns"))
+    v = read_text(Path("/sys/kernel/debug/sched/base_slice_ns"))
     if v.isdigit():
         out["eevdf_base_slice_ns"] = int(v)
     return out
@@ -149,59 +126,10 @@ def make_configs(args: argparse.Namespace) -> list[Config]:
 # --- the pieces of one run ----------------------------------------------------------------------
 
 
-class Loader:
-    """One mlsched loader from attach (sysfs says so) to SIGINT."""
-
-    def __init__(self, args: tuple[str, ...], log_path: Path) -> None:
-        if scx_state() != "disabled":
-            raise RuntimeError(f"sched_ext is {scx_state()} ({scx_ops()}) before the loader")
-        self.log_path = log_path
-        # enable_seq goes up by one per attach, a little after state reads enabled: count from
-        # the value before the loader, so a detach and re-attach in between shows too.
-        seq0 = scx_enable_seq()
-        self.enable_seq = None if seq0 is None else seq0 + 1
-        self.cmd = [sys.executable, "-m", "loader.main", *args]
-        t0 = time.monotonic()
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        while not (scx_state() == "enabled" and scx_ops() == SCHED_NAME):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"loader exited {self.proc.returncode} before attaching: "
-                                   f"{self.tail()}")
-            if time.monotonic() - t0 > ATTACH_TIMEOUT_S:
-                self.stop()
-                raise RuntimeError(f"not attached after {ATTACH_TIMEOUT_S} s: {self.tail()}")
-            time.sleep(0.1)
-        self.attach_s = time.monotonic() - t0
-
-    def tail(self, n: int = 3) -> str:
-        lines = self.log_path.read_text(errors="replace").strip().splitlines()
-        return " | ".join(lines[-n:])
-
-    def detached(self) -> str:
-        """Why mlsched is no longer the attached scheduler of this loader; "" while it is."""
-        if self.proc.poll() is not None:
-            return f"loader exited {self.proc.returncode}: {self.tail()}"
-        if scx_state() != "enabled" or scx_ops() != SCHED_NAME:
-            return f"sched_ext {scx_state()} ({scx_ops() or 'no ops'}): {self.tail()}"
-        seq = scx_enable_seq()
-        if seq != self.enable_seq:
-            return f"enable_seq {seq}, expected {self.enable_seq}: attached again"
-        return ""
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            status = self.proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            status = self.proc.wait()
-        t0 = time.monotonic()
-        while scx_state() not in ("disabled", "unsupported") and time.monotonic() - t0 < 10:
-            time.sleep(0.05)
-        return status
+def start_loader(args: tuple[str, ...], log_path: Path) -> SchedProcess:
+    """One mlsched loader (python -m loader.main ARGS), returned once attached."""
+    return SchedProcess("the loader", [sys.executable, "-m", "loader.main", *args], SCHED_NAME,
+                        log_path, ATTACH_TIMEOUT_S)
 
 
 class Hogs:
@@ -254,7 +182,7 @@ def run_once(cfg: Config, args: argparse.Namespace, loops: int, out_dir: Path,
              tag: str) -> dict[str, Any]:
     """Loader (if any), hogs, wakeprobe; returns the run's record (with "error" if invalid)."""
     rec: dict[str, Any] = {"config": cfg.name}
-    ld: Loader | None = None
+    ld: SchedProcess | None = None
     hogs: Hogs | None = None
     t0 = time.monotonic()
     try:
@@ -262,10 +190,10 @@ def run_once(cfg: Config, args: argparse.Namespace, loops: int, out_dir: Path,
             if scx_state() != "disabled":
                 raise RuntimeError(f"sched_ext is {scx_state()} ({scx_ops()}) under eevdf")
         else:
-            ld = Loader(cfg.loader_args, out_dir / f"loader-{tag}-{cfg.name}.log")
+            ld = start_loader(cfg.loader_args, out_dir / f"loader-{tag}-{cfg.name}.log")
             rec["attach_s"] = round(ld.attach_s, 2)
             time.sleep(args.settle_s)
-            if why := ld.detached():
+            if why := ld.left():
                 raise RuntimeError(f"mlsched left before the load: {why}")
         probe_s = args.warmup_s + args.runtime_s
         hogs = Hogs(args.hogs, args.hog_lead_s + probe_s + 120)
@@ -281,7 +209,7 @@ def run_once(cfg: Config, args: argparse.Namespace, loops: int, out_dir: Path,
         if res.returncode != 0:
             raise RuntimeError(f"wakeprobe exited {res.returncode}: {res.stderr.strip()}")
         rec["probe"] = json.loads(res.stdout)
-        if ld is not None and (why := ld.detached()):
+        if ld is not None and (why := ld.left()):
             raise RuntimeError(f"mlsched left during the load: {why}")
         rec["hogs"] = hogs.stop()
         hogs = None

@@ -13,7 +13,6 @@ wakeup-<date>.md, and prints the table. Needs root, `make setup bpf` and build/b
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,13 +20,12 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tools.bench import wakelat
-from tools.bench.__main__ import LoadSampler, git_commit
+from tools.bench.host import LoadSampler, Sampler, arg_parser, git_commit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VM_OUT = REPO_ROOT / "build" / "vm-out" / "wakeup"
@@ -49,7 +47,7 @@ def say(msg: str) -> None:
     print(f"bench-wakeup: {msg}", flush=True)
 
 
-class HostMonitor:
+class HostMonitor(Sampler):
     """Every second: how many CPUs the whole host was busy, and how many the VM used.
 
     The VM is every process descended from vm-run.sh (vng, virtiofsd, qemu); single-threaded
@@ -58,12 +56,10 @@ class HostMonitor:
     """
 
     def __init__(self, root_pid: int, interval_s: float = 1.0) -> None:
+        super().__init__(interval_s)
         self.root_pid = root_pid
-        self.interval_s = interval_s
         self.hz = os.sysconf("SC_CLK_TCK")
         self.samples: list[tuple[float, float, float]] = []  # (mid time, busy CPUs, VM CPUs)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
     def _host_busy() -> int:
@@ -103,14 +99,6 @@ class HostMonitor:
             self.samples.append(((t0 + t1) / 2, (busy1 - busy0) / dt, max(0, vm) / dt))
             t0, busy0, vm0 = t1, busy1, vm1
 
-    def __enter__(self) -> HostMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
     def window(self, t0: float, t1: float) -> dict[str, Any] | None:
         s = [x for x in self.samples if t0 <= x[0] <= t1]
         if not s:
@@ -143,15 +131,11 @@ def run_vm(cmd: list[str]) -> tuple[int, dict[str, dict[str, Any]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m tools.bench.wakeup",
-        description="Wakeup latency beside CPU hogs, EEVDF against mlsched, in one VM boot; "
-        "every option not listed here goes to the guest's `python -m tools.bench.wakelat`.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = arg_parser("python -m tools.bench.wakeup", "Wakeup latency beside CPU hogs, EEVDF "
+                    "against mlsched, in one VM boot; every option not listed here goes to the "
+                    "guest's `python -m tools.bench.wakelat`.", EXAMPLES)
     ap.add_argument("--cpus", type=int, default=4, help="vCPUs (default: %(default)s)")
     ap.add_argument("--memory", default="2G", help="VM memory (default: %(default)s)")
-    ap.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench-results",
-                    help="results directory (default: bench-results/)")
     args, guest_args = ap.parse_known_args(argv)
     for opt in ("--out", "--md", "--report"):
         if any(a == opt or a.startswith(opt + "=") for a in guest_args):

@@ -1,25 +1,47 @@
-"""The outcome benchmark's workloads, and the C code base its build workload compiles.
+"""The workloads of `make bench` (run in the guest by tools/bench/suite.py), and the C code base
+of its `build` workload.
 
-- build: `make -j<cpus>` of a C code base that generate_codebase() writes (deterministic for
-  a seed: many translation units of loops, tables and switches, one link), so it needs no
-  network; many short gcc processes, as in a kernel build. Completion time.
+- wakeup: build/bench/wakeprobe (message threads waking workers through futexes, in the manner
+  of schbench) beside `stress-ng --cpu N` hogs: wakeup p50/p99, requests/s.
 - messaging: `perf bench sched messaging` (groups of senders and receivers over sockets):
-  wakeup-heavy. Completion time (perf's own "Total time").
-- mixed: stress-ng with a fixed amount of work: more CPU hogs than CPUs beside pipe
+  wakeup-heavy. Completion time (and perf's own "Total time").
+- kbuild: `make -jN` of lib/ objects of a tinyconfig build of the kernel the VM boots
+  (linux-source-7.3, tools/bench/kbuild.py prepares it). Completion time.
+- mixed: stress-ng with a fixed amount of work: more FFT CPU hogs than CPUs beside pipe
   ping-pong pairs. Completion time.
+- build (not in the default set): `make -jN` of a C code base that generate_codebase() writes
+  (deterministic for a seed: many translation units of loops, tables and switches, one link),
+  so it needs no network; many short gcc processes. Completion time.
 
-Sizes are chosen for a 4-vCPU TCG guest (each run some 10-20 s); scale them with --scale.
+Sizes at scale 1 are chosen for a 4-vCPU TCG guest (each run some 5-15 s); --scale scales them.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from tools.bench import kbuild
+from tools.bench.wakelat import Hogs
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WAKEPROBE = REPO_ROOT / "build" / "bench" / "wakeprobe"
+RUN_TIMEOUT_S = 600
+# wakeprobe's shape: 2 message threads of 2 workers each, 50 µs requests.
+MESSAGE_THREADS, WORKERS, REQUEST_US = 2, 2, 50.0
+# mixed: FFT hogs and pipe ping-pong pairs (their amounts of work scale).
+MIXED_CPU_WORKERS, MIXED_PIPE_WORKERS = 6, 2
+# kbuild: the first round(KBUILD_N * scale) of kbuild.KBUILD_OBJS. Single-threaded TCG runs the
+# 4 vCPUs on one host thread: 4 objects took ~10 s at -j4 (2026-12-02).
+KBUILD_N = 8
+DEFAULT_WORKLOADS = ("wakeup", "messaging", "kbuild", "mixed")
 
 CODEBASE_VERSION = 1  # bump when the generator's output changes
 
@@ -117,77 +139,117 @@ int main(int argc, char **argv)
     return out
 
 
-@dataclass(frozen=True)
+# --- the workloads ------------------------------------------------------------------------------
+
+
+@dataclass
 class Workload:
     name: str
     what: str  # one line for the report
-
-    def prepare(self) -> None:
-        """Work before each run that must not be timed."""
+    metric: str  # the figure the report compares: "seconds" or "requests_per_s"
 
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def parse(self, output: str) -> dict[str, float]:
+    def prepare(self) -> None:
+        """Work before each run that must not be timed."""
+
+    def parse(self, output: str) -> dict[str, Any]:
         """Extra figures from the workload's own output."""
         return {}
 
-    def run(self, timeout_s: float) -> dict[str, float]:
-        """Run once; returns completion time (s) and the workload's own figures."""
+    def run(self) -> dict[str, Any]:
+        """Run once: completion time (s) and the workload's own figures; RuntimeError if it
+        failed."""
         self.prepare()
         t0 = time.monotonic()
         res = subprocess.run(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, timeout=timeout_s)
+                             text=True, timeout=RUN_TIMEOUT_S)
         wall = time.monotonic() - t0
         if res.returncode != 0:
-            tail = " | ".join(res.stdout.strip().splitlines()[-3:])
-            raise RuntimeError(f"{self.name} exited {res.returncode}: {tail}")
-        return {"seconds": wall, **self.parse(res.stdout)}
+            raise RuntimeError(f"{self.name} exited {res.returncode}: "
+                               + " | ".join(res.stdout.strip().splitlines()[-3:]))
+        return {"seconds": round(wall, 3), **self.parse(res.stdout)}
 
 
-@dataclass(frozen=True)
-class Build(Workload):
-    src: Path = Path(".")
-    out: Path = Path("/tmp/bench-build")
-    jobs: int = 4
-
-    def prepare(self) -> None:
-        shutil.rmtree(self.out, ignore_errors=True)
+@dataclass
+class Wakeup(Workload):
+    hogs: int = 4
+    runtime_s: float = 8.0
+    warmup_s: float = 2.0
+    loops: int = 0  # request loop iterations: REQUEST_US times the calibration
 
     def command(self) -> list[str]:
-        return ["make", "-s", "-f", str(self.src / "Makefile"), f"SRC={self.src}",
-                f"OUT={self.out}", f"-j{self.jobs}"]
+        return [str(WAKEPROBE), "--message-threads", str(MESSAGE_THREADS), "--workers",
+                str(WORKERS), "--runtime-s", f"{self.runtime_s:g}", "--warmup-s",
+                f"{self.warmup_s:g}", "--request-loops", str(self.loops), "--json"]
+
+    def run(self) -> dict[str, Any]:
+        hogs = Hogs(self.hogs, self.runtime_s + self.warmup_s + 120)
+        try:
+            time.sleep(1.0)
+            if hogs.proc.poll() is not None:
+                raise RuntimeError(f"stress-ng exited {hogs.proc.returncode} at start")
+            res = subprocess.run(self.command(), capture_output=True, text=True,
+                                 timeout=RUN_TIMEOUT_S)
+            if res.returncode != 0:
+                raise RuntimeError(f"wakeprobe exited {res.returncode}: {res.stderr.strip()}")
+            probe = json.loads(res.stdout)
+        finally:
+            hog = hogs.stop()
+        w = probe["wakeup_us"]
+        if not w.get("samples"):
+            raise RuntimeError("wakeprobe took no samples")
+        return {"seconds": self.runtime_s, "wakeup_avg_us": w["avg"], "wakeup_p50_us": w["p50"],
+                "wakeup_p99_us": w["p99"], "wakeup_max_us": w["max"], "samples": w["samples"],
+                "requests_per_s": probe["requests_per_s"],
+                "hog_ops_per_s": hog["bogo_ops_per_s"], "probe": probe}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Messaging(Workload):
     groups: int = 4
     loops: int = 100
 
     def command(self) -> list[str]:
-        return ["perf", "bench", "sched", "messaging", "-g", str(self.groups),
-                "-l", str(self.loops)]
+        return ["perf", "bench", "sched", "messaging", "-g", str(self.groups), "-l",
+                str(self.loops)]
 
-    def parse(self, output: str) -> dict[str, float]:
+    def parse(self, output: str) -> dict[str, Any]:
         m = re.search(r"Total time:\s*([0-9.]+)", output)
         return {"perf_total_s": float(m.group(1))} if m else {}
 
 
-@dataclass(frozen=True)
+@dataclass
+class KBuild(Workload):
+    """kbuild's own compile commands for lib/ objects of a tinyconfig kernel (kbuild.py)."""
+
+    objs: list[str] = field(default_factory=list)
+    jobs: int = 4
+    out: Path = Path("/tmp/bench-kb")
+
+    def command(self) -> list[str]:
+        return ["make", "-s", "-C", str(self.out), "-f", kbuild.MAKEFILE, f"-j{self.jobs}",
+                "OBJS=" + " ".join(f"lib/{o}.o" for o in self.objs)]
+
+    def prepare(self) -> None:
+        shutil.rmtree(self.out, ignore_errors=True)
+        shutil.copytree(kbuild.PREPARED, self.out, symlinks=True)
+
+
+@dataclass
 class Mixed(Workload):
-    cpu_workers: int = 6
-    cpu_ops: int = 400
-    pipe_workers: int = 2
+    cpu_ops: int = 300
     pipe_ops: int = 20000
 
     def command(self) -> list[str]:
-        return ["stress-ng", "--temp-path", "/tmp", "--cpu", str(self.cpu_workers),
-                "--cpu-ops", str(self.cpu_ops), "--cpu-method", "fft",
-                "--pipe", str(self.pipe_workers), "--pipe-ops", str(self.pipe_ops),
-                "--timeout", "600s", "--metrics-brief"]
+        return ["stress-ng", "--temp-path", "/tmp", "--cpu", str(MIXED_CPU_WORKERS),
+                "--cpu-ops", str(self.cpu_ops), "--cpu-method", "fft", "--pipe",
+                str(MIXED_PIPE_WORKERS), "--pipe-ops", str(self.pipe_ops), "--timeout", "600s",
+                "--metrics-brief"]
 
-    def parse(self, output: str) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def parse(self, output: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for stressor in ("cpu", "pipe"):
             # stress-ng: ...] cpu  400  12.34  ...  bogo ops/s (real time)
             m = re.search(rf"\]\s+{stressor}\s+(\d+)\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)",
@@ -197,14 +259,39 @@ class Mixed(Workload):
         return out
 
 
-def workloads(codebase: Path, cpus: int, scale: float) -> list[Workload]:
-    """The three workloads at a size scale (1.0 = sized for a 4-vCPU TCG guest)."""
+@dataclass
+class CBuild(Workload):
+    """make -jN of the generated C code base: short gcc processes."""
+
+    src: Path = Path(".")
+    jobs: int = 4
+    out: Path = Path("/tmp/bench-cbuild")
+
+    def command(self) -> list[str]:
+        return ["make", "-s", "-f", str(self.src / "Makefile"), f"SRC={self.src}",
+                f"OUT={self.out}", f"-j{self.jobs}"]
+
+    def prepare(self) -> None:
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+def workloads(scale: float, ncpu: int, codebase: Path) -> list[Workload]:
+    """Every workload at a size scale (1.0 = sized for a 4-vCPU TCG guest)."""
+    nobj = max(2, min(len(kbuild.KBUILD_OBJS), round(KBUILD_N * scale)))
+    runtime_s = max(3.0, round(8 * scale, 1))
     return [
-        Build("build", f"make -j{cpus} of a generated C code base ({codebase.name})",
-              src=codebase, jobs=cpus),
+        Wakeup("wakeup", f"wakeprobe ({MESSAGE_THREADS} message threads x {WORKERS} workers, "
+               f"{REQUEST_US:g} µs requests) beside stress-ng --cpu {ncpu} hogs, {runtime_s:g} "
+               "s measured", "requests_per_s", hogs=ncpu, runtime_s=runtime_s),
         Messaging("messaging", "perf bench sched messaging (sockets, 20 senders and 20 "
-                  "receivers per group)", groups=max(1, round(4 * scale)),
-                  loops=max(1, round(100 * scale))),
-        Mixed("mixed", "stress-ng: 6 FFT CPU hogs (fixed ops) + 2 pipe ping-pong pairs",
-              cpu_ops=max(1, round(600 * scale)), pipe_ops=max(1, round(45000 * scale))),
+                  "receivers per group)", "seconds", groups=max(1, round(4 * scale)),
+                  loops=max(1, round(60 * scale))),
+        CBuild("build", f"make -j{ncpu} of a generated C code base ({codebase.name}: many "
+               "short gcc processes)", "seconds", src=codebase, jobs=ncpu),
+        KBuild("kbuild", f"make -j{ncpu} of {nobj} lib/ objects of a tinyconfig 7.3 kernel "
+               "(kbuild's commands, a prepared copy in /tmp)", "seconds",
+               objs=kbuild.KBUILD_OBJS[:nobj], jobs=ncpu),
+        Mixed("mixed", f"stress-ng: {MIXED_CPU_WORKERS} FFT CPU hogs (fixed ops) + "
+              f"{MIXED_PIPE_WORKERS} pipe ping-pong pairs", "seconds",
+              cpu_ops=max(1, round(300 * scale)), pipe_ops=max(1, round(25000 * scale))),
     ]
