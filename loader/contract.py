@@ -35,8 +35,6 @@ from loader.schema import (  # noqa: F401
 
 MAX_DOMS = 64
 RINGBUF_DEFAULT_BYTES = 1 << 20
-EXIT_REASON_LEN = 128
-EXIT_MSG_LEN = 1024
 
 MODEL_INPUT_KEY = "features"
 MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
@@ -49,10 +47,7 @@ MAP_MLP_WEIGHTS = "mlp_weights"  # struct mlsched_mlp[2]: the in-kernel network,
 MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
 MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
 MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
-MAP_CONFIG = "sched_config"  # u64[Config]
-MAP_CPU_DOM = "cpu_dom"  # u32 cpu -> u32 domain
 MAP_DOM_STATS = "dom_stats"  # struct mlsched_dom_stat[MAX_DOMS]
-MAP_EXIT_INFO = "exit_info"  # struct mlsched_exit_info[1]
 MAP_LATENCY_HIST = "latency_hist"  # u64[Hist * HIST_BUCKETS]
 STRUCT_OPS_MAP = "mlsched_ops"
 SCHED_NAME = "mlsched"
@@ -62,9 +57,7 @@ PIN_DIR = "/sys/fs/bpf/mlsched"
 PINNED_MAPS = (
     MAP_COUNTERS,
     MAP_LOADER_STATS,
-    MAP_CONFIG,
     MAP_DOM_STATS,
-    MAP_EXIT_INFO,
     MAP_LATENCY_HIST,
     MAP_DECISIONS,
     MAP_DECISION_GRID,
@@ -196,26 +189,17 @@ class Backend(IntEnum):
     KERNEL = 3
 
 
-class Config(IntEnum):
-    NR_CPUS = 0
-    NR_DOMS = 1
-    FALLBACK = 2
-    SLICE_NS = 3
-    RESUBMIT_NS = 4
-    COLLECT = 5
-    EXPLORE = 6
-    LOADER_TID = 7
-    SLICE_MIN_NS = 8
-    STARVE_NS = 9
-    GRID_CPUS = 10
-    GRID_DOM_CPUS = 11
-    MODEL_GEN = 12
-    INFERENCE = 13
-    WAKE_BYTES = 14
-    MAX_WAIT_NS = 15
-
-
-NR_CONFIG = len(Config)
+# The settings the loader writes before load: const volatile in bpf/mlsched.bpf.c (.rodata).
+SETTINGS = (
+    "nr_cpus", "nr_doms", "cpu_dom", "fallback_policy", "slice_ns", "slice_min_ns", "starve_ns",
+    "ring_wake_bytes", "ring_max_wait_ns", "resubmit_ns", "collect", "explore", "grid_cpus",
+    "grid_dom_cpus", "kernel_inference", "loader_tid",
+)
+MODEL_GEN_VAR = "model_gen"  # .bss u32: the serving model's generation, bumped on a reload
+# scx's exit info (UEI_DEFINE(uei)): struct user_exit_info in .data, the dump in its own section.
+UEI_VAR, UEI_DUMP_VAR, UEI_DUMP_LEN_VAR = "uei", "uei_dump", "uei_dump_len"
+UEI_DUMP_SECTION = ".data.uei_dump"
+UEI_DUMP_LEN = 32768  # scx's UEI_DUMP_DFL_LEN
 
 
 class Candidate(ctypes.Structure):
@@ -239,15 +223,15 @@ class Candidate(ctypes.Structure):
     ]
 
 
-class ExitInfo(ctypes.Structure):
-    """struct mlsched_exit_info."""
+class UserExitInfo(ctypes.Structure):
+    """struct user_exit_info of the kernel's scx headers (user_exit_info_common.h)."""
 
     _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("exit_cpu", ctypes.c_int32),
         ("exit_code", ctypes.c_int64),
-        ("kind", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("reason", ctypes.c_char * EXIT_REASON_LEN),
-        ("msg", ctypes.c_char * EXIT_MSG_LEN),
+        ("reason", ctypes.c_char * 128),
+        ("msg", ctypes.c_char * 1024),
     ]
 
 

@@ -266,18 +266,18 @@ def since_start_s() -> float:
 
 def attach(args: argparse.Namespace, plan: object) -> object:
     """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
-    from loader.scheduler import Scheduler, clean_stale_pins
+    from loader.scheduler import Scheduler, clean_stale_pins, settings
     from loader.table import grid_dims
 
     clean_stale_pins(args.pin_dir)
     # After a hotplug the plan changed: the grid follows it (unless --table hash).
     grid = None if args.table == "hash" else grid_dims(plan.nr_cpus, plan.max_dom_cpus)
-    sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose, grid)
+    config = settings(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
+                      args.resubmit_ms * 1_000_000, args.slice_min_us * 1000,
+                      args.starve_ms * 1_000_000, args.batch_size,
+                      int(args.max_wait_ms * 1_000_000), grid, args.kernel_mlp is not None)
+    sched = Scheduler(args.bpf_obj, config, args.ringbuf_size, args.verbose)
     try:
-        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
-                        args.resubmit_ms * 1_000_000, slice_min_ns=args.slice_min_us * 1000,
-                        starve_ns=args.starve_ms * 1_000_000, batch_size=args.batch_size,
-                        max_wait_ns=int(args.max_wait_ms * 1_000_000))
         if args.kernel_mlp is not None:
             sched.load_kernel_mlp(args.kernel_mlp)
         sched.attach()
@@ -411,6 +411,8 @@ def serve(args: argparse.Namespace, sched: object, pipeline: object, publisher: 
                     log.info("the kernel ended mlsched for a re-attach: %s", text)
                     restart = True
                 else:
+                    if dump := sched.exit_dump():
+                        log.error("the kernel's debug dump:\n%s", dump)
                     log.error("the kernel ejected mlsched: %s", text or f"exit kind {kind}")
                     status = 1
                 break

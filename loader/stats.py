@@ -198,7 +198,7 @@ class Sample:
     model: str
     counters: list[int]  # indexed by contract.Counter
     loader: list[int]  # indexed by contract.LoaderStat
-    config: list[int]  # indexed by contract.Config
+    config: dict[str, int]  # the scheduler's settings (nr_cpus, nr_doms, fallback_policy)
     hist: list[list[int]]  # [contract.Hist][HIST_BUCKETS]
     doms: list[tuple[int, int, int]] = field(default_factory=list)  # nr_cpus, load_q, queued
     table_capacity: int = 0
@@ -248,12 +248,12 @@ def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
         "time": round(cur.wall_s, 3), "interval_s": round(dt, 3), "state": cur.state,
         "ops": cur.ops, "model": cur.model,
         "backend": _enum_name(contract.Backend, ls[LS.BACKEND]),
-        "fallback": _enum_name(contract.Fallback, cur.config[contract.Config.FALLBACK]),
+        "fallback": _enum_name(contract.Fallback, cur.config["fallback_policy"]),
         "loader_pid": ls[LS.LOADER_PID],
         "uptime_s": round(max(cur.mono_ns - start, 0) / 1e9, 1) if start else None,
         "model_ready": ls[LS.MODEL_READY],
-        "nr_cpus": cur.config[contract.Config.NR_CPUS],
-        "nr_doms": cur.config[contract.Config.NR_DOMS],
+        "nr_cpus": cur.config["nr_cpus"],
+        "nr_doms": cur.config["nr_doms"],
     }
     for name, src, index, _ in COUNTED:
         out[f"{name}_total"] = getattr(cur, src)[index]
@@ -384,15 +384,15 @@ class MapSampler:
         maps = (
             PerCpuU64Array(dup(sched.counters.fd), contract.NR_COUNTERS),
             U64Array(dup(sched.loader_stats.fd), contract.NR_LOADER_STATS),
-            U64Array(dup(sched.config.fd), contract.NR_CONFIG),
             StructArray(dup(sched.obj.map_fd(contract.MAP_DOM_STATS)), contract.MAX_DOMS,
                         contract.DomStat),
             U64Array(dup(sched.latency_hist.fd), contract.NR_HISTS * contract.HIST_BUCKETS),
         )
-        capacity = libbpf.map_max_entries(sched.decisions.fd)
+        capacity = libbpf.map_max_entries(sched.table.hash.fd)
+        config = {k: v for k, v in sched.config.items() if isinstance(v, int)}
         with self._lock:
             old, self._fds = self._fds, fds
-            self._maps, self._capacity = maps, capacity
+            self._maps, self._capacity, self._config = maps, capacity, config
         for fd in old:
             os.close(fd)
 
@@ -400,11 +400,11 @@ class MapSampler:
         from loader.scheduler import scx_ops_name, scx_state
 
         with self._lock:
-            counters, loader, config, dom_stats, hist_map = self._maps
-            config_now = config.read_all()
+            counters, loader, dom_stats, hist_map = self._maps
+            config_now = self._config
             flat = hist_map.read_all()
             nb = contract.HIST_BUCKETS
-            doms = [dom_stats.get(d) for d in range(min(config_now[contract.Config.NR_DOMS],
+            doms = [dom_stats.get(d) for d in range(min(config_now["nr_doms"],
                                                          contract.MAX_DOMS))]
             return Sample(
                 mono_ns=time.monotonic_ns(), wall_s=time.time(), state=scx_state(),

@@ -503,19 +503,21 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
              delayacct: Sysctl, stop: Stop) -> int:
     from loader.bpfmaps import RingBufferReader
     from loader.libbpf import LibbpfError
-    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins
+    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins, settings
 
+    explore_q = fallback.explore_q_for(args.explore)
+    # mlsched-load's defaults for what collection does not set; no grid: every candidate is
+    # pushed with the action the logging policy took.
+    config = settings(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
+                      1_000_000_000, slice_min_ns=1_000_000, starve_ns=80_000_000,
+                      batch_size=64, max_wait_ns=2_000_000, grid=None)
+    config.update(collect=1, explore=explore_q)
     try:
         clean_stale_pins(args.pin_dir)
-        sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
+        sched = Scheduler(args.bpf_obj, config, args.ringbuf_size, args.verbose)
     except (LibbpfError, SchedulerError) as e:
         return fail(str(e), 1)
-    explore_q = fallback.explore_q_for(args.explore)
     try:
-        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
-                        1_000_000_000)
-        sched.config.set(contract.Config.COLLECT, 1)
-        sched.config.set(contract.Config.EXPLORE, explore_q)
         sched.attach()
         sched.pin(args.pin_dir)
     except (LibbpfError, SchedulerError, OSError) as e:

@@ -73,8 +73,6 @@ def btf() -> dict[str, tuple[str, int, list[tuple[str, int]]]]:
     ("KEY_SRC_SHIFT", contract.KEY_SRC_SHIFT),
     ("KEY_DST_SHIFT", contract.KEY_DST_SHIFT),
     ("KEY_FIELD_MAX", contract.KEY_FIELD_MAX),
-    ("EXIT_REASON_LEN", contract.EXIT_REASON_LEN),
-    ("EXIT_MSG_LEN", contract.EXIT_MSG_LEN),
     ("RINGBUF_DEFAULT_BYTES", contract.RINGBUF_DEFAULT_BYTES),
     ("HIST_BUCKETS", contract.HIST_BUCKETS),
     ("VTIME_MAX_LAG_SLICES", contract.VTIME_MAX_LAG_SLICES),
@@ -91,7 +89,7 @@ def test_header_defines_match(define: str, value: int) -> None:
 
 @pytest.mark.parametrize("c_struct,py_struct", [
     ("mlsched_candidate", contract.Candidate),
-    ("mlsched_exit_info", contract.ExitInfo),
+    ("user_exit_info", contract.UserExitInfo),
     ("mlsched_dom_stat", contract.DomStat),
     ("mlsched_mlp", contract.Mlp),
 ])
@@ -112,7 +110,6 @@ def test_candidate_dtype_matches_struct() -> None:
 @pytest.mark.parametrize("c_enum,prefix,py_enum", [
     ("mlsched_counter", "MLSCHED_CNT_", contract.Counter),
     ("mlsched_loader_stat", "MLSCHED_LS_", contract.LoaderStat),
-    ("mlsched_config", "MLSCHED_CFG_", contract.Config),
     ("mlsched_backend", "MLSCHED_BACKEND_", contract.Backend),
     ("mlsched_fallback", "MLSCHED_FALLBACK_", contract.Fallback),
     ("mlsched_decision", "MLSCHED_", contract.Decision),
@@ -130,6 +127,17 @@ def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum])
         name.removeprefix(prefix): v for name, v in values if not name.startswith("MLSCHED_NR_")
     }
     assert c_side == {e.name: e.value for e in py_enum}
+
+
+@pytest.mark.parametrize("section,names", [
+    (".rodata", contract.SETTINGS + (contract.UEI_DUMP_LEN_VAR,)),
+    (".bss", (contract.MODEL_GEN_VAR,)),
+    (".data", (contract.UEI_VAR,)),
+    (contract.UEI_DUMP_SECTION, (contract.UEI_DUMP_VAR,)),
+])
+def test_loader_variables_are_in_their_sections(btf, section: str, names: tuple[str, ...]) -> None:
+    variables = {name for name, _ in btf[section][2]}
+    assert set(names) <= variables, set(names) - variables
 
 
 def test_map_names_match_btf(btf) -> None:

@@ -53,10 +53,7 @@ def sample(t_s: float, counters: dict[C, int], loader: dict[LS, int],
         hist[contract.Hist.BATCH][b] = n
     for b, n in (event_hist or {}).items():
         hist[contract.Hist.EVENT][b] = n
-    config = [0] * contract.NR_CONFIG
-    config[contract.Config.NR_CPUS] = 2
-    config[contract.Config.NR_DOMS] = 2
-    config[contract.Config.FALLBACK] = contract.Fallback.HEURISTIC
+    config = {"nr_cpus": 2, "nr_doms": 2, "fallback_policy": contract.Fallback.HEURISTIC}
     return Sample(
         mono_ns=int(t_s * 1e9), wall_s=1_700_000_000 + t_s, state="enabled", ops="mlsched",
         model='/m/model "x"', counters=c, loader=ls, config=config, hist=hist,
