@@ -360,17 +360,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "socket, like scx_rusty --stats)")
 
 
-def check_group(group: str | None) -> str | None:
-    """The one-line refusal for a --stats-group that does not exist, else None."""
-    if group is None:
-        return None
-    try:
-        grp.getgrnam(group)
-    except KeyError:
-        return f"--stats-group: no group {group!r}"
-    return None
-
-
 def serve_stats(args: argparse.Namespace, sample: Callable[[], Sample]) -> StatsServer | None:
     """Start the server (and the --stats printer), both stopped at exit; None when the socket
     cannot be made: the scheduler matters more than its stats."""

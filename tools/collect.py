@@ -31,9 +31,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loader import contract, fallback, paths
-from loader.cli import Stop, number_in, positive_int, ringbuf_size
+from loader.cli import (
+    Refusal,
+    Stop,
+    number_in,
+    positive_int,
+    preflight,
+    ringbuf_size,
+    setup_logging,
+)
 from loader.stats_server import add_arguments as add_stats_arguments
-from loader.stats_server import check_group
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -414,11 +421,7 @@ def relabel(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     out_dir = args.output.resolve().parent
     if not out_dir.is_dir():
         return fail(f"--output: directory {out_dir} does not exist")
@@ -432,23 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         return relabel(args)
     if args.explore is None:
         args.explore = DEFAULT_EXPLORE
-    if os.geteuid() != 0:
-        return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
-    if not os.path.isfile(args.bpf_obj):
-        return fail(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
-    if refusal := check_group(args.stats_group):
-        return fail(refusal)
-
-    from loader.domains import DomainError, plan_domains
-
     try:
-        plan = plan_domains(args.domains)
-    except DomainError as e:
-        return fail(str(e))
-    from loader.scheduler import scx_state
-
-    if scx_state() == "unsupported":
-        return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
+        plan = preflight(args)
+    except Refusal as e:
+        return fail(str(e), e.status)
     return run(args, plan)
 
 
