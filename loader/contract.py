@@ -278,21 +278,3 @@ class DomStat(ctypes.Structure):
 CANDIDATE_DTYPE = np.dtype(
     [(name, np.uint64 if t is ctypes.c_uint64 else np.uint32) for name, t in Candidate._fields_]
 )
-
-
-def heuristic_migrate(src_load_q: np.ndarray, dst_load_q: np.ndarray,
-                      cpu_idle: np.ndarray) -> np.ndarray:
-    """The kernel's heuristic fallback (mlsched_heuristic in bpf/mlsched_policy.h), vectorised:
-    migrate when the source is a quarter of LOAD_SCALE busier and the destination has an idle
-    CPU. tests/host/test_policy.py checks it against the compiled C."""
-    src = np.asarray(src_load_q, dtype=np.int64)
-    dst = np.asarray(dst_load_q, dtype=np.int64)
-    return (src >= dst + LOAD_SCALE // 4) & (np.asarray(cpu_idle) > 0)
-
-
-def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray) -> np.ndarray:
-    """P(logging policy took `action`), 0..1: a coin flip with probability explore_q16/65536,
-    else the fallback's own choice (mlsched_propensity_q16 in bpf/mlsched_policy.h)."""
-    same = np.asarray(fallback_action).astype(bool) == np.asarray(action).astype(bool)
-    p = explore_q16 // 2 + np.where(same, EXPLORE_SCALE - explore_q16, 0)
-    return p / EXPLORE_SCALE

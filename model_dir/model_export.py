@@ -17,7 +17,7 @@ Objectives:
            synthetic candidates labeled by the rule in model_dir/synthetic.py. Rows are split
            80/20; it prints the validation accuracy, the confusion matrix and how often the
            model disagrees with the rule.
-  imitate  learn the kernel's heuristic fallback itself (loader/fallback.py) on decision keys:
+  imitate  learn the kernel's heuristic fallback itself (model_dir/fallback.py) on decision keys:
            the keys of --data, else of synthetic candidates. The distinct keys are split 80/20,
            so the figure it prints, the agreement with the heuristic on held-out keys, is on
            keys the model never saw. It checks features, scaling and training before outcomes
@@ -49,11 +49,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader import contract, fallback
+from loader import contract
 from loader.backends import open_backend
 from loader.fastpath import import_tensorflow
 from loader.model_check import ModelError
-from model_dir import offpolicy
+from model_dir import fallback, offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.dataset import Dataset, DatasetError, read_dataset
 from model_dir.export_verified import check_replaceable, export_verified

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract, fallback, paths
+from loader import contract, paths
 from loader.cli import (
     Refusal,
     Stop,
@@ -41,6 +41,7 @@ from loader.cli import (
     setup_logging,
 )
 from loader.stats_server import add_arguments as add_stats_arguments
+from model_dir import fallback
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -278,7 +279,7 @@ class Follower:
 
 
 class PropensityDrift(Exception):
-    """The kernel's prob_q16 disagrees with loader/fallback.py: one line."""
+    """The kernel's prob_q16 disagrees with model_dir/fallback.py: one line."""
 
 
 def _pct(n: int, total: int) -> str:
@@ -357,7 +358,7 @@ def label_and_write(
         if len(bad):
             i = int(bad[0])
             raise PropensityDrift(
-                f"the kernel's propensities disagree with loader/fallback.py on {len(bad)} of "
+                f"the kernel's propensities disagree with model_dir/fallback.py on {len(bad)} of "
                 f"{n} rows (first: prob_q16 {cols['prob_q16'][i]}, expected {want[i]} for "
                 f"action {cols['action'][i]}, source {cols['source'][i]}); dataset not "
                 f"written, the outcomes are (relabel once the two agree)")

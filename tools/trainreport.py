@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import contract, fallback
+from loader import contract
 from loader.cli import parser
+from model_dir import fallback
 
 log = logging.getLogger("trainreport")
 
@@ -36,7 +37,7 @@ EXAMPLES = """examples:
 def heuristic(x: np.ndarray) -> np.ndarray:
     """The kernel's heuristic fallback (fallback_migrate in bpf/mlsched.bpf.c) on model inputs:
     migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination has an idle CPU
-    (one definition: loader/fallback.py)."""
+    (one definition: model_dir/fallback.py)."""
     return fallback.heuristic_from_features(x).astype(np.uint8)
 
 

@@ -20,11 +20,11 @@ import h5py
 import numpy as np
 import pytest
 
-from loader import contract, fallback, kernel_mlp
+from loader import contract, kernel_mlp
 from loader.backends import NumpyBackend, TFBackend, open_backend
 from loader.fastpath import DenseLayer, NumpyModel
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
-from model_dir import dataset, model_export, synthetic, transfer
+from model_dir import dataset, fallback, model_export, synthetic, transfer
 from model_dir.fastpath_verify import MAX_ABS_DIFF
 from tests.host.conftest import _copy
 
