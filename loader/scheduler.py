@@ -20,7 +20,6 @@ from loader.table import DecisionGrid, DecisionTable, GridDims, grid_words
 log = logging.getLogger("mlsched.scheduler")
 
 SCX_SYSFS = "/sys/kernel/sched_ext"
-SCX_EXIT_ERROR = 1024  # enum scx_exit_kind: kinds from here on are errors
 # enum scx_exit_code: the kernel asks the scheduler to re-attach (CPU hotplug); read from the
 # kernel's BTF, this is only the value used when the kernel does not name it.
 SCX_ECODE_ACT_RESTART_DFL = 1 << 48
