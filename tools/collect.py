@@ -35,6 +35,7 @@ from loader.cli import (
     Refusal,
     Stop,
     number_in,
+    parser,
     positive_int,
     preflight,
     ringbuf_size,
@@ -95,15 +96,10 @@ Besides FILE it writes FILE's .outcomes.csv (the raw measurements; see --outcome
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlsched-collect",
-        description="Run mlsched in data-collection mode: the fallback policy decides, or a "
-        "coin flip with probability P; record each followed candidate's features, action and "
-        "outcome (run-queue delay and run time over a window), label them, write a dataset "
-        "for model_export.py --data.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser("mlsched-collect", "Run mlsched in data-collection mode: the fallback policy "
+               "decides, or a coin flip with probability P; record each followed candidate's "
+               "features, action and outcome (run-queue delay and run time over a window), "
+               "label them, write a dataset for model_export.py --data.", EXAMPLES)
     p.add_argument("--output", required=True, type=Path, metavar="FILE",
                    help="dataset to write (CSV, format v2; .csv.gz compresses)")
     p.add_argument("--duration", type=lambda t: number_in(t, 0, 86400, "seconds"),

@@ -107,20 +107,20 @@ def test_candidate_dtype_matches_struct() -> None:
         assert contract.CANDIDATE_DTYPE.fields[name][1] == getattr(contract.Candidate, name).offset
 
 
-@pytest.mark.parametrize("c_enum,prefix,py_enum", [
-    ("mlsched_counter", "MLSCHED_CNT_", contract.Counter),
-    ("mlsched_loader_stat", "MLSCHED_LS_", contract.LoaderStat),
-    ("mlsched_backend", "MLSCHED_BACKEND_", contract.Backend),
-    ("mlsched_fallback", "MLSCHED_FALLBACK_", contract.Fallback),
-    ("mlsched_decision", "MLSCHED_", contract.Decision),
-    ("mlsched_hist", "MLSCHED_HIST_", contract.Hist),
-    ("mlsched_source", "MLSCHED_SRC_", contract.Source),
-    ("mlsched_path", "MLSCHED_PATH_", contract.Path),
-    ("mlsched_grid_code", "MLSCHED_GRID_", contract.GridCode),
-    ("mlsched_mlp_act", "MLSCHED_MLP_", contract.MlpAct),
-    ("mlsched_mlp_out", "MLSCHED_MLP_OUT_", contract.MlpOut),
-])
-def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum]) -> None:
+# Each Python enum and the prefix its BTF enum's values have after MLSCHED_; the BTF enum is
+# named mlsched_ and the Python name in snake case (LoaderStat: mlsched_loader_stat).
+ENUM_PREFIXES = {
+    contract.Counter: "CNT_", contract.LoaderStat: "LS_",
+    contract.Backend: "BACKEND_", contract.Fallback: "FALLBACK_", contract.Decision: "",
+    contract.Hist: "HIST_", contract.Source: "SRC_", contract.Path: "PATH_",
+    contract.GridCode: "GRID_", contract.MlpAct: "MLP_", contract.MlpOut: "MLP_OUT_",
+}
+
+
+@pytest.mark.parametrize("py_enum", ENUM_PREFIXES, ids=lambda e: e.__name__)
+def test_enum_matches_btf(btf, py_enum: type[IntEnum]) -> None:
+    c_enum = "mlsched_" + re.sub(r"(?<!^)(?=[A-Z])", "_", py_enum.__name__).lower()
+    prefix = "MLSCHED_" + ENUM_PREFIXES[py_enum]
     kind, _, values = btf[c_enum]
     assert kind == "ENUM"
     c_side = {

@@ -17,7 +17,9 @@ import pytest
 from loader import contract
 from loader.scheduler import scx_state
 from tests.vm.conftest import (
+    MODEL,
     ROOT,
+    TEST_MODELS,
     Loader,
     attached,
     read_stats,
@@ -27,8 +29,6 @@ from tests.vm.conftest import (
     sums_match,
     wait_for,
 )
-
-TEST_MODELS = ROOT / "build" / "test-models"
 
 
 def watch_attached(proc: subprocess.Popen, poll_s: float = 0.2) -> bool:
@@ -48,8 +48,7 @@ def test_scx_smoke_test_exits_zero() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     res = subprocess.run(
-        ["timeout", "--preserve-status", "45", "mlsched-load", "--model",
-         str(ROOT / "model_dir" / "model_path")],
+        ["timeout", "--preserve-status", "45", "mlsched-load", "--model", str(MODEL)],
         capture_output=True, text=True, cwd=ROOT,
     )
     print(res.stderr)
@@ -224,7 +223,7 @@ def test_bad_model_refused_before_attach(case: str, tmp_path: Path) -> None:
 def test_non_root_refused() -> None:
     res = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "mlsched-load",
-         "--model", str(ROOT / "model_dir" / "model_path")],
+         "--model", str(MODEL)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert res.returncode == 2
