@@ -1,7 +1,7 @@
 """The model contract's network shape, and the --hidden option that may change it.
 
 The contract (docs: model_dir/README.md) specifies 10 -> 64 relu -> 64 relu -> 1 sigmoid, a
-plain Dense stack the loader runs in numpy (loader/fastpath.py). create_dummy_model.py and
+plain Dense stack the loader runs in numpy (loader/backends.py). create_dummy_model.py and
 model_export.py build it by default; `--hidden 32,16` (any list of widths) builds another
 Dense stack of relu layers, still ending in one sigmoid unit.
 """

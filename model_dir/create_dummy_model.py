@@ -5,7 +5,7 @@ usage: model_dir/create_dummy_model.py [--output DIR] [--seed N] [--hidden 64,64
 The model is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the hidden
 widths) on a keras.Input named `features`, exported
 with model.export() as a SavedModel, then given verified fast-path weights
-(loader/fastpath.py) so the loader runs it without TensorFlow. Its weights are random, but
+(loader/backends.py) so the loader runs it without TensorFlow. Its weights are random, but
 shaped so that it exercises both decisions: the first layer is scaled per feature and the
 output layer calibrated so that over the test VM's grid (2 CPUs, 1 per domain) and over an
 8-CPU grid (4 per domain) both "migrate" and "keep" come out in comparable numbers. It is a
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loader import contract
-from loader.fastpath import DenseLayer, NumpyModel, import_tensorflow
+from loader.backends import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import ModelError, ModelInfo, check_model_dir
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.export_verified import write_manifest

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from loader import contract
 from loader.model_check import (
     MANIFEST_FILE,
-    MANIFEST_FORMAT,
     MANIFEST_VERSION,
     ModelError,
     ModelInfo,
@@ -34,6 +33,8 @@ from model_dir.fastpath_verify import FastpathResult, write_fastpath
 
 if TYPE_CHECKING:
     import keras
+
+MANIFEST_FORMAT = "mlsched model manifest"
 
 
 def check_replaceable(output: Path) -> None:

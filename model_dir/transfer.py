@@ -46,8 +46,7 @@ from typing import Any
 import numpy as np
 
 from loader import contract
-from loader.backends import open_backend
-from loader.fastpath import import_tensorflow
+from loader.backends import import_tensorflow, open_backend
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
 from model_dir.export_verified import check_replaceable, export_verified, with_contract_input
 from model_dir.fastpath_verify import FastpathResult

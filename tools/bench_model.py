@@ -110,7 +110,7 @@ def run_child(args: argparse.Namespace) -> int:
     from loader.model_check import check_model_dir
 
     if name != "numpy":
-        from loader.fastpath import import_tensorflow
+        from loader.backends import import_tensorflow
 
         import_tensorflow()
     import_s = _since_process_start()
@@ -396,7 +396,7 @@ def run_parent(args: argparse.Namespace) -> int:
             return 2
     pinned = sorted(os.sched_getaffinity(0))
 
-    from loader.fastpath import NumpyModel
+    from loader.backends import NumpyModel
 
     layers = NumpyModel.load(info.path).describe() if info.fastpath_ok else "no fast path"
     summary: dict[str, Any] = {

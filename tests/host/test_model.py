@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from loader import contract
-from loader.backends import NumpyBackend, TFBackend, open_backend
-from loader.fastpath import DenseLayer, NumpyModel
+from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
 from loader.model_check import (
     FASTPATH_FILE,
     MANIFEST_FILE,

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from loader import contract, fallback, kernel_mlp
-from loader.backends import NumpyBackend, TFBackend, open_backend
-from loader.fastpath import DenseLayer, NumpyModel
+from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
 from model_dir import dataset, model_export, synthetic, transfer
 from model_dir.fastpath_verify import MAX_ABS_DIFF
