@@ -1,9 +1,9 @@
 """Model backends: one predict() over TensorFlow or over the verified numpy fast path.
 
-The fast path (NumpyModel) runs assets/mlsched_fastpath.npz: a plain Dense stack that
-model_dir/fastpath_verify.py wrote only when numpy and TF agreed on every decision of a probe
-grid, stamped with model_digest(). open_backend() runs after attach and picks numpy whenever
-that stamp matches, so the VM never imports TensorFlow (72 s under TCG).
+NumpyModel runs assets/mlsched_fastpath.npz, a plain Dense stack that model_dir/fastpath_verify.py
+writes only when numpy and TF agree on every decision of a probe grid, stamped with
+model_digest(): open_backend() runs it while the stamp matches, so the VM never imports
+TensorFlow (72 s under TCG).
 """
 
 from __future__ import annotations
@@ -12,23 +12,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from loader import contract
-from loader.model_check import (
-    SIGNATURE_KEY,
-    VERIFY,
-    ModelError,
-    ModelInfo,
-    model_digest,
-    read_fastpath,
-)
+from loader import model_check as mc
+from loader.model_check import ModelError, ModelInfo
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(z))  # never overflows; e/(1+e) is sigmoid for z < 0
+    e = np.exp(-np.abs(z))  # never overflows: e / (1 + e) is the sigmoid of -|z|
     return np.where(z >= 0, 1.0, e) / (1.0 + e)
 
 
@@ -49,35 +43,32 @@ def import_tensorflow() -> ModuleType:
 
 @dataclass(frozen=True)
 class DenseLayer:
-    kernel: np.ndarray  # float32 [in, out]: h @ kernel
-    bias: np.ndarray  # float32 [out]
+    kernel: np.ndarray  # [in, out]: h @ kernel
+    bias: np.ndarray  # [out]
     activation: str  # a key of ACTIVATIONS
 
 
 class NumpyModel:
     """A Dense stack in numpy: predict(float32 [n, 10]) -> float32 [n] probabilities."""
 
-    def __init__(self, layers: list[DenseLayer], meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, layers: list[DenseLayer]) -> None:
         self.layers = [DenseLayer(np.asarray(la.kernel, np.float32),
                                   np.asarray(la.bias, np.float32), la.activation) for la in layers]
         self.nr_inputs = width = self.layers[0].kernel.shape[0] if layers else 0
         for la in self.layers:  # a mismatch fails here, not in the first batch
-            if la.kernel.ndim != 2 or la.kernel.shape[0] != width or la.bias.shape != (
-                    la.kernel.shape[1],) or la.activation not in ACTIVATIONS:
-                raise ValueError(f"layer {list(la.kernel.shape)} {list(la.bias.shape)} "
-                                 f"{la.activation} after width {width}")
-            width = la.kernel.shape[1]
+            if la.kernel.shape != (width, la.bias.size) or la.activation not in ACTIVATIONS:
+                raise ValueError(f"layer {la.kernel.shape} + {la.bias.shape} {la.activation!r} "
+                                 f"after width {width}")
+            width = la.bias.size
         if width != 1:
             raise ValueError("a Dense stack ending in one unit is needed")
-        self.meta = meta or {}
 
     @classmethod
     def load(cls, path: str | Path) -> NumpyModel:
-        """Load a fast-path file, or the one inside a model directory."""
-        return read_fastpath(Path(path), lambda npz: cls(
+        """The network of a fast-path file, or of a model directory's."""
+        return mc.read_fastpath(Path(path), lambda npz: cls(
             [DenseLayer(npz[f"kernel_{i}"], npz[f"bias_{i}"], str(act))
-             for i, act in enumerate(npz["activations"])],
-            {k: npz[k].item() for k in npz.files if npz[k].ndim == 0}))
+             for i, act in enumerate(npz["activations"])]))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         h = np.asarray(x, dtype=np.float32)
@@ -86,10 +77,6 @@ class NumpyModel:
         for la in self.layers:
             h = ACTIVATIONS[la.activation](h @ la.kernel + la.bias)
         return h.reshape(-1)
-
-    def describe(self) -> str:
-        return " -> ".join([str(self.nr_inputs)] + [
-            f"{la.kernel.shape[1]} {la.activation}" for la in self.layers])
 
 
 class Predictor(Protocol):
@@ -108,7 +95,7 @@ class TFBackend:
                  output_key: str | None = None) -> None:
         self._tf = import_tensorflow()
         self._loaded = self._tf.saved_model.load(str(path))  # the signature holds it weakly
-        self._sig = self._loaded.signatures[SIGNATURE_KEY]
+        self._sig = self._loaded.signatures[mc.SIGNATURE_KEY]
         self._input_key = input_key
         self._output_key = output_key or next(iter(self._sig.structured_outputs))
 
@@ -122,25 +109,22 @@ class NumpyBackend:
     name, kind = "numpy", contract.Backend.NUMPY
 
     def __init__(self, path: str | Path) -> None:
+        # Checked again here, not only by check_model_dir: never run another model's weights.
+        if reason := mc.fastpath_reason(Path(path), mc.model_digest(Path(path))):
+            raise ModelError(f"cannot use the numpy backend: {reason}")
         self.model = NumpyModel.load(path)
-        # Again here, not only in check_model_dir: never run the weights of another model.
-        if self.model.meta.get("digest") != model_digest(Path(path)):
-            raise ModelError(f"fast-path weights in {path} are stale: the model changed after "
-                             f"verification ({VERIFY} {path})")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.model.predict(x)
 
 
 def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
-    """The backend for a checked model and one line saying why: want "auto" (numpy when the
-    fast path is verified for this model, else tf), "tf" or "numpy" (ModelError if not)."""
+    """The backend for a checked model and why, in one line: want "auto" (numpy while the fast
+    path is verified for this model, else tf), "tf" or "numpy" (ModelError if not verified)."""
     if want not in ("auto", "tf", "numpy"):
         raise ValueError(f"backend must be auto, tf or numpy, not {want!r}")
-    if want != "tf" and info.fastpath_ok:
+    if want == "numpy" or want == "auto" and info.fastpath_ok:
         why = f"verified fast-path weights (digest {info.digest[:8]})"
         return NumpyBackend(info.path), f"numpy: {why}"
-    if want == "numpy":
-        raise ModelError(f"cannot use the numpy backend: {info.fastpath_reason}")
     why = "requested" if want == "tf" else info.fastpath_reason
     return TFBackend(info.path, info.input_key, info.output_key), f"tf: {why}"

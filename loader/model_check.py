@@ -1,8 +1,8 @@
 """Check a model directory against the model contract, before attach and without TensorFlow.
 
-saved_model.pb is parsed by protobuf with tensorboard's copy of TF's protos; every file is
+saved_model.pb is read by protobuf with tensorboard's copy of TF's protos, and every file is
 checked against mlsched_manifest.json (sha256 each, written by the model tools once TF loaded
-the model), so a damaged file is refused here, not found by TF after attach.
+the model): a damaged file is refused here, not found by TF after attach.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from typing import Any, TypeVar
 from loader import contract
 
 SIGNATURE_KEY = "serving_default"
-FASTPATH_FILE = "assets/mlsched_fastpath.npz"
-FASTPATH_VERSION = 1
-MANIFEST_FILE = "mlsched_manifest.json"
-MANIFEST_VERSION = 1
+FASTPATH_FILE, FASTPATH_VERSION = "assets/mlsched_fastpath.npz", 1
+MANIFEST_FILE, MANIFEST_VERSION = "mlsched_manifest.json", 1
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 DT_FLOAT = 1  # tensorflow/core/framework/types.proto
 VERIFY = "run model_dir/verify_model.py"
@@ -47,19 +45,19 @@ class ModelInfo:
 @functools.cache
 def saved_model_class() -> Any:
     """TF's SavedModel {int64 saved_model_schema_version = 1; repeated MetaGraphDef
-    meta_graphs = 2}: tensorboard ships MetaGraphDef but not this wrapper."""
+    meta_graphs = 2}: tensorboard ships MetaGraphDef, not this wrapper."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
     from tensorboard.compat.proto import meta_graph_pb2
 
     field = descriptor_pb2.FieldDescriptorProto
-    message = descriptor_pb2.DescriptorProto(name="SavedModel", field=[
-        field(name="saved_model_schema_version", number=1, type=field.TYPE_INT64),
-        field(name="meta_graphs", number=2, type=field.TYPE_MESSAGE, label=field.LABEL_REPEATED,
-              type_name=".tensorboard.MetaGraphDef")])
     pool = descriptor_pool.Default()
     pool.Add(descriptor_pb2.FileDescriptorProto(
         name="mlsched/saved_model.proto", package="mlsched", syntax="proto3",
-        dependency=[meta_graph_pb2.DESCRIPTOR.name], message_type=[message]))
+        dependency=[meta_graph_pb2.DESCRIPTOR.name],
+        message_type=[descriptor_pb2.DescriptorProto(name="SavedModel", field=[
+            field(name="saved_model_schema_version", number=1, type=field.TYPE_INT64),
+            field(name="meta_graphs", number=2, type=field.TYPE_MESSAGE,
+                  label=field.LABEL_REPEATED, type_name=".tensorboard.MetaGraphDef")])]))
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("mlsched.SavedModel"))
 
 
@@ -73,15 +71,13 @@ def read_meta_graph(data: bytes) -> Any:
         raise ValueError("not a SavedModel protobuf (corrupt or truncated)") from e
     if len(graphs) > 1:
         graphs = [g for g in graphs if "serve" in g.meta_info_def.tags]
-        if not graphs:
-            raise ValueError("several meta graphs and none tagged 'serve'")
     if not graphs:
-        raise ValueError("no meta graph")
+        raise ValueError("no meta graph tagged 'serve'")
     return graphs[0]
 
 
 def _check_tensor(path: Path, what: str, info: Any, width: int, fix: str) -> None:
-    """ModelError unless a signature tensor is float32 [?, width]."""
+    """ModelError unless a signature's tensor is float32 [?, width]."""
     from tensorboard.compat.proto import types_pb2
 
     if info.dtype != DT_FLOAT:
@@ -90,32 +86,27 @@ def _check_tensor(path: Path, what: str, info: Any, width: int, fix: str) -> Non
         raise ModelError(f"{path}: expected float32 {what}, got {got} ({fix})")
     dims = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
     if dims is None or len(dims) != 2 or dims[0] >= 0 or dims[1] != width:
-        got = "unknown rank" if dims is None else (
-            f"[{', '.join('?' if d < 0 else str(d) for d in dims)}]")
         if what == "input":
             narrow = dims is not None and len(dims) == 2 and 0 <= dims[1] < width
             fix = "pad with zeros" if narrow else (
                 f"the contract is {width} features and a free batch dimension")
+        got = "unknown rank" if dims is None else (
+            f"[{', '.join('?' if d < 0 else str(d) for d in dims)}]")
         raise ModelError(f"{path}: expected {what} shape [?, {width}], got {got} ({fix})")
-
-
-def variables_files(path: Path) -> list[Path]:
-    """variables.index and every data shard; ModelError when one is missing."""
-    var_dir = path / "variables"
-    shards = sorted(p for p in var_dir.glob("variables.data-*") if _SHARD.fullmatch(p.name))
-    total = int(shards[0].name[-5:]) if shards else 0
-    want = {f"variables.data-{i:05d}-of-{total:05d}" for i in range(total)}
-    if not (var_dir / "variables.index").is_file() or not shards or \
-            not want <= {p.name for p in shards}:
-        raise ModelError(f"missing variables at {var_dir} (re-export the model: model.export(DIR))")
-    return [var_dir / "variables.index", *shards]
 
 
 def model_digest(path: Path) -> str:
     """sha256 over saved_model.pb (the graph: an activation) and the variables, each prefixed by
-    name and size: the fast-path file names the model it was verified for by it."""
+    name and size: it names the model a fast-path file was verified for."""
+    var_dir = path / "variables"
+    shards = sorted(p for p in var_dir.glob("variables.data-*") if _SHARD.fullmatch(p.name))
+    total = int(shards[0].name[-5:]) if shards else 0
+    names = {f"variables.data-{i:05d}-of-{total:05d}" for i in range(total)}
+    if not (var_dir / "variables.index").is_file() or not shards or \
+            not names <= {p.name for p in shards}:
+        raise ModelError(f"missing variables at {var_dir} (re-export the model: model.export(DIR))")
     h = hashlib.sha256()
-    for file in [path / "saved_model.pb", *variables_files(path)]:
+    for file in [path / "saved_model.pb", var_dir / "variables.index", *shards]:
         rel, data = file.relative_to(path).as_posix().encode(), file.read_bytes()
         h.update(len(rel).to_bytes(4, "little") + rel + len(data).to_bytes(8, "little") + data)
     return h.hexdigest()
@@ -131,9 +122,8 @@ def verify_manifest(path: Path) -> None:
     """ModelError unless the directory holds exactly the files its manifest lists, unchanged."""
     fix, file = f"{VERIFY} {path}", path / MANIFEST_FILE
     if not file.is_file():
-        raise ModelError(f"{path}: no {MANIFEST_FILE}, so damaged files cannot be detected "
-                         f"before attach ({fix}: it loads the model with TensorFlow, then "
-                         "writes one)")
+        raise ModelError(f"{path}: no {MANIFEST_FILE}, so damaged files cannot be detected before"
+                         f" attach ({fix}: it loads the model with TensorFlow, then writes one)")
     try:
         manifest = json.loads(file.read_bytes())
         version, listed = manifest["version"], manifest["files"]
@@ -142,8 +132,8 @@ def verify_manifest(path: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path}: {MANIFEST_FILE} unreadable ({type(e).__name__}; {fix})") from e
     if version != MANIFEST_VERSION:
-        raise ModelError(f"{path}: {MANIFEST_FILE} is format v{version}, not "
-                         f"v{MANIFEST_VERSION} ({fix})")
+        raise ModelError(f"{path}: {MANIFEST_FILE} is format v{version}, not v{MANIFEST_VERSION} "
+                         f"({fix})")
     try:
         found = file_digests(path)
     except OSError as e:
@@ -162,7 +152,7 @@ def verify_manifest(path: Path) -> None:
 
 
 def read_fastpath(path: Path, parse: Callable[[Any], T]) -> T:
-    """parse(the npz) of a fast-path file, or a model directory's; ModelError on any damage."""
+    """parse(npz) of a fast-path file, or of a model directory's; ModelError on any damage."""
     import numpy as np  # here: keeps this module's import cheap
 
     file = path / FASTPATH_FILE if path.is_dir() else path
@@ -175,8 +165,8 @@ def read_fastpath(path: Path, parse: Callable[[Any], T]) -> T:
         raise ModelError(f"fast-path weights at {file} unreadable ({e}; {VERIFY})") from e
 
 
-def _fastpath_status(path: Path, digest: str) -> str:
-    """Why the fast-path weights cannot serve this model; "" when they can."""
+def fastpath_reason(path: Path, digest: str) -> str:
+    """Why the fast-path weights cannot serve the model of this digest; "" when they can."""
     if not (path / FASTPATH_FILE).is_file():
         return f"no verified fast-path weights ({VERIFY} {path})"
     try:
@@ -187,8 +177,10 @@ def _fastpath_status(path: Path, digest: str) -> str:
     return f"fast-path weights are stale: the model changed after verification ({VERIFY} {path})"
 
 
-def _find_saved_model(path: Path) -> Path:
-    """path/saved_model.pb, or ModelError saying what path is instead."""
+def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
+    """Validate a SavedModel directory against the model contract; ModelError if unusable.
+    manifest=False: only for the model tools, about to (re)write the manifest."""
+    path, fix = Path(path), "export with model.export(DIR)"
     if not path.exists():
         raise ModelError(f"model not found at {path} (run model_dir/create_dummy_model.py)")
     pb = path / "saved_model.pb"
@@ -198,26 +190,14 @@ def _find_saved_model(path: Path) -> Path:
                          f"model_dir/transfer.py --input {keras[0]} --output DIR)")
     if not pb.is_file():
         what = "no saved_model.pb" if path.is_dir() else "not a directory"
-        raise ModelError(f"invalid SavedModel format at {path}: {what} (export with "
-                         "model.export(DIR))")
-    return pb
-
-
-def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
-    """Validate a SavedModel directory against the model contract; ModelError if unusable.
-
-    manifest=False: only for the model tools, about to (re)write the manifest."""
-    path = Path(path)
-    pb = _find_saved_model(path)
+        raise ModelError(f"invalid SavedModel format at {path}: {what} ({fix})")
     try:
-        meta_graph = read_meta_graph(pb.read_bytes())
+        sigs = read_meta_graph(pb.read_bytes()).signature_def
     except ValueError as e:
         raise ModelError(f"invalid SavedModel format at {path}: saved_model.pb: {e}") from e
-    sig = meta_graph.signature_def.get(SIGNATURE_KEY)
-    if sig is None:
-        found = ", ".join(sorted(meta_graph.signature_def)) or "none"
-        raise ModelError(f"{path}: no {SIGNATURE_KEY!r} signature (found: {found}; export with "
-                         "model.export(DIR))")
+    if (sig := sigs.get(SIGNATURE_KEY)) is None:
+        found_sigs = ", ".join(sorted(sigs)) or "none"
+        raise ModelError(f"{path}: no {SIGNATURE_KEY!r} signature (found: {found_sigs}; {fix})")
     if len(sig.inputs) != 1 or len(sig.outputs) != 1:
         raise ModelError(f"{path}: expected 1 input and 1 output, got {len(sig.inputs)} and "
                          f"{len(sig.outputs)} (the contract is features "
@@ -226,8 +206,8 @@ def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
     _check_tensor(path, "input", inp, contract.NR_FEATURES, "build the model on a float32 "
                   f"keras.Input named {contract.MODEL_INPUT_KEY!r}")
     _check_tensor(path, "output", out, 1, "end with Dense(1, activation='sigmoid')")
-    digest = model_digest(path)  # also raises "missing variables"
+    digest = model_digest(path)
     if manifest:
         verify_manifest(path)
-    reason = _fastpath_status(path, digest)
+    reason = fastpath_reason(path, digest)
     return ModelInfo(path, input_key, output_key, digest, not reason, reason)

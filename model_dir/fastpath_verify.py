@@ -36,6 +36,7 @@ from loader.model_check import (
     ModelError,
     check_model_dir,
 )
+from model_dir.architecture import describe_stack
 
 MAX_ABS_DIFF = 1e-5  # TF vs numpy, on probabilities
 _ACT_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -273,7 +274,7 @@ def write_fastpath(
     _save_npz(file, arrays)
     return FastpathResult(
         True,
-        f"fast path verified: {model.describe()}, {len(x)} probe rows "
+        f"fast path verified: {describe_stack(model)}, {len(x)} probe rows "
         f"(grid {nr_cpus_probe} CPUs x {max_dom_cpus_probe} per domain + {nr_random} random), "
         f"decisions identical, max abs diff {diff:.2g}",
         file=file,

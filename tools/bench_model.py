@@ -397,8 +397,9 @@ def run_parent(args: argparse.Namespace) -> int:
     pinned = sorted(os.sched_getaffinity(0))
 
     from loader.backends import NumpyModel
+    from model_dir.architecture import describe_stack
 
-    layers = NumpyModel.load(info.path).describe() if info.fastpath_ok else "no fast path"
+    layers = describe_stack(NumpyModel.load(info.path)) if info.fastpath_ok else "no fast path"
     summary: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {
