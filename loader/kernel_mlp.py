@@ -1,12 +1,13 @@
 """--inference kernel: the fast path's Dense stack in the scheduler's Q16.16 fixed point.
 
-QuantizedMlp.decide() is the exact integer mirror of mlp_decide() in bpf/mlsched_mlp.h, so the
+QuantizedMlp.decide() is the exact integer mirror of mlp_decide() (bpf/mlsched_mlp.h): the
 loader checks before enabling that the kernel agrees with the float model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -14,9 +15,9 @@ from loader import contract, schema
 from loader.backends import NumpyModel
 from loader.model_check import ModelError
 
-ONE = 1 << contract.MLP_FRAC_BITS
-S32_MIN, S32_MAX = -(1 << 31), (1 << 31) - 1
-WEIGHT_LIMIT = 256 * ONE  # clamped: with s32 activations the s64 sums cannot overflow
+FRAC = contract.MLP_FRAC_BITS
+S32_MAX = (1 << 31) - 1
+WEIGHT_LIMIT = 256 << FRAC  # with s32 activations the s64 sums cannot overflow
 MIN_AGREEMENT = 0.999  # of the machine's keys, with the float model
 SAMPLE_KEYS = 1 << 20  # keys checked when the machine's grid is larger
 
@@ -32,62 +33,58 @@ class QuantizedMlp:
         """Migrate? for packed keys, with mlp_decide()'s integer arithmetic."""
         fields = schema.key_fields(keys)
         h = np.zeros((len(fields["cpu"]), self.weights[0].shape[0]), dtype=np.int64)
-        for i, f in enumerate(schema.KEY_FIELDS):  # field / scale in Q16.16
-            h[:, i] = (fields[f.name].astype(np.int64) << contract.MLP_FRAC_BITS) // f.scale
+        for i, f in enumerate(schema.KEY_FIELDS):  # the model input field / scale, in Q16.16
+            h[:, i] = (fields[f.name].astype(np.int64) << FRAC) // f.scale
         for w, b, act in zip(self.weights, self.biases, self.acts, strict=True):
-            h = np.clip((h @ w >> contract.MLP_FRAC_BITS) + b, S32_MIN, S32_MAX)
+            h = np.clip((h @ w >> FRAC) + b, -S32_MAX - 1, S32_MAX)
             if act == contract.MlpAct.RELU:
                 np.maximum(h, 0, out=h)
-        return h[:, 0] > (ONE // 2 if self.out_rule == contract.MlpOut.LINEAR else 0)
+        return h[:, 0] > ((1 << FRAC) // 2 if self.out_rule == contract.MlpOut.LINEAR else 0)
 
     def to_struct(self, generation: int) -> contract.Mlp:
         m = contract.Mlp(generation=generation, nr_layers=len(self.weights),
                          out_rule=int(self.out_rule))
         weight, bias = np.ctypeslib.as_array(m.weight), np.ctypeslib.as_array(m.bias)
         for li, (w, b, act) in enumerate(zip(self.weights, self.biases, self.acts, strict=True)):
-            m.nr_in[li], m.nr_out[li] = w.shape
-            m.act[li] = int(act)
+            (m.nr_in[li], m.nr_out[li]), m.act[li] = w.shape, int(act)
             weight[li, : w.shape[0], : w.shape[1]], bias[li, : len(b)] = w, b
         return m
 
 
 def _q(a: np.ndarray, limit: int) -> np.ndarray:
-    return np.clip(np.rint(np.asarray(a, np.float64) * ONE), -limit, limit).astype(np.int64)
+    return np.clip(np.rint(np.asarray(a, np.float64) * (1 << FRAC)), -limit, limit).astype(int)
 
 
 def quantize(model: NumpyModel) -> QuantizedMlp:
     """The fixed-point network; ModelError (one line) when the kernel cannot run this stack."""
-    layers, what = model.layers, "--inference kernel:"
-    widths = [layers[0].kernel.shape[0]] + [la.kernel.shape[1] for la in layers]
+    layers, acts, what = model.layers, [la.activation for la in model.layers], "--inference kernel:"
+    widths = [model.nr_inputs] + [la.bias.size for la in layers]
     if len(layers) > contract.MLP_MAX_LAYERS:
         raise ModelError(f"{what} {len(layers)} Dense layers, the kernel runs at most "
                          f"{contract.MLP_MAX_LAYERS}")
     if max(widths) > contract.MLP_MAX_UNITS or widths[-1] != 1:
         raise ModelError(f"{what} layer widths {widths}: at most {contract.MLP_MAX_UNITS} units, "
                          "one output")
-    if bad := [la.activation for la in layers[:-1] if la.activation not in ("relu", "linear")]:
+    if bad := [a for a in acts[:-1] if a not in ("relu", "linear")]:
         raise ModelError(f"{what} hidden activation {bad[0]!r}: the kernel runs relu and linear "
                          "only")
-    if (last := layers[-1].activation) not in ("sigmoid", "linear"):
-        raise ModelError(f"{what} output activation {last!r}: sigmoid or linear")
+    if acts[-1] not in ("sigmoid", "linear"):
+        raise ModelError(f"{what} output activation {acts[-1]!r}: sigmoid or linear")
     return QuantizedMlp(  # the sigmoid itself is folded into the z > 0 test
-        weights=[_q(la.kernel, WEIGHT_LIMIT) for la in layers],
-        biases=[_q(la.bias, S32_MAX) for la in layers],
-        acts=[contract.MlpAct.RELU if la.activation == "relu" else contract.MlpAct.LINEAR
-              for la in layers[:-1]] + [contract.MlpAct.LINEAR],
-        out_rule=contract.MlpOut.LOGIT if last == "sigmoid" else contract.MlpOut.LINEAR)
+        [_q(la.kernel, WEIGHT_LIMIT) for la in layers], [_q(la.bias, S32_MAX) for la in layers],
+        [contract.MlpAct.RELU if a == "relu" else contract.MlpAct.LINEAR for a in acts[:-1]]
+        + [contract.MlpAct.LINEAR],
+        contract.MlpOut.LOGIT if acts[-1] == "sigmoid" else contract.MlpOut.LINEAR)
 
 
 def agreement(q: QuantizedMlp, model: NumpyModel, keys: np.ndarray) -> float:
     """Share of keys on which the fixed-point and the float network decide alike."""
-    if not len(keys):
-        return 1.0
     want = model.predict(contract.unpack_keys(keys)) > contract.MIGRATE_THRESHOLD
-    return float(np.mean(q.decide(keys) == want))
+    return float(np.mean(q.decide(keys) == want)) if len(keys) else 1.0
 
 
 class KernelBackend:
-    """The model under --inference kernel, for the stats and for the rare key that reaches
+    """The model under --inference kernel, for the stats, and for the rare key that reaches
     user space while no weights serve (a reload's switch): the kernel's own answers."""
 
     name, kind = "kernel", contract.Backend.KERNEL
@@ -100,16 +97,15 @@ class KernelBackend:
         return self.q.decide(keys).astype(np.float32)
 
 
-def prepare(path: object, nr_cpus: int, dom_cpus: int) -> QuantizedMlp:
+def prepare(path: Path, nr_cpus: int, dom_cpus: int) -> QuantizedMlp:
     """The fixed-point network of a checked model directory; ModelError (one line) when it
-    agrees with the float model on fewer than MIN_AGREEMENT of the machine's keys (or a
+    agrees with the float model on fewer than MIN_AGREEMENT of the machine's keys (or of a
     deterministic sample of SAMPLE_KEYS of them)."""
     try:
-        model = NumpyModel.load(path)  # type: ignore[arg-type]
+        model = NumpyModel.load(path)
     except ModelError as e:
         raise ModelError(f"--inference kernel needs the verified numpy fast path: {e}") from None
-    q = quantize(model)
-    size = schema.grid_size(nr_cpus, dom_cpus)
+    q, size = quantize(model), schema.grid_size(nr_cpus, dom_cpus)
     idx = np.arange(size) if size <= SAMPLE_KEYS else np.unique(
         np.random.default_rng(0).integers(0, size, SAMPLE_KEYS))
     keys = schema.grid_keys_at(idx, nr_cpus, dom_cpus)
