@@ -22,7 +22,6 @@ SIGNATURE_KEY = "serving_default"
 FASTPATH_FILE, FASTPATH_VERSION = "assets/mlsched_fastpath.npz", 1
 MANIFEST_FILE, MANIFEST_VERSION = "mlsched_manifest.json", 1
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
-DT_FLOAT = 1  # tensorflow/core/framework/types.proto
 VERIFY = "run model_dir/verify_model.py"
 T = TypeVar("T")
 _SHARD = re.compile(r"variables\.data-\d{5}-of-\d{5}")
@@ -80,7 +79,7 @@ def _check_tensor(path: Path, what: str, info: Any, width: int, fix: str) -> Non
     """ModelError unless a signature's tensor is float32 [?, width]."""
     from tensorboard.compat.proto import types_pb2
 
-    if info.dtype != DT_FLOAT:
+    if info.dtype != types_pb2.DT_FLOAT:
         names = types_pb2.DataType.DESCRIPTOR.values_by_number
         got = names[info.dtype].name[3:].lower() if info.dtype in names else f"dtype {info.dtype}"
         raise ModelError(f"{path}: expected float32 {what}, got {got} ({fix})")
