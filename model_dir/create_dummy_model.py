@@ -4,7 +4,7 @@ usage: model_dir/create_dummy_model.py [--output DIR] [--seed N] [--hidden 64,64
 
 The model is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the hidden
 widths) on a keras.Input named `features`, exported by export_verified.py as the other model
-tools export: a checked SavedModel with verified fast-path weights (loader/fastpath.py), so the
+tools export: a checked SavedModel with verified fast-path weights (loader/backends.py), so the
 loader runs it without TensorFlow, and its manifest. Its weights are random, but
 shaped so that it exercises both decisions: the first layer is scaled per feature and the
 output layer calibrated so that over the test VM's grid (2 CPUs, 1 per domain) and over an
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from loader import cli, contract
-from loader.fastpath import DenseLayer, NumpyModel, import_tensorflow
+from loader.backends import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import ModelError, ModelInfo
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.export_verified import export_verified, report_export

@@ -27,7 +27,6 @@ from loader import contract
 from loader.backends import Predictor, open_backend
 from loader.model_check import (
     MANIFEST_FILE,
-    MANIFEST_FORMAT,
     MANIFEST_VERSION,
     ModelError,
     ModelInfo,
@@ -39,6 +38,7 @@ from model_dir.fastpath_verify import FastpathResult, write_fastpath
 if TYPE_CHECKING:
     import keras
 
+MANIFEST_FORMAT = "mlsched model manifest"
 log = logging.getLogger("export_verified")
 
 

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loader import cli, contract
-from loader.fastpath import import_tensorflow
+from loader.backends import import_tensorflow
 from loader.model_check import ModelError
 from model_dir import fallback, offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
@@ -297,7 +297,7 @@ def clear_threshold(model: keras.Model, hidden: tuple[int, ...], margin: float
     """Move the output bias so that no fast-path probe row sits on the decision threshold.
 
     A policy learned from weak signals is indifferent (output near 0.5) on much of the input
-    space, and among the fast path's probe rows (loader/fastpath.py: a 32-CPU grid and random
+    space, and among the fast path's probe rows (loader/backends.py: a 32-CPU grid and random
     inputs) one within float32 rounding of the threshold makes TF and numpy decide
     differently, so the fast path is refused. The boundary is moved, by at most
     THRESHOLD_SHIFT_MAX in logit, to the nearest point at least `margin` from every probe

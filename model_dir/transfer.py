@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from loader import cli, contract
-from loader.fastpath import import_tensorflow
+from loader.backends import import_tensorflow
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
 from model_dir.export_verified import (
     check_replaceable,

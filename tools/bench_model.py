@@ -111,7 +111,7 @@ def run_child(args: argparse.Namespace) -> int:
     from loader.model_check import check_model_dir
 
     if name != "numpy":
-        from loader.fastpath import import_tensorflow
+        from loader.backends import import_tensorflow
 
         import_tensorflow()
     import_s = _since_process_start()
@@ -397,9 +397,10 @@ def run_parent(args: argparse.Namespace) -> int:
             return 2
     pinned = sorted(os.sched_getaffinity(0))
 
-    from loader.fastpath import NumpyModel
+    from loader.backends import NumpyModel
+    from model_dir.architecture import describe_stack
 
-    layers = NumpyModel.load(info.path).describe() if info.fastpath_ok else "no fast path"
+    layers = describe_stack(NumpyModel.load(info.path)) if info.fastpath_ok else "no fast path"
     summary: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {
