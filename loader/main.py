@@ -17,7 +17,6 @@ import time
 from loader import contract, paths
 from loader.cli import Reload, Stop, number_in, positive_int, ringbuf_size
 from loader.stats_server import add_arguments as add_stats_arguments
-from loader.stats_server import check_group
 
 log = logging.getLogger("mlsched")
 
@@ -195,8 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if os.geteuid() != 0 and not args.check:
         return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
-    if refusal := check_group(args.stats_group):
-        return fail(refusal)
     # Until the first attach the loader runs as a real-time thread: on a loaded machine the
     # imports and the BPF load would otherwise queue behind every CPU hog (run() drops it).
     realtime(True)
@@ -294,8 +291,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     from loader.domains import DomainError, plan_domains
     from loader.pipeline import DecisionPipeline
     from loader.scheduler import SchedulerError, scx_state
-    from loader.stats import MapSampler
-    from loader.stats_publisher import StatsPublisher
+    from loader.stats import MapSampler, StatsPublisher
     from loader.stats_server import serve_stats
 
     stop = Stop()

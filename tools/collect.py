@@ -33,7 +33,6 @@ import numpy as np
 from loader import contract, fallback, paths
 from loader.cli import Stop, number_in, positive_int, ringbuf_size
 from loader.stats_server import add_arguments as add_stats_arguments
-from loader.stats_server import check_group
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -436,8 +435,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
     if not os.path.isfile(args.bpf_obj):
         return fail(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
-    if refusal := check_group(args.stats_group):
-        return fail(refusal)
 
     from loader.domains import DomainError, plan_domains
 

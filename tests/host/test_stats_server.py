@@ -7,7 +7,6 @@ protocol's description (tests/scx_stats_client.py).
 from __future__ import annotations
 
 import errno
-import grp
 import json
 import os
 import shutil
@@ -127,8 +126,7 @@ def test_a_non_root_client_is_refused(server: StatsServer) -> None:
 
 
 def test_a_group_opens_it(sock_dir: Path) -> None:
-    group = grp.getgrgid(NOBODY).gr_name
-    srv = StatsServer(str(sock_dir / "stats"), Source(), group=group).start()
+    srv = StatsServer(str(sock_dir / "stats"), Source(), gid=NOBODY).start()
     try:
         st = os.stat(srv.path)
         assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == NOBODY
