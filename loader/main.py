@@ -16,7 +16,7 @@ import time
 
 from loader import contract, paths
 from loader.cli import Reload, Stop, number_in, positive_int, ringbuf_size
-from loader.stats_server import add_arguments as add_stats_arguments
+from loader.stats import add_arguments as add_stats_arguments
 
 log = logging.getLogger("mlsched")
 
@@ -291,8 +291,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     from loader.domains import DomainError, plan_domains
     from loader.pipeline import DecisionPipeline
     from loader.scheduler import SchedulerError, scx_state
-    from loader.stats import MapSampler, StatsPublisher
-    from loader.stats_server import serve_stats
+    from loader.stats import MapSampler, StatsPublisher, serve_stats
 
     stop = Stop()
     stop.install()

@@ -1,18 +1,35 @@
-"""What mlsched measures: every field declared once (_TABLE); an interval computed from two
-samples of the maps (rates: deltas over the time between; a percentile: the upper bound of its
-log2 bucket, at most 2x; a figure with nothing to measure is left out, as scx_stats clients want
-numbers); the maps read (MapSampler) and written (StatsPublisher)."""
+"""mlsched's stats: every field declared once (_TABLE); an interval from two samples of the maps
+(rates: deltas over the time between; a percentile: the upper bound of its log2 bucket, at most
+2x; a figure with nothing to measure is left out: scx_stats clients want numbers); MapSampler
+reads the maps, StatsPublisher writes the loader's figures there; StatsServer speaks scx_stats
+(sched-ext/scx rust/scx_stats) on a UNIX socket: a JSON line each way, requests `stats` (an
+interval since that connection's last one) and `stats_meta`. A door into a root process: mode
+0600 and root peers only unless --stats-group; a thread a client, at most MAX_CLIENTS; a line over
+MAX_LINE, or answers unread for SEND_TIMEOUT_S, end the connection; answers are made one at a time
+(the clients hold the GIL no longer than one thread would), off the decision loop's thread."""
 
 from __future__ import annotations
 
+import argparse
+import atexit
+import errno
+import grp
+import json
+import logging
 import math
 import os
+import socket
+import socketserver
+import struct
 import threading
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from loader import contract
+from loader.cli import interval_s
 
 if TYPE_CHECKING:
     from loader.bpfmaps import U64Array
@@ -21,6 +38,9 @@ if TYPE_CHECKING:
 C, LS, CFG = contract.Counter, contract.LoaderStat, contract.Config
 TOP, DOM = "mlsched_stats", "dom_stats"  # the scx_stats structs
 PUBLISH_INTERVAL_S = 0.2
+DEFAULT_PATH = "/var/run/scx/root/stats"
+MAX_CLIENTS, MAX_LINE, SEND_TIMEOUT_S = 16, 64 << 10, 2
+log = logging.getLogger("mlsched.stats")
 
 
 @dataclass(frozen=True)
@@ -33,7 +53,8 @@ class Field:
 
 
 # name, unit, kind, scx_stats datum, description. An event, a Counter (the kernel's) or a
-# LoaderStat (the loader's) of that name, gives NAME_total (a counter) and NAME_per_s (a gauge).
+# LoaderStat (the loader's) of that name, gives NAME_total (a counter) and NAME_per_s (a gauge);
+# domains.NAME is "domains": {"<dom>": {NAME: value}}, OpenMetrics mlsched_dom_NAME{dom=...}.
 _TABLE = """
 time                 s       meta  float  Unix time of the interval's second sample
 interval_s           s       gauge float  seconds between the two samples the rates come from
@@ -98,12 +119,9 @@ batch_latency_max_us us      gauge float  slowest batch since attach
 event_latency_p50_us us      gauge float  median candidate push -> decision in map (bucket bound)
 event_latency_p99_us us      gauge float  99th percentile of push -> decision latency (bucket bound)
 event_latency_avg_us us      gauge float  mean push -> decision latency over the interval
-"""
-# Per domain: "domains": {"<dom>": {NAME: value}}; OpenMetrics mlsched_dom_NAME{dom=}.
-_DOM_TABLE = """
-nr_cpus              CPUs    gauge u64    CPUs in the domain
-load                 0..1    gauge float  domain load: busy CPUs plus queued tasks, per CPU, scaled
-queued               tasks   gauge u64    tasks waiting in the domain's queue
+domains.nr_cpus      CPUs    gauge u64    CPUs in the domain
+domains.load         0..1    gauge float  domain load: busy CPUs plus queued tasks, per CPU, scaled
+domains.queued       tasks   gauge u64    tasks waiting in the domain's queue
 """
 _ROWS = [line.split(None, 4) for line in _TABLE.strip().split("\n")]
 # The events: (name, "counters" or "loader", index in that array).
@@ -121,8 +139,8 @@ def _fields(rows: list[list[str]]) -> tuple[Field, ...]:
     return tuple(out)
 
 
-FIELDS = _fields(_ROWS)
-DOM_FIELDS = _fields([line.split(None, 4) for line in _DOM_TABLE.strip().split("\n")])
+FIELDS = _fields([row for row in _ROWS if "." not in row[0]])
+DOM_FIELDS = _fields([[row[0][8:], *row[1:]] for row in _ROWS if row[0].startswith("domains.")])
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 
 
@@ -191,19 +209,17 @@ def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
         "time": round(cur.wall_s, 3), "interval_s": round(dt, 3), "state": cur.state,
         "ops": cur.ops, "model": cur.model, "backend": name(contract.Backend, ls[LS.BACKEND]),
         "fallback": name(contract.Fallback, cur.config[CFG.FALLBACK]),
-        "loader_pid": ls[LS.LOADER_PID],
-        "uptime_s": round(max(cur.mono_ns - start, 0) / 1e9, 1) if start else None,
-        "model_ready": ls[LS.MODEL_READY], "nr_cpus": cur.config[CFG.NR_CPUS],
-        "nr_doms": cur.config[CFG.NR_DOMS]}
+        "uptime_s": round(max(cur.mono_ns - start, 0) / 1e9, 1) if start else None}
+    for enum, values in ((LS, ls), (CFG, cur.config)):  # gauges read as they are
+        out |= {f.name: values[enum[f.name.upper()]] for f in FIELDS
+                if f.kind == "gauge" and f.name.upper() in enum.__members__}
     for n, src, i in COUNTED:
         out[f"{n}_total"], out[f"{n}_per_s"] = getattr(cur, src)[i], round(d(src, i) / dt, 2)
     out |= {
         "hit_rate": ratio(d("counters", C.HITS), d("counters", C.CANDIDATES), 4),
         "decided_share": ratio(min(d("counters", C.RAN_CROSS_DECIDED), cross), cross, 4),
         "kinfer_avg_ns": ratio(d("counters", C.KINFER_NS), d("counters", C.KINFER), 0),
-        "model_digest": f"{ls[LS.MODEL_DIGEST]:016x}", "grid_keys": ls[LS.GRID_KEYS],
-        "grid_decided": ls[LS.GRID_DECIDED], "table_entries": ls[LS.TABLE_ENTRIES],
-        "table_capacity": cur.table_capacity,
+        "model_digest": f"{ls[LS.MODEL_DIGEST]:016x}", "table_capacity": cur.table_capacity,
         "table_occupancy": ratio(ls[LS.TABLE_ENTRIES], cur.table_capacity, 4),
         "batch_size_avg": ratio(decisions, batches, 2),
         "batch_latency_p50_us": pct(contract.Hist.BATCH, 0.50),
@@ -213,7 +229,7 @@ def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
         "event_latency_p50_us": pct(contract.Hist.EVENT, 0.50),
         "event_latency_p99_us": pct(contract.Hist.EVENT, 0.99),
         "event_latency_avg_us": ratio(d("loader", LS.EV_LAT_NS_SUM) / 1000, decisions, 3)}
-    return {k: v for k, v in out.items() if v is not None} | {"domains": {
+    return {f.name: out[f.name] for f in FIELDS if out.get(f.name) is not None} | {"domains": {
         str(i): {"nr_cpus": nr, "load": round(q / contract.LOAD_SCALE, 4), "queued": queued}
         for i, (nr, q, queued) in enumerate(cur.doms)}}
 
@@ -224,7 +240,7 @@ class MapSampler:
 
     def __init__(self, sched: Any, model: str) -> None:
         self.model, self._lock = model, threading.Lock()
-        self._fds: list[int] = []
+        self._maps: tuple[Any, ...] = ()
         self.rebind(sched)
 
     def rebind(self, sched: Any) -> None:
@@ -232,18 +248,17 @@ class MapSampler:
         from loader import libbpf
         from loader.bpfmaps import PerCpuU64Array, StructArray, U64Array
 
-        fds = [os.dup(fd) for fd in (sched.counters.fd, sched.loader_stats.fd,
-                                     sched.config.fd, sched.latency_hist.fd,
-                                     sched.obj.map_fd(contract.MAP_DOM_STATS))]
-        maps = (PerCpuU64Array(fds[0], contract.NR_COUNTERS),
-                U64Array(fds[1], contract.NR_LOADER_STATS), U64Array(fds[2], contract.NR_CONFIG),
-                U64Array(fds[3], contract.NR_HISTS * contract.HIST_BUCKETS),
-                StructArray(fds[4], contract.MAX_DOMS, contract.DomStat))
+        c, dup = contract, os.dup
+        maps = (PerCpuU64Array(dup(sched.counters.fd), c.NR_COUNTERS),
+                U64Array(dup(sched.loader_stats.fd), c.NR_LOADER_STATS),
+                U64Array(dup(sched.config.fd), c.NR_CONFIG),
+                U64Array(dup(sched.latency_hist.fd), c.NR_HISTS * c.HIST_BUCKETS),
+                StructArray(dup(sched.obj.map_fd(c.MAP_DOM_STATS)), c.MAX_DOMS, c.DomStat))
         with self._lock:
-            old, self._fds, self._maps = self._fds, fds, maps
+            old, self._maps = self._maps, maps
             self._capacity = libbpf.map_max_entries(sched.decisions.fd)
-        for fd in old:
-            os.close(fd)
+        for m in old:
+            os.close(m.fd)
 
     def sample(self) -> Sample:
         from loader.scheduler import scx_ops_name, scx_state
@@ -297,3 +312,152 @@ class StatsPublisher:
         for name, value in figures.items():
             self.map.set(LS[name.upper()], value)
         self.hist_map.write_all(s.hist.reshape(-1))
+
+
+def answer(err: int, resp: Any) -> bytes:
+    return json.dumps({"errno": err, "args": {"resp": resp}}).encode() + b"\n"
+
+
+class _Client(socketserver.StreamRequestHandler):
+    server: StatsServer
+
+    def handle(self) -> None:
+        timeval = struct.pack("ll", SEND_TIMEOUT_S, 0)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        with self.server.lock:
+            got = self.server.sample()
+            self.prev = got if isinstance(got, Sample) else None  # the next answer's start
+        with suppress(OSError):  # the peer left, or stopped reading: its connection ends
+            while line := self.rfile.readline(MAX_LINE + 1):
+                if not line.endswith(b"\n"):  # a line of megabytes, or the peer left mid-line
+                    if len(line) > MAX_LINE:
+                        self.wfile.write(answer(errno.E2BIG, f"request over {MAX_LINE} bytes"))
+                    return
+                with self.server.lock:
+                    reply = self.reply(line)
+                self.wfile.write(reply)
+
+    def reply(self, line: bytes) -> bytes:
+        try:
+            req = json.loads(line)
+            name, args = req["req"], dict(req.get("args") or {})
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return answer(errno.EINVAL, f'malformed request, want {{"req": ...}}: {e}')
+        if name == "stats_meta":
+            return answer(0, meta())
+        if name != "stats" or args.get("target", "top") != "top":
+            return answer(errno.EINVAL, f"unknown request {name!r:.64} {args!r:.64}")
+        if isinstance(cur := self.server.sample(), str):
+            return answer(errno.EIO, cur)
+        resp, self.prev = compute(self.prev or cur, cur), cur
+        return answer(0, resp)
+
+
+class StatsServer(socketserver.ThreadingUnixStreamServer):
+    """Serves `stats` and `stats_meta` on a UNIX socket, a thread for each client."""
+
+    daemon_threads, block_on_close, request_queue_size = True, False, 64
+
+    def __init__(self, path: str, sample: Callable[[], Sample], gid: int | None = None) -> None:
+        super().__init__(path, _Client, bind_and_activate=False)
+        self.path, self._sample_fn, self._gid = path, sample, gid
+        self.lock, self._clients = threading.Lock(), set[socket.socket]()
+
+    def start(self) -> StatsServer:
+        """Replace a stale socket (a loader that died left it); bind under a umask that gives
+        the final mode, so the socket is never reachable with a looser one."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o755, exist_ok=True)
+        with suppress(FileNotFoundError):
+            os.unlink(self.path)
+        umask = os.umask(0o177 if self._gid is None else 0o117)  # process-wide, for one bind
+        try:
+            self.server_bind()
+        finally:
+            os.umask(umask)
+        if self._gid is not None:
+            os.chown(self.path, 0, self._gid)
+        self.server_activate()
+        threading.Thread(target=self._serve, name="mlsched-stats", daemon=True).start()
+        return self
+
+    def _serve(self) -> None:
+        with suppress(OSError):  # not real-time, as the loader may be now; nor its clients
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        self.serve_forever()
+
+    def close(self) -> None:
+        """Stop, hang up on every client, remove the socket."""
+        self.shutdown()
+        with self.lock:
+            for sock in self._clients:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self.server_close()
+        with suppress(OSError):
+            os.unlink(self.path)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        cred = request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # pid, uid, gid
+        if struct.unpack("3i", cred)[1] != 0 and self._gid is None:
+            refusal = answer(errno.EACCES, "stats are for root (see mlsched-load --stats-group)")
+        elif len(self._clients) >= MAX_CLIENTS:  # only this thread adds: never past the limit
+            refusal = answer(errno.EBUSY, f"too many stats clients (at most {MAX_CLIENTS})")
+        else:
+            with self.lock:
+                self._clients.add(request)
+            return True
+        with suppress(OSError):
+            request.send(refusal)
+        return False
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.lock:
+            self._clients.discard(request)
+        super().shutdown_request(request)
+
+    def sample(self) -> Sample | str:
+        """The maps now, or why they cannot be read."""
+        try:
+            return self._sample_fn()
+        except Exception as e:  # the maps went away mid-restart, say
+            return f"cannot read the scheduler's maps: {e}"
+
+
+def _gid(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group {group!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The stats options of mlsched-load and mlsched-collect."""
+    p.add_argument("--stats-socket", default=DEFAULT_PATH, metavar="PATH",
+                   help="the scx_stats socket (default: %(default)s)")
+    p.add_argument("--stats-group", type=_gid, metavar="GROUP",
+                   help="let GROUP read the socket (mode 0660; default: root only, 0600)")
+    p.add_argument("--stats", type=interval_s, metavar="SECS",
+                   help="print the stats every SECS seconds, a JSON line each")
+
+
+def serve_stats(args: argparse.Namespace, sample: Callable[[], Sample]) -> StatsServer | None:
+    """The server and the --stats printer, until exit; no server when the socket cannot be made
+    (the scheduler matters more than its stats)."""
+    server = None
+    try:
+        server = StatsServer(args.stats_socket, sample, args.stats_group).start()
+        atexit.register(server.close)
+        log.info("stats at %s (scx_stats protocol; mlsched-stats reads it)", args.stats_socket)
+    except OSError as e:
+        log.error("stats server not started: %s: %s", args.stats_socket, e.strerror or e)
+    if args.stats:  # like scx_rusty --stats; the sampler's fds outlive any restart
+        threading.Thread(target=_print_every, args=(args.stats, sample), daemon=True).start()
+    return server
+
+
+def _print_every(interval: float, sample: Callable[[], Sample]) -> None:
+    cur = sample()
+    while True:
+        time.sleep(interval)
+        prev, cur = cur, sample()
+        print(json.dumps(compute(prev, cur)), flush=True)

@@ -32,7 +32,7 @@ import numpy as np
 
 from loader import contract, fallback, paths
 from loader.cli import Stop, number_in, positive_int, ringbuf_size
-from loader.stats_server import add_arguments as add_stats_arguments
+from loader.stats import add_arguments as add_stats_arguments
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -518,8 +518,7 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
     except (LibbpfError, SchedulerError, OSError) as e:
         sched.close()
         return fail(str(e), 1)
-    from loader.stats import MapSampler
-    from loader.stats_server import serve_stats
+    from loader.stats import MapSampler, serve_stats
 
     serve_stats(args, MapSampler(sched, "(collection mode)").sample)
     nr_cpus = sum(len(d) for d in plan.domains)

@@ -2,7 +2,7 @@
 
 usage: mlsched-stats [--interval SECS] [--once] [--json | --openmetrics] [--socket PATH]
 
-A client of the socket mlsched-load serves in scx_stats' protocol (loader/stats_server.py), as
+A client of the socket mlsched-load serves in scx_stats' protocol (loader/stats.py), as
 scx_rusty's `--monitor` is of its own: it connects, and every --interval asks for `stats`; the
 loader answers with the figures of the interval since the previous request. The fields are
 declared in loader/stats.py; `--help-stats` lists them (the table in tools/README.md).
@@ -25,8 +25,7 @@ from typing import Any
 
 from loader import contract
 from loader.cli import interval_s, parser
-from loader.stats import DOM_FIELDS, FIELDS, TOP
-from loader.stats_server import DEFAULT_PATH
+from loader.stats import DEFAULT_PATH, DOM_FIELDS, FIELDS, TOP
 
 EXAMPLES = """\
 examples:
