@@ -28,7 +28,7 @@ examples:
   sudo mlsched-load --model model_dir/model_path            # attach with the bundled model
   sudo mlsched-load --model DIR --domains 2 --fallback heuristic
   sudo mlsched-load --model DIR --backend tf --batch-size 128 -v
-  sudo mlsched-load --model DIR --stats 2                   # print the stats block every 2 s
+  sudo mlsched-load --model DIR --stats 2                   # print the stats every 2 s (JSON)
   mlsched-stats --once                                       # in another shell: the counters
 
 Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. SIGHUP checks the model
