@@ -383,7 +383,7 @@ class StatsServer(socketserver.ThreadingUnixStreamServer):
     def _serve(self) -> None:
         with suppress(OSError):  # not real-time, as the loader may be now; nor its clients
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-        self.serve_forever()
+        self.serve_forever(0.1)  # how soon close() is heard
 
     def close(self) -> None:
         """Stop, hang up on every client, remove the socket."""
