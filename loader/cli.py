@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import logging
 import os
 import signal
@@ -34,18 +33,13 @@ class Refusal(Exception):
 
 def preflight(args: argparse.Namespace, root: bool = True, kernel: bool = True) -> DomainPlan:
     """What a tool that attaches checks before anything is attached (root, a sched_ext kernel:
-    when asked): the domain plan, or Refusal."""
+    when asked; argparse checked --stats-group): the domain plan, or Refusal."""
     from loader.scheduler import scx_state
 
     if root and os.geteuid() != 0:
         raise Refusal("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
     if not os.path.isfile(args.bpf_obj):
         raise Refusal(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
-    if args.stats_group is not None:
-        try:
-            grp.getgrnam(args.stats_group)
-        except KeyError:
-            raise Refusal(f"--stats-group: no group {args.stats_group!r}") from None
     try:
         plan = plan_domains(args.domains)
     except DomainError as e:

@@ -26,7 +26,7 @@ from loader.cli import (
     ringbuf_size,
     setup_logging,
 )
-from loader.stats_server import add_arguments as add_stats_arguments
+from loader.stats import add_arguments as add_stats_arguments
 
 log = logging.getLogger("mlsched")
 
@@ -38,7 +38,7 @@ examples:
   sudo mlsched-load --model model_dir/model_path            # attach with the bundled model
   sudo mlsched-load --model DIR --domains 2 --fallback heuristic
   sudo mlsched-load --model DIR --backend tf --batch-size 128 -v
-  sudo mlsched-load --model DIR --stats 2                   # print the stats block every 2 s
+  sudo mlsched-load --model DIR --stats 2                   # print the stats every 2 s (JSON)
   mlsched-stats --once                                       # in another shell: the counters
 
 Ctrl-C (SIGINT) or SIGTERM detaches the scheduler and exits 0. SIGHUP checks the model
@@ -197,9 +197,7 @@ def run(args: argparse.Namespace, model_info: object, plan: object) -> int:
     from loader.domains import DomainError, plan_domains
     from loader.pipeline import DecisionPipeline
     from loader.scheduler import SchedulerError, scx_state
-    from loader.stats import MapSampler
-    from loader.stats_publisher import StatsPublisher
-    from loader.stats_server import serve_stats
+    from loader.stats import MapSampler, StatsPublisher, serve_stats
 
     stop = Stop()
     stop.install()

@@ -95,7 +95,7 @@ def _loader_modules_rss() -> dict[str, Any]:
     try:
         import loader.main  # noqa: F401
         import loader.scheduler  # noqa: F401
-        import loader.stats_publisher  # noqa: F401
+        import loader.stats  # noqa: F401
     except Exception as e:  # bcc missing on this machine, or the like
         return {"rss_with_loader_modules_mb": None, "loader_modules_error": f"{e}"}
     return {

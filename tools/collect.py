@@ -41,7 +41,7 @@ from loader.cli import (
     ringbuf_size,
     setup_logging,
 )
-from loader.stats_server import add_arguments as add_stats_arguments
+from loader.stats import add_arguments as add_stats_arguments
 from model_dir import fallback
 from tools.outcomes import (
     LEVEL_IDLE,
@@ -510,8 +510,7 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
     except (LibbpfError, SchedulerError, OSError) as e:
         sched.close()
         return fail(str(e), 1)
-    from loader.stats import MapSampler
-    from loader.stats_server import serve_stats
+    from loader.stats import MapSampler, serve_stats
 
     serve_stats(args, MapSampler(sched, "(collection mode)").sample)
     nr_cpus = sum(len(d) for d in plan.domains)

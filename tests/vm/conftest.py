@@ -19,7 +19,7 @@ import pytest
 
 from loader import contract
 from loader.scheduler import scx_ops_name, scx_state
-from loader.stats_server import DEFAULT_PATH as STATS_SOCKET
+from loader.stats import DEFAULT_PATH as STATS_SOCKET
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "model_dir" / "model_path"

@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from loader import contract
 from loader.scheduler import scx_state
-from loader.stats_server import DEFAULT_PATH, MAX_CLIENTS, MAX_LINE
+from loader.stats import DEFAULT_PATH, MAX_CLIENTS, MAX_LINE
 from tests.scx_stats_client import Client
 from tests.vm.conftest import (
     ATTACH_WAIT_S,
@@ -143,7 +143,8 @@ def test_protocol_and_live_rates_under_stress(loader_with_stats: Loader) -> None
 
     assert ld.proc.poll() is None and attached()
     assert ld.stop() == 0
-    assert "###### " in ld.log() and "decide     cand" in ld.log(), "no --stats block"
+    printed = [json.loads(line) for line in ld.log().splitlines() if line.startswith("{")]
+    assert printed and printed[-1]["ops"] == contract.SCHED_NAME, "no --stats line"
 
 
 def bad_clients() -> dict[str, object]:

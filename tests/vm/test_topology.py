@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loader.scheduler import scx_state
-from loader.stats_server import DEFAULT_PATH as STATS_SOCKET
+from loader.stats import DEFAULT_PATH as STATS_SOCKET
 from tests.scx_stats_client import Client
 from tests.vm.conftest import attached, running_loader, stress, wait_for
 
