@@ -38,6 +38,7 @@
 #include "mlsched.h"
 #include "mlsched_policy.h"
 #include "mlsched_mlp.h"
+#include "mlsched_maps.bpf.h"
 
 char _license[] SEC("license") = "GPL";
 
@@ -48,23 +49,6 @@ char _license[] SEC("license") = "GPL";
 #define REFRESH_NS		(1000ULL * 1000)
 /* Default starvation guard when the loader sets none: four default slices. */
 #define STARVE_NS_DFL		(80ULL * 1000 * 1000)
-
-/* Ring buffer of struct mlsched_candidate; size set by the loader. */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, MLSCHED_RINGBUF_DEFAULT_BYTES);
-} candidates SEC(".maps");
-
-/*
- * Decision key -> (generation << 8) | enum mlsched_decision, written in
- * batches by user space: the table of machines whose grid is too large.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, u64);
-	__type(value, u32);
-} decisions SEC(".maps");
 
 /*
  * The dense decision grid (see mlsched.h): byte i = key i's enum

@@ -63,130 +63,39 @@ PINNED_MAPS = (
     MAP_DECISION_GRID,
 )
 
-
-class Decision(IntEnum):
-    KEEP = 0
-    MIGRATE = 1
-
-
-class GridCode(IntEnum):
-    """A decision grid byte."""
-
-    UNDECIDED = 0
-    KEEP = 1
-    MIGRATE = 2
-
+# The enums of bpf/mlsched.h, in order from 0 (tests/host/test_contract.py checks the BTF).
+Decision = IntEnum("Decision", "KEEP MIGRATE", start=0)
+GridCode = IntEnum("GridCode", "UNDECIDED KEEP MIGRATE", start=0)  # a decision grid byte
+Source = IntEnum("Source", "MODEL FALLBACK EXPLORE", start=0)  # who chose a candidate's action
+Path = IntEnum("Path", "WAKEUP STEAL", start=0)  # where a candidate was built
+Fallback = IntEnum("Fallback", "KEEP MIGRATE HEURISTIC", start=0)
+Backend = IntEnum("Backend", "NONE TF NUMPY KERNEL", start=0)
+# Rows of the latency_hist map; bucket b counts latencies in [2^b, 2^(b+1)) ns.
+Hist = IntEnum("Hist", "BATCH EVENT", start=0)
+Counter = IntEnum("Counter", """
+    SELECT LOCAL NO_CANDIDATE CANDIDATES HITS MISSES MIGRATE KEEP FALLBACK_MIGRATE
+    FALLBACK_KEEP SUBMITTED RB_DROPS STEAL_CANDIDATES MIGR_MODEL MIGR_FALLBACK
+    MIGR_FORCED MIGR_DOMAIN RAN_CROSS RAN_DOMAIN PREEMPTS RESTRICTED EXPLORED
+    LOADER_WAKEUPS KINFER KINFER_NS RB_WAKEUPS RAN_CROSS_DECIDED
+""", start=0)
+LoaderStat = IntEnum("LoaderStat", """
+    BATCHES RECORDS DECISIONS MODEL_ERRORS BATCH_NS_SUM BATCH_NS_MAX MODEL_READY
+    BACKEND START_NS LOADER_PID EV_LAT_NS_SUM TABLE_ENTRIES RESTARTS RELOADS
+    RELOAD_FAILURES MODEL_DIGEST GRID_KEYS GRID_DECIDED
+""", start=0)
+NR_COUNTERS, NR_LOADER_STATS, NR_HISTS = len(Counter), len(LoaderStat), len(Hist)
 
 GRID_MAX_KEYS = 1 << 26
 GEN_SHIFT = 8  # decisions hash value: (generation << GEN_SHIFT) | Decision
-
-
-class Source(IntEnum):
-    """Who chose a candidate's action."""
-
-    MODEL = 0
-    FALLBACK = 1
-    EXPLORE = 2
-
-
-EXPLORE_SCALE = 65536  # Config.EXPLORE, Candidate.prob_q16: probabilities in 1/EXPLORE_SCALE
+EXPLORE_SCALE = 65536  # the explore setting, Candidate.prob_q16: probabilities in 1/65536
 VTIME_MAX_LAG_SLICES = 4
-
-
-class Path(IntEnum):
-    """Where a candidate was built."""
-
-    WAKEUP = 0
-    STEAL = 1
-
-
-class Fallback(IntEnum):
-    KEEP = 0
-    MIGRATE = 1
-    HEURISTIC = 2
-
-
-class Counter(IntEnum):
-    SELECT = 0
-    LOCAL = 1
-    NO_CANDIDATE = 2
-    CANDIDATES = 3
-    HITS = 4
-    MISSES = 5
-    MIGRATE = 6
-    KEEP = 7
-    FALLBACK_MIGRATE = 8
-    FALLBACK_KEEP = 9
-    SUBMITTED = 10
-    RB_DROPS = 11
-    STEAL_CANDIDATES = 12
-    MIGR_MODEL = 13
-    MIGR_FALLBACK = 14
-    MIGR_FORCED = 15
-    MIGR_DOMAIN = 16
-    RAN_CROSS = 17
-    RAN_DOMAIN = 18
-    PREEMPTS = 19
-    RESTRICTED = 20
-    EXPLORED = 21
-    LOADER_WAKEUPS = 22
-    KINFER = 23
-    KINFER_NS = 24
-    RB_WAKEUPS = 25
-    RAN_CROSS_DECIDED = 26
-
-
-NR_COUNTERS = len(Counter)
-
-
-class LoaderStat(IntEnum):
-    BATCHES = 0
-    RECORDS = 1
-    DECISIONS = 2
-    MODEL_ERRORS = 3
-    BATCH_NS_SUM = 4
-    BATCH_NS_MAX = 5
-    MODEL_READY = 6
-    BACKEND = 7
-    START_NS = 8
-    LOADER_PID = 9
-    EV_LAT_NS_SUM = 10
-    TABLE_ENTRIES = 11
-    RESTARTS = 12
-    RELOADS = 13
-    RELOAD_FAILURES = 14
-    MODEL_DIGEST = 15
-    GRID_KEYS = 16
-    GRID_DECIDED = 17
-
-
-NR_LOADER_STATS = len(LoaderStat)
-
-
 HIST_BUCKETS = 40
-
-
-class Hist(IntEnum):
-    """Rows of the latency_hist map; bucket b counts latencies in [2^b, 2^(b+1)) ns."""
-
-    BATCH = 0
-    EVENT = 1
-
-
-NR_HISTS = len(Hist)
 
 
 def hist_bucket(ns: np.ndarray) -> np.ndarray:
     """Histogram bucket of each latency in ns (log2, clamped to the last bucket)."""
     ns = np.maximum(np.asarray(ns, dtype=np.int64), 1)
     return np.minimum(np.floor(np.log2(ns)).astype(np.int64), HIST_BUCKETS - 1)
-
-
-class Backend(IntEnum):
-    NONE = 0
-    TF = 1
-    NUMPY = 2
-    KERNEL = 3
 
 
 # The settings the loader writes before load: const volatile in bpf/mlsched.bpf.c (.rodata).
@@ -239,15 +148,9 @@ MLP_MAX_LAYERS = 3
 MLP_MAX_UNITS = 64
 MLP_FRAC_BITS = 16
 
-
-class MlpAct(IntEnum):
-    LINEAR = 0
-    RELU = 1
-
-
-class MlpOut(IntEnum):
-    LOGIT = 0  # the final sigmoid dropped: migrate when z > 0
-    LINEAR = 1  # a linear output: migrate when z > 0.5
+MlpAct = IntEnum("MlpAct", "LINEAR RELU", start=0)
+# LOGIT: the final sigmoid dropped, migrate when z > 0; LINEAR: migrate when z > 0.5.
+MlpOut = IntEnum("MlpOut", "LOGIT LINEAR", start=0)
 
 
 class Mlp(ctypes.Structure):

@@ -30,17 +30,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract, paths
-from loader.cli import (
-    Refusal,
-    Stop,
-    number_in,
-    parser,
-    positive_int,
-    preflight,
-    ringbuf_size,
-    setup_logging,
-)
+from loader import cli, contract, paths
+from loader.cli import Stop, number_in, positive_int
 from loader.stats import add_arguments as add_stats_arguments
 from model_dir import fallback
 from tools.outcomes import (
@@ -96,7 +87,7 @@ Besides FILE it writes FILE's .outcomes.csv (the raw measurements; see --outcome
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = parser("mlsched-collect", "Run mlsched in data-collection mode: the fallback policy "
+    p = cli.parser("mlsched-collect", "Run mlsched in data-collection mode: the fallback policy "
                "decides, or a coin flip with probability P; record each followed candidate's "
                "features, action and outcome (run-queue delay and run time over a window), "
                "label them, write a dataset for model_export.py --data.", EXAMPLES)
@@ -148,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "was collected with)")
     p.add_argument("--slice-us", type=positive_int, default=20000, metavar="US",
                    help="time slice in microseconds (default: 20000)")
-    p.add_argument("--ringbuf-size", type=ringbuf_size, default=DEFAULT_RINGBUF,
+    p.add_argument("--ringbuf-size", type=cli.ringbuf_size, default=DEFAULT_RINGBUF,
                    metavar="BYTES", help=f"candidate ring buffer size (default: {DEFAULT_RINGBUF})")
     p.add_argument("--bpf-obj", default=str(DEFAULT_BPF_OBJ), metavar="FILE",
                    help="compiled scheduler (default: %(default)s)")
@@ -418,7 +409,7 @@ def relabel(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    cli.setup_logging(args.verbose)
     out_dir = args.output.resolve().parent
     if not out_dir.is_dir():
         return fail(f"--output: directory {out_dir} does not exist")
@@ -433,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.explore is None:
         args.explore = DEFAULT_EXPLORE
     try:
-        plan = preflight(args)
-    except Refusal as e:
+        plan = cli.preflight(args)
+    except cli.Refusal as e:
         return fail(str(e), e.status)
     return run(args, plan)
 
