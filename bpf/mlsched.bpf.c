@@ -257,6 +257,14 @@ static __always_inline struct cpu_ctx *cpu_ctx_get(s32 cpu)
 	return cc;
 }
 
+/* The i-th CPU of a domain in cpu_order, -1 past the array. */
+static __always_inline s32 dom_cpu(struct dom_ctx *dc, u32 i)
+{
+	u32 idx = dc->first + i;
+
+	return idx < MLSCHED_MAX_CPUS ? cpu_order[idx] : -1;
+}
+
 static __always_inline struct task_ctx *task_get(struct task_struct *p)
 {
 	return bpf_task_storage_get(&task_ctxs, p, NULL, 0);
@@ -292,12 +300,10 @@ static bool refresh_dom(u32 dom, u64 now)
 
 	idle = scx_bpf_get_idle_cpumask();
 	bpf_for(i, 0, dc->nr_cpus) {
-		u32 idx = dc->first + i;
-		s32 q, cpu;
+		s32 q, cpu = dom_cpu(dc, i);
 
-		if (idx >= MLSCHED_MAX_CPUS)
+		if (cpu < 0)
 			break;
-		cpu = cpu_order[idx];
 		if (bpf_cpumask_test_cpu(cpu, idle))
 			idle_cnt++;
 		q = scx_bpf_dsq_nr_queued(CPU_DSQ(cpu));
@@ -605,9 +611,7 @@ s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 
 		return prev_cpu;
 	}
 	sd = dom_get(src);
-	if (!sd)
-		return prev_cpu;
-	mask = (const struct cpumask *)sd->cpus;
+	mask = sd ? (const struct cpumask *)sd->cpus : NULL;
 	if (!mask)
 		return prev_cpu;
 	cpu = scx_bpf_pick_idle_cpu(mask, 0);
@@ -699,12 +703,10 @@ static bool pull_in_domain(s32 cpu, struct dom_ctx *dc)
 	s32 from = -1;
 
 	bpf_for(i, 0, dc->nr_cpus) {
-		u32 idx = dc->first + i;
-		s32 q, sib;
+		s32 q, sib = dom_cpu(dc, i);
 
-		if (idx >= MLSCHED_MAX_CPUS)
+		if (sib < 0)
 			break;
-		sib = cpu_order[idx];
 		if (sib == cpu)
 			continue;
 		q = scx_bpf_dsq_nr_queued(CPU_DSQ(sib));
