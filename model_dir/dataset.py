@@ -141,7 +141,7 @@ def logging_columns(columns: Mapping[str, np.ndarray], explore_q: int | np.ndarr
     """The v2 logging-policy columns (explore_q, fallback, propensity_q) for rows of a run.
 
     columns holds at least cpu_idle, src_load_q, dst_load_q and action; explore_q and policy
-    are what the collector configured (Config.EXPLORE, Config.FALLBACK).
+    are what the collector configured (the explore and fallback_policy settings).
     """
     n = len(columns["action"])
     explore = np.broadcast_to(np.asarray(explore_q, dtype=np.int64), (n,))
