@@ -75,6 +75,22 @@ def test_sigkill_under_load_detaches_and_workload_finishes() -> None:
         shutil.rmtree(contract.PIN_DIR, ignore_errors=True)
 
 
+def test_sysrq_ejection_is_reported_from_the_exit_info() -> None:
+    """SysRq-S hands every task back to the kernel's scheduler: the loader reports the reason
+    the kernel recorded in scx's exit info (UEI), exits 1 and leaves nothing pinned."""
+    ld = start_loader("--no-model", name="loader-sysrq")
+    try:
+        wait_for(attached, 60, "mlsched to attach", ld.proc)
+        Path("/proc/sysrq-trigger").write_text("S")
+        assert ld.proc.wait(timeout=60) == 1
+        assert "the kernel ejected mlsched: disabled by sysrq-S" in ld.log(), ld.log()
+        assert scx_state() == "disabled"
+        assert not os.path.exists(contract.PIN_DIR)
+    finally:
+        if ld.proc.poll() is None:
+            ld.proc.kill()
+
+
 def test_stopped_loader_falls_back_then_catches_up() -> None:
     # --table hash: keys are decided as candidates come (with the grid, every key is
     # decided at model-ready and a stopped loader is never asked).
