@@ -96,9 +96,11 @@ def clean_stale_pins(pin_dir: str) -> None:
 
 def settings(plan: DomainPlan, fallback: contract.Fallback, slice_ns: int, resubmit_ns: int,
              slice_min_ns: int, starve_ns: int, batch_size: int, max_wait_ns: int,
-             grid: GridDims | None, kernel_inference: bool = False) -> dict[str, int | list[int]]:
+             grid: GridDims | None, kernel_inference: bool = False,
+             explore_q: int | None = None) -> dict[str, int | list[int]]:
     """The .rodata settings (contract.SETTINGS) of one run; the ring wakes the reader once
-    batch_size records or max_wait_ns of the oldest wait; this thread is the reader."""
+    batch_size records or max_wait_ns of the oldest wait; this thread is the reader. With
+    explore_q, collection mode: the fallback or a coin (P = explore_q / 65536) decides."""
     return {
         "nr_cpus": plan.nr_cpus, "nr_doms": len(plan.domains), "cpu_dom": plan.cpu_to_dom(),
         "fallback_policy": int(fallback), "slice_ns": slice_ns,
@@ -107,7 +109,17 @@ def settings(plan: DomainPlan, fallback: contract.Fallback, slice_ns: int, resub
         "ring_wake_bytes": batch_size * ctypes.sizeof(contract.Candidate),
         "grid_cpus": grid[0] if grid else 0, "grid_dom_cpus": grid[1] if grid else 0,
         "kernel_inference": int(kernel_inference), "loader_tid": threading.get_native_id(),
+        "collect": int(explore_q is not None), "explore": explore_q or 0,
     }
+
+
+def write_settings(obj: libbpf.BpfObject, config: dict[str, int | list[int]]) -> None:
+    """The .rodata settings into an opened object before load (a list: a u32 array's head)."""
+    for name, value in config.items():
+        if isinstance(value, list):
+            obj.var(".rodata", name, ctypes.c_uint32 * len(value))[:] = value
+        else:
+            obj.var(".rodata", name).value = value
 
 
 class Scheduler:
@@ -128,12 +140,7 @@ class Scheduler:
             self.obj.set_max_entries(contract.MAP_CANDIDATES, ringbuf_bytes)
             self.obj.set_max_entries(contract.MAP_DECISION_GRID, grid_words(grid))
             self._set_kernel_constants(enums)
-            for name, value in config.items():
-                var = self.obj.var(".rodata", name)
-                if isinstance(value, list):
-                    var[:len(value)] = value
-                else:
-                    var.value = value
+            write_settings(self.obj, config)
             # scx's UEI_SET_SIZE: room for the kernel's debug dump at exit.
             self.obj.set_value_size(contract.UEI_DUMP_SECTION, contract.UEI_DUMP_LEN)
             self.obj.var(".rodata", contract.UEI_DUMP_LEN_VAR).value = contract.UEI_DUMP_LEN

@@ -488,8 +488,7 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
     # pushed with the action the logging policy took.
     config = settings(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
                       1_000_000_000, slice_min_ns=1_000_000, starve_ns=80_000_000,
-                      batch_size=64, max_wait_ns=2_000_000, grid=None)
-    config.update(collect=1, explore=explore_q)
+                      batch_size=64, max_wait_ns=2_000_000, grid=None, explore_q=explore_q)
     try:
         clean_stale_pins(args.pin_dir)
         sched = Scheduler(args.bpf_obj, config, args.ringbuf_size, args.verbose)

@@ -164,3 +164,27 @@ def test_feature_grid_holds_only_candidates() -> None:
     assert np.all(x[:, 3] > x[:, 4])  # the source is the busier domain
     s = contract.LOAD_SCALE
     assert len(keys) == 2 * 2 * 2 * (s + 1) * s // 2
+
+
+def test_settings_reach_the_objects_rodata() -> None:
+    """settings() gives every contract.SETTINGS name, and write_settings() puts each value into
+    the opened object's .rodata where the kernel will read it (no load: this runs anywhere)."""
+    from loader import libbpf
+    from loader.domains import DomainPlan
+    from loader.scheduler import settings, write_settings
+
+    plan = DomainPlan([[0, 2], [1, 3]], "two domains of two")
+    config = settings(plan, contract.Fallback.KEEP, 5_000_000, 7, 8_000_000, 9, 32, 11, (4, 2),
+                      kernel_inference=True)
+    assert set(config) == set(contract.SETTINGS)
+    assert config["slice_min_ns"] == 5_000_000  # clamped to the slice
+    obj = libbpf.BpfObject(str(OBJ))
+    try:
+        write_settings(obj, config)
+        got = {name: obj.var(".rodata", name).value for name in config if name != "cpu_dom"}
+        got["cpu_dom"] = obj.var(".rodata", "cpu_dom", ctypes.c_uint32 * 4)[:]
+        obj.set_value_size(contract.UEI_DUMP_SECTION, contract.UEI_DUMP_LEN)
+        assert obj.initial_value(contract.UEI_DUMP_SECTION)[1] == contract.UEI_DUMP_LEN
+    finally:
+        obj.close()
+    assert got == config | {"cpu_dom": [0, 1, 0, 1]}
