@@ -231,10 +231,16 @@ static __always_inline void cnt_inc(u32 idx)
 		(*c)++;
 }
 
+_Static_assert(!(MLSCHED_MAX_CPUS & (MLSCHED_MAX_CPUS - 1)), "MAX_CPUS masks array indices");
+
 static __always_inline u32 dom_of(s32 cpu)
 {
-	u32 d = cpu >= 0 && cpu < MLSCHED_MAX_CPUS ? cpu_dom[cpu] : 0;
+	u32 d;
 
+	if (cpu < 0 || cpu >= MLSCHED_MAX_CPUS)
+		return 0;
+	/* The mask repeats the bound in the register the load uses (MAX_CPUS: a power of 2). */
+	d = cpu_dom[cpu & (MLSCHED_MAX_CPUS - 1)];
 	return d < nr_doms ? d : 0;
 }
 
@@ -262,7 +268,7 @@ static __always_inline s32 dom_cpu(struct dom_ctx *dc, u32 i)
 {
 	u32 idx = dc->first + i;
 
-	return idx < MLSCHED_MAX_CPUS ? cpu_order[idx] : -1;
+	return idx < MLSCHED_MAX_CPUS ? cpu_order[idx & (MLSCHED_MAX_CPUS - 1)] : -1;
 }
 
 static __always_inline struct task_ctx *task_get(struct task_struct *p)
