@@ -33,7 +33,7 @@ examples:
   sudo mlsched-stats --once               # one block (an interval of 1 s), then exit
   sudo mlsched-stats --interval 5 --json  # one JSON object per line every 5 s
   sudo mlsched-stats --once --openmetrics > /var/lib/node_exporter/mlsched.prom
-  sudo mlsched-load --stats 2             # the same block, printed by the loader itself
+  sudo mlsched-load --stats 2             # the loader itself prints the JSON lines
   echo '{"req":"stats"}' | sudo socat - UNIX-CONNECT:/var/run/scx/root/stats   # the raw protocol
 
 Fields and their units: mlsched-stats --help-stats. Exit status 1 when mlsched is not attached.
