@@ -31,7 +31,8 @@ bpf/vmlinux.h: $(CACHE)/kernel/current
 	@echo "bpf: generating vmlinux.h from $(KERNEL_DIR)/vmlinux"
 	@bpftool btf dump file $(KERNEL_DIR)/vmlinux format c > $@.tmp && mv $@.tmp $@
 
-bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/mlsched_mlp.h bpf/vmlinux.h Makefile
+bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/mlsched_mlp.h \
+		bpf/mlsched_maps.bpf.h bpf/vmlinux.h Makefile
 	@test -f $(SCX_INC)/scx/common.bpf.h || { echo "bpf: no scx headers in '$(SCX_INC)': run make setup"; exit 1; }
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -I$(SCX_INC) -I$(SCX_INC)/bpf-compat -c $< -o $@
@@ -164,7 +165,8 @@ bench-model: setup $(MLP_BENCH)
 .PHONY: bench
 BENCH_PRODUCER := build/bench/ringbuf_producer.bpf.o
 
-$(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/vmlinux.h Makefile
+$(BENCH_PRODUCER): tools/bench/ringbuf_producer.bpf.c bpf/mlsched.h bpf/mlsched_policy.h \
+		bpf/mlsched_maps.bpf.h bpf/vmlinux.h Makefile
 	@mkdir -p $(dir $@)
 	@echo "bpf: compiling $@"
 	@$(CLANG) $(BPF_CFLAGS) -Ibpf -c $< -o $@

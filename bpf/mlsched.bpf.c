@@ -38,6 +38,7 @@
 #include "mlsched.h"
 #include "mlsched_policy.h"
 #include "mlsched_mlp.h"
+#include "mlsched_maps.bpf.h"
 
 char _license[] SEC("license") = "GPL";
 
@@ -48,23 +49,6 @@ char _license[] SEC("license") = "GPL";
 #define REFRESH_NS		(1000ULL * 1000)
 /* Default starvation guard when the loader sets none: four default slices. */
 #define STARVE_NS_DFL		(80ULL * 1000 * 1000)
-
-/* Ring buffer of struct mlsched_candidate; size set by the loader. */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, MLSCHED_RINGBUF_DEFAULT_BYTES);
-} candidates SEC(".maps");
-
-/*
- * Decision key -> (generation << 8) | enum mlsched_decision, written in
- * batches by user space: the table of machines whose grid is too large.
- */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, u64);
-	__type(value, u32);
-} decisions SEC(".maps");
 
 /*
  * The dense decision grid (see mlsched.h): byte i = key i's enum
@@ -110,22 +94,6 @@ struct {
 	__type(value, u64);
 } latency_hist SEC(".maps");
 
-/* Configuration set by the loader before attach, indexed by enum mlsched_config. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MLSCHED_NR_CONFIG);
-	__type(key, u32);
-	__type(value, u64);
-} sched_config SEC(".maps");
-
-/* CPU -> domain, set by the loader before attach. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MLSCHED_MAX_CPUS);
-	__type(key, u32);
-	__type(value, u32);
-} cpu_dom SEC(".maps");
-
 /* Per-domain CPU count, load (0..LOAD_SCALE) and queue depth, for user space. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -133,14 +101,6 @@ struct {
 	__type(key, u32);
 	__type(value, struct mlsched_dom_stat);
 } dom_stats SEC(".maps");
-
-/* Why the scheduler left, written once by ops.exit. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, u32);
-	__type(value, struct mlsched_exit_info);
-} exit_info SEC(".maps");
 
 /*
  * Kernel-private per-domain state. The load fields are written only by a
@@ -205,7 +165,6 @@ enum mlsched_fallback contract_btf_fallback;
 enum mlsched_counter contract_btf_counter;
 enum mlsched_loader_stat contract_btf_loader_stat;
 enum mlsched_backend contract_btf_backend;
-enum mlsched_config contract_btf_config;
 enum mlsched_hist contract_btf_hist;
 enum mlsched_source contract_btf_source;
 enum mlsched_path contract_btf_path;
@@ -214,36 +173,47 @@ enum mlsched_mlp_act contract_btf_mlp_act;
 enum mlsched_mlp_out contract_btf_mlp_out;
 struct mlsched_mlp contract_btf_mlp;
 
-/* Copied from "sched_config" at init: read on every wakeup. */
-static u32 nr_cpus;
-static u32 nr_doms;
-static u32 fallback_policy;
-static u64 slice_ns = 20ULL * 1000 * 1000;
-static u64 slice_min_ns = 1000ULL * 1000;
-static u64 starve_ns = STARVE_NS_DFL;
-/* Ring wakeups (mlsched_ring_wake): batch bytes, max wait, start of the unread run. */
-static u64 ring_wake_bytes = 64 * sizeof(struct mlsched_candidate);
-static u64 ring_max_wait_ns = 2ULL * 1000 * 1000;
-static u64 ring_oldest_ns;
-/* A pending candidate is pushed again when its decision has not come by then. */
-static u64 resubmit_ns = 1000ULL * 1000 * 1000;
+/*
+ * Set by the loader before load (const volatile: the verifier sees constants
+ * and drops the paths a run does not use); the initialisers are the defaults.
+ */
+const volatile u32 nr_cpus = 1;		/* CPUs the domains cover */
+const volatile u32 nr_doms = 1;		/* scheduling domains */
+const volatile u32 cpu_dom[MLSCHED_MAX_CPUS];	/* CPU -> its domain */
+const volatile u32 fallback_policy = MLSCHED_FALLBACK_HEURISTIC;	/* enum mlsched_fallback */
+const volatile u64 slice_ns = 20ULL * 1000 * 1000;	/* the full slice, ns */
+const volatile u64 slice_min_ns = 1000ULL * 1000;	/* the slice of a deep queue, ns (<= slice_ns) */
+const volatile u64 starve_ns = STARVE_NS_DFL;	/* queued longer: stolen regardless, ns */
+/* Ring wakeups (mlsched_ring_wake): wake the reader at this many bytes or this wait. */
+const volatile u64 ring_wake_bytes = 64 * sizeof(struct mlsched_candidate);
+const volatile u64 ring_max_wait_ns = 2ULL * 1000 * 1000;
+/* A pending candidate is pushed again when its decision has not come by then, ns. */
+const volatile u64 resubmit_ns = 1000ULL * 1000 * 1000;
 /*
  * Collection mode (mlsched-collect): the decision map is ignored; the
  * fallback decides, or a coin flip with probability explore / 65536, and
  * every candidate is pushed with its action so that both actions are seen.
  */
-static bool collect;
-static u32 explore;
+const volatile bool collect;
+const volatile u32 explore;
 /* The dense grid's bounds (grid_cpus = 0: no grid, the hash serves). */
-static u32 grid_cpus, grid_dom_cpus;
+const volatile u32 grid_cpus, grid_dom_cpus;
 /* --inference kernel: a miss is decided here, by the weights in mlp_weights. */
-static bool kernel_inference;
+const volatile bool kernel_inference;
 /*
  * The loader's ring reader turns candidates into decisions: when it wakes it
  * runs ahead of the queue, or the decisions it owes wait behind a full slice
  * of every CPU hog. Only that thread: the model's thread pools take turns.
  */
-static u32 loader_tid;
+const volatile u32 loader_tid;
+
+/* Generation of the serving model: the loader bumps it (mmapped .bss) on a reload. */
+u32 model_gen;
+/* Start of the run of unread ring records, ns (0: none waiting). */
+static u64 ring_oldest_ns;
+/* Why the scheduler left, with the kernel's debug dump (scx's UEI). */
+UEI_DEFINE(uei);
+
 /* One vtime clock for all CPUs, so a migrated task keeps its place. */
 static u64 vtime_now;
 /* CPUs sorted by domain: domain d owns cpu_order[first .. first + nr_cpus). */
@@ -261,19 +231,17 @@ static __always_inline void cnt_inc(u32 idx)
 		(*c)++;
 }
 
-static __always_inline u64 cfg_get(u32 idx)
-{
-	u64 *v = bpf_map_lookup_elem(&sched_config, &idx);
-
-	return v ? *v : 0;
-}
+_Static_assert(!(MLSCHED_MAX_CPUS & (MLSCHED_MAX_CPUS - 1)), "MAX_CPUS masks array indices");
 
 static __always_inline u32 dom_of(s32 cpu)
 {
-	u32 key = cpu;
-	u32 *d = bpf_map_lookup_elem(&cpu_dom, &key);
+	u32 d;
 
-	return d && *d < nr_doms ? *d : 0;
+	if (cpu < 0 || cpu >= MLSCHED_MAX_CPUS)
+		return 0;
+	/* The mask repeats the bound in the register the load uses (MAX_CPUS: a power of 2). */
+	d = cpu_dom[cpu & (MLSCHED_MAX_CPUS - 1)];
+	return d < nr_doms ? d : 0;
 }
 
 static __always_inline struct dom_ctx *dom_get(u32 dom)
@@ -283,6 +251,24 @@ static __always_inline struct dom_ctx *dom_get(u32 dom)
 	if (!dc)
 		scx_bpf_error("no dom_ctx for domain %u", dom);
 	return dc;
+}
+
+static __always_inline struct cpu_ctx *cpu_ctx_get(s32 cpu)
+{
+	u32 key = cpu;
+	struct cpu_ctx *cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+
+	if (!cc)
+		scx_bpf_error("no cpu_ctx for CPU %d", cpu);
+	return cc;
+}
+
+/* The i-th CPU of a domain in cpu_order, -1 past the array. */
+static __always_inline s32 dom_cpu(struct dom_ctx *dc, u32 i)
+{
+	u32 idx = dc->first + i;
+
+	return idx < MLSCHED_MAX_CPUS ? cpu_order[idx & (MLSCHED_MAX_CPUS - 1)] : -1;
 }
 
 static __always_inline struct task_ctx *task_get(struct task_struct *p)
@@ -320,12 +306,10 @@ static bool refresh_dom(u32 dom, u64 now)
 
 	idle = scx_bpf_get_idle_cpumask();
 	bpf_for(i, 0, dc->nr_cpus) {
-		u32 idx = dc->first + i;
-		s32 q, cpu;
+		s32 q, cpu = dom_cpu(dc, i);
 
-		if (idx >= MLSCHED_MAX_CPUS)
+		if (cpu < 0)
 			break;
-		cpu = cpu_order[idx];
 		if (bpf_cpumask_test_cpu(cpu, idle))
 			idle_cnt++;
 		q = scx_bpf_dsq_nr_queued(CPU_DSQ(cpu));
@@ -502,7 +486,7 @@ static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
 	}
 	v = bpf_map_lookup_elem(&decisions, &c->key);
 	/* An entry of an older model's generation is a miss. */
-	if (!v || (*v >> MLSCHED_GEN_SHIFT) != (u32)cfg_get(MLSCHED_CFG_MODEL_GEN))
+	if (!v || (*v >> MLSCHED_GEN_SHIFT) != model_gen)
 		return MLSCHED_GRID_UNDECIDED;
 	return (*v & 0xff) == MLSCHED_MIGRATE ? MLSCHED_GRID_MIGRATE : MLSCHED_GRID_KEEP;
 }
@@ -513,7 +497,7 @@ static __always_inline u32 lookup_decision(struct mlsched_candidate *c)
  */
 static __always_inline int kernel_decide(struct mlsched_candidate *c)
 {
-	u32 gen = cfg_get(MLSCHED_CFG_MODEL_GEN), w, v;
+	u32 gen = model_gen, w, v;
 	u64 t0 = bpf_ktime_get_ns(), *word, *ns;
 	s64 gi;
 	int r;
@@ -633,9 +617,7 @@ s32 BPF_STRUCT_OPS(mlsched_select_cpu, struct task_struct *p, s32 prev_cpu, u64 
 		return prev_cpu;
 	}
 	sd = dom_get(src);
-	if (!sd)
-		return prev_cpu;
-	mask = (const struct cpumask *)sd->cpus;
+	mask = sd ? (const struct cpumask *)sd->cpus : NULL;
 	if (!mask)
 		return prev_cpu;
 	cpu = scx_bpf_pick_idle_cpu(mask, 0);
@@ -680,7 +662,6 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 	struct cpu_ctx *cc;
 	struct dom_ctx *dc;
 	u64 vtime, slice;
-	u32 key = cpu;
 	s32 waiting;
 
 	if (is_loader(p) && (enq_flags & SCX_ENQ_WAKEUP)) {
@@ -701,7 +682,7 @@ void BPF_STRUCT_OPS(mlsched_enqueue, struct task_struct *p, u64 enq_flags)
 	 * A woken task more than a minimum slice behind the one running on its
 	 * CPU (a sleeper behind a hog) preempts it, as EEVDF would.
 	 */
-	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+	cc = cpu_ctx_get(cpu);
 	if ((enq_flags & SCX_ENQ_WAKEUP) && cc && cc->run_vtime &&
 	    (s64)(vtime + slice_min_ns - cc->run_vtime) < 0) {
 		cnt_inc(MLSCHED_CNT_PREEMPTS);
@@ -728,12 +709,10 @@ static bool pull_in_domain(s32 cpu, struct dom_ctx *dc)
 	s32 from = -1;
 
 	bpf_for(i, 0, dc->nr_cpus) {
-		u32 idx = dc->first + i;
-		s32 q, sib;
+		s32 q, sib = dom_cpu(dc, i);
 
-		if (idx >= MLSCHED_MAX_CPUS)
+		if (sib < 0)
 			break;
-		sib = cpu_order[idx];
 		if (sib == cpu)
 			continue;
 		q = scx_bpf_dsq_nr_queued(CPU_DSQ(sib));
@@ -808,7 +787,6 @@ void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
 	s32 cpu = scx_bpf_task_cpu(p);
 	struct task_ctx *tc = task_get(p);
 	struct cpu_ctx *cc;
-	u32 key = cpu;
 
 	if (tc) {
 		tc->started_at = bpf_ktime_get_ns();
@@ -827,7 +805,7 @@ void BPF_STRUCT_OPS(mlsched_running, struct task_struct *p)
 	/* The loader jumps the queue on wakeup: it must not drive the clock. */
 	if (is_loader(p))
 		return;
-	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+	cc = cpu_ctx_get(cpu);
 	if (cc)
 		cc->run_vtime = p->scx.dsq_vtime;
 	/* Racy but contained: vtime_now only moves forward, roughly. */
@@ -839,12 +817,11 @@ void BPF_STRUCT_OPS(mlsched_stopping, struct task_struct *p, bool runnable)
 {
 	struct task_ctx *tc = task_get(p);
 	struct cpu_ctx *cc;
-	u32 key = scx_bpf_task_cpu(p);
 
 	if (tc)
 		p->scx.dsq_vtime += mlsched_vtime_charge(
 			mlsched_ran_ns(bpf_ktime_get_ns(), tc->started_at), p->scx.weight);
-	cc = bpf_map_lookup_elem(&cpu_ctxs, &key);
+	cc = cpu_ctx_get(scx_bpf_task_cpu(p));
 	if (cc)
 		cc->run_vtime = 0;
 }
@@ -926,50 +903,22 @@ static long add_cpu_cb(u64 cpu, void *data)
 	return 0;
 }
 
-/* Count the CPUs of each domain, so each domain's slice of cpu_order is known. */
-static long count_cpu_cb(u64 cpu, void *data)
-{
-	u32 d = dom_of(cpu), *sizes = data;
-
-	if (d < MLSCHED_MAX_DOMS)
-		sizes[d]++;
-	return 0;
-}
-
 s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 {
-	u32 sizes[MLSCHED_MAX_DOMS] = {}, d, first = 0;
+	u32 sizes[MLSCHED_MAX_DOMS] = {}, d, cpu, first = 0;
 	s32 ret;
 
-	nr_cpus = cfg_get(MLSCHED_CFG_NR_CPUS);
-	nr_doms = cfg_get(MLSCHED_CFG_NR_DOMS);
-	fallback_policy = cfg_get(MLSCHED_CFG_FALLBACK);
-	if (cfg_get(MLSCHED_CFG_SLICE_NS))
-		slice_ns = cfg_get(MLSCHED_CFG_SLICE_NS);
-	if (cfg_get(MLSCHED_CFG_SLICE_MIN_NS))
-		slice_min_ns = cfg_get(MLSCHED_CFG_SLICE_MIN_NS);
-	if (slice_min_ns > slice_ns)
-		slice_min_ns = slice_ns;
-	if (cfg_get(MLSCHED_CFG_STARVE_NS))
-		starve_ns = cfg_get(MLSCHED_CFG_STARVE_NS);
-	if (cfg_get(MLSCHED_CFG_RESUBMIT_NS))
-		resubmit_ns = cfg_get(MLSCHED_CFG_RESUBMIT_NS);
-	collect = cfg_get(MLSCHED_CFG_COLLECT);
-	loader_tid = cfg_get(MLSCHED_CFG_LOADER_TID);
-	explore = cfg_get(MLSCHED_CFG_EXPLORE);
-	grid_cpus = cfg_get(MLSCHED_CFG_GRID_CPUS);
-	grid_dom_cpus = cfg_get(MLSCHED_CFG_GRID_DOM_CPUS);
-	kernel_inference = cfg_get(MLSCHED_CFG_INFERENCE);
-	if (cfg_get(MLSCHED_CFG_WAKE_BYTES))
-		ring_wake_bytes = cfg_get(MLSCHED_CFG_WAKE_BYTES);
-	if (cfg_get(MLSCHED_CFG_MAX_WAIT_NS))
-		ring_max_wait_ns = cfg_get(MLSCHED_CFG_MAX_WAIT_NS);
 	if (!nr_cpus || nr_cpus > MLSCHED_MAX_CPUS || !nr_doms || nr_doms > MLSCHED_MAX_DOMS) {
 		scx_bpf_error("bad config: %u cpus, %u domains", nr_cpus, nr_doms);
 		return -EINVAL;
 	}
 
-	bpf_loop(nr_cpus, count_cpu_cb, sizes, 0);
+	/* Count the CPUs of each domain, so each domain's slice of cpu_order is known. */
+	bpf_for(cpu, 0, nr_cpus) {
+		d = dom_of(cpu);
+		if (d < MLSCHED_MAX_DOMS)
+			sizes[d]++;
+	}
 	bpf_for(d, 0, nr_doms) {
 		struct dom_ctx *dc = dom_get(d);
 
@@ -993,7 +942,7 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 		}
 	}
 
-	/* Build each domain's cpumask and queue order one CPU at a time. */
+	/* Each domain's cpumask and queue order, one CPU a call (a kptr swap per CPU). */
 	ret = bpf_loop(nr_cpus, add_cpu_cb, NULL, 0);
 	if (ret < 0 || ret != nr_cpus) {
 		scx_bpf_error("failed to build the domain cpumasks (%d)", ret);
@@ -1004,16 +953,7 @@ s32 BPF_STRUCT_OPS_SLEEPABLE(mlsched_init)
 
 void BPF_STRUCT_OPS(mlsched_exit, struct scx_exit_info *ei)
 {
-	u32 zero = 0;
-	struct mlsched_exit_info *info = bpf_map_lookup_elem(&exit_info, &zero);
-
-	if (!info)
-		return;
-	bpf_probe_read_kernel_str(info->reason, sizeof(info->reason), ei->reason);
-	bpf_probe_read_kernel_str(info->msg, sizeof(info->msg), ei->msg);
-	info->exit_code = ei->exit_code;
-	/* Written last: user space treats kind != 0 as "the scheduler left". */
-	__sync_val_compare_and_swap(&info->kind, info->kind, ei->kind);
+	UEI_RECORD(uei, ei);
 }
 
 SCX_OPS_DEFINE(mlsched_ops,

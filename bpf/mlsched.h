@@ -26,7 +26,7 @@
 #define MLSCHED_LOAD_FULL_PER_CPU	4
 /* How far ahead of the vtime clock a task may be queued, in slices. */
 #define MLSCHED_VTIME_MAX_LAG_SLICES	4
-/* Config.EXPLORE and candidate.prob_q16 are probabilities in 1/EXPLORE_SCALE units. */
+/* explore (.rodata) and candidate.prob_q16 are probabilities in 1/EXPLORE_SCALE units. */
 #define MLSCHED_EXPLORE_SCALE		65536
 
 /*
@@ -66,7 +66,7 @@ enum mlsched_grid_code {
 
 /*
  * "decisions" hash values: (generation << 8) | enum mlsched_decision. An entry
- * of another generation than Config.MODEL_GEN (bumped on a model reload) is a
+ * of another generation than model_gen (.bss, bumped on a model reload) is a
  * miss, so a reload drops the old model's decisions at once.
  */
 #define MLSCHED_GEN_SHIFT	8
@@ -180,31 +180,10 @@ enum mlsched_backend {
 	MLSCHED_BACKEND_KERNEL = 3,	/* --inference kernel: the scheduler evaluates the model */
 };
 
-/* Loader-set configuration: array "sched_config", written before attach. */
-enum mlsched_config {
-	MLSCHED_CFG_NR_CPUS = 0,	/* CPUs the domains cover */
-	MLSCHED_CFG_NR_DOMS,		/* scheduling domains */
-	MLSCHED_CFG_FALLBACK,		/* enum mlsched_fallback */
-	MLSCHED_CFG_SLICE_NS,		/* time slice, ns */
-	MLSCHED_CFG_RESUBMIT_NS,	/* push an undecided key again after this, ns */
-	MLSCHED_CFG_COLLECT,		/* 1: collection mode, every candidate is pushed */
-	MLSCHED_CFG_EXPLORE,		/* collection: P(coin flip) in 1/65536 units */
-	MLSCHED_CFG_LOADER_TID,		/* the loader's ring reader thread: run first when it wakes */
-	MLSCHED_CFG_SLICE_MIN_NS,	/* shortest slice when a CPU's queue is deep, ns */
-	MLSCHED_CFG_STARVE_NS,		/* a queued task waiting longer is stolen regardless, ns */
-	MLSCHED_CFG_GRID_CPUS,		/* dense grid: its nr_cpus bound (0: no grid) */
-	MLSCHED_CFG_GRID_DOM_CPUS,	/* dense grid: its dom_cpus bound */
-	MLSCHED_CFG_MODEL_GEN,		/* generation of the serving model (live, user space bumps it) */
-	MLSCHED_CFG_INFERENCE,		/* 1: misses are decided in the kernel (mlp_weights) */
-	MLSCHED_CFG_WAKE_BYTES,		/* wake the ring reader once this many bytes wait */
-	MLSCHED_CFG_MAX_WAIT_NS,	/* ... or once the oldest unread record is this old, ns */
-	MLSCHED_NR_CONFIG,
-};
-
 /*
  * In-kernel inference (--inference kernel): the model's Dense stack in fixed
  * point, array "mlp_weights" of two slots written by user space; the slot of
- * Config.MODEL_GEN & 1 serves while its generation equals Config.MODEL_GEN
+ * model_gen & 1 serves while its generation equals model_gen (.bss)
  * (a reload fills the other slot, then bumps the generation). Values are
  * Q16.16: x * 2^MLP_FRAC_BITS rounded. Each layer computes
  * out[j] = act(((sum_i w[i][j] * in[i]) >> FRAC_BITS) + b[j]) over the inputs rounded up to 16
@@ -228,7 +207,7 @@ enum mlsched_mlp_out {
 };
 
 struct mlsched_mlp {
-	__u32 generation;	/* Config.MODEL_GEN this slot serves */
+	__u32 generation;	/* the model_gen this slot serves */
 	__u32 nr_layers;	/* 1..MLP_MAX_LAYERS */
 	__u32 out_rule;		/* enum mlsched_mlp_out */
 	__u32 nr_in[MLSCHED_MLP_MAX_LAYERS];
@@ -236,17 +215,6 @@ struct mlsched_mlp {
 	__u32 act[MLSCHED_MLP_MAX_LAYERS];	/* enum mlsched_mlp_act of hidden layers */
 	__s32 weight[MLSCHED_MLP_MAX_LAYERS][MLSCHED_MLP_MAX_UNITS][MLSCHED_MLP_MAX_UNITS];
 	__s32 bias[MLSCHED_MLP_MAX_LAYERS][MLSCHED_MLP_MAX_UNITS];
-};
-
-/* Why the scheduler left: array "exit_info", one entry, written in ops.exit. */
-#define MLSCHED_EXIT_REASON_LEN	128
-#define MLSCHED_EXIT_MSG_LEN	1024
-struct mlsched_exit_info {
-	__s64 exit_code;	/* ei->exit_code */
-	__u32 kind;		/* enum scx_exit_kind; 0 = still running */
-	__u32 pad;
-	char reason[MLSCHED_EXIT_REASON_LEN];
-	char msg[MLSCHED_EXIT_MSG_LEN];
 };
 
 /* Per-domain live state: array "dom_stats", read by user space. */

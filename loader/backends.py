@@ -1,22 +1,82 @@
-"""Model backends: the same predict() over TensorFlow or over the verified numpy fast path.
+"""Model backends: one predict() over TensorFlow or over the verified numpy fast path.
 
-open_backend() is called after the scheduler is attached. It picks numpy whenever the model
-directory carries fast-path weights verified for exactly its current files, so in the VM the
-loader never imports TensorFlow (72 s under TCG); otherwise it imports TF here, lazily.
+NumpyModel runs assets/mlsched_fastpath.npz, a plain Dense stack that model_dir/fastpath_verify.py
+writes only when numpy and TF agree on every decision of a probe grid, stamped with
+model_digest(): open_backend() runs it while the stamp matches, so the VM never imports
+TensorFlow (72 s under TCG).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 import numpy as np
 
 from loader import contract
-from loader.fastpath import NumpyModel, import_tensorflow
-from loader.model_check import SIGNATURE_KEY, ModelError, ModelInfo, model_digest
+from loader import model_check as mc
+from loader.model_check import ModelError, ModelInfo
 
-BACKEND_CHOICES = ("auto", "tf", "numpy")
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(z))  # never overflows: e / (1 + e) is the sigmoid of -|z|
+    return np.where(z >= 0, 1.0, e) / (1.0 + e)
+
+
+ACTIVATIONS = {"linear": lambda h: h, "relu": lambda h: np.maximum(h, 0.0),
+               "sigmoid": _sigmoid, "tanh": np.tanh}
+
+
+def import_tensorflow() -> ModuleType:
+    """Import TensorFlow late and quietly (its C++ INFO lines would bury ours)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise ModelError(f"TensorFlow is not installed ({e}): pip install 'mlsched[tf]', or run "
+                         "a model with verified fast-path weights (no TensorFlow needed)") from None
+    return tf
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    kernel: np.ndarray  # [in, out]: h @ kernel
+    bias: np.ndarray  # [out]
+    activation: str  # a key of ACTIVATIONS
+
+
+class NumpyModel:
+    """A Dense stack in numpy: predict(float32 [n, 10]) -> float32 [n] probabilities."""
+
+    def __init__(self, layers: list[DenseLayer]) -> None:
+        self.layers = [DenseLayer(np.asarray(la.kernel, np.float32),
+                                  np.asarray(la.bias, np.float32), la.activation) for la in layers]
+        self.nr_inputs = width = self.layers[0].kernel.shape[0] if layers else 0
+        for la in self.layers:  # a mismatch fails here, not in the first batch
+            if la.kernel.shape != (width, la.bias.size) or la.activation not in ACTIVATIONS:
+                raise ValueError(f"layer {la.kernel.shape} + {la.bias.shape} {la.activation!r} "
+                                 f"after width {width}")
+            width = la.bias.size
+        if width != 1:
+            raise ValueError("a Dense stack ending in one unit is needed")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NumpyModel:
+        """The network of a fast-path file, or of a model directory's."""
+        return mc.read_fastpath(Path(path), lambda npz: cls(
+            [DenseLayer(npz[f"kernel_{i}"], npz[f"bias_{i}"], str(act))
+             for i, act in enumerate(npz["activations"])]))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        h = np.asarray(x, dtype=np.float32)
+        if h.ndim != 2 or h.shape[1] != self.nr_inputs:
+            raise ValueError(f"expected input [n, {self.nr_inputs}], got {list(h.shape)}")
+        for la in self.layers:
+            h = ACTIVATIONS[la.activation](h @ la.kernel + la.bias)
+        return h.reshape(-1)
 
 
 class Predictor(Protocol):
@@ -29,60 +89,42 @@ class Predictor(Protocol):
 
 
 class TFBackend:
-    name = "tf"
-    kind = contract.Backend.TF
+    name, kind = "tf", contract.Backend.TF
 
-    def __init__(
-        self,
-        path: str | Path,
-        input_key: str = contract.MODEL_INPUT_KEY,
-        output_key: str | None = None,
-    ) -> None:
-        tf = import_tensorflow()
-        self._tf = tf
-        # Keep the loaded object: the signature holds its variables only weakly.
-        self._loaded = tf.saved_model.load(str(path))
-        self._sig = self._loaded.signatures[SIGNATURE_KEY]
+    def __init__(self, path: str | Path, input_key: str = contract.MODEL_INPUT_KEY,
+                 output_key: str | None = None) -> None:
+        self._tf = import_tensorflow()
+        self._loaded = self._tf.saved_model.load(str(path))  # the signature holds it weakly
+        self._sig = self._loaded.signatures[mc.SIGNATURE_KEY]
         self._input_key = input_key
         self._output_key = output_key or next(iter(self._sig.structured_outputs))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         # By keyword: a positional call of a signature is up to 13x slower.
         x = self._tf.constant(np.asarray(x, dtype=np.float32))
-        out = self._sig(**{self._input_key: x})[self._output_key]
-        return out.numpy().reshape(-1)
+        return self._sig(**{self._input_key: x})[self._output_key].numpy().reshape(-1)
 
 
 class NumpyBackend:
-    name = "numpy"
-    kind = contract.Backend.NUMPY
+    name, kind = "numpy", contract.Backend.NUMPY
 
     def __init__(self, path: str | Path) -> None:
+        # Checked again here, not only by check_model_dir: never run another model's weights.
+        if reason := mc.fastpath_reason(Path(path), mc.model_digest(Path(path))):
+            raise ModelError(f"cannot use the numpy backend: {reason}")
         self.model = NumpyModel.load(path)
-        # Checked again here, not only in check_model_dir: never run weights of another model.
-        if self.model.meta.get("digest") != model_digest(Path(path)):
-            raise ModelError(
-                f"fast-path weights in {path} are stale: the model changed after verification "
-                f"(run model_dir/verify_model.py {path})"
-            )
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.model.predict(x)
 
 
 def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
-    """The backend for a checked model and one line saying why it was chosen.
-
-    want: "auto" (numpy when verified fast-path weights match the model, else tf), "tf", or
-    "numpy" (ModelError when the fast path is not verified for this model).
-    """
-    if want not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, not {want!r}")
-    if want == "tf":
-        return TFBackend(info.path, info.input_key, info.output_key), "tf: requested"
-    if info.fastpath_ok:
-        backend = NumpyBackend(info.path)
-        return backend, f"numpy: verified fast-path weights (digest {info.digest[:8]})"
-    if want == "numpy":
-        raise ModelError(f"cannot use the numpy backend: {info.fastpath_reason}")
-    return TFBackend(info.path, info.input_key, info.output_key), f"tf: {info.fastpath_reason}"
+    """The backend for a checked model and why, in one line: want "auto" (numpy while the fast
+    path is verified for this model, else tf), "tf" or "numpy" (ModelError if not verified)."""
+    if want not in ("auto", "tf", "numpy"):
+        raise ValueError(f"backend must be auto, tf or numpy, not {want!r}")
+    if want == "numpy" or want == "auto" and info.fastpath_ok:
+        why = f"verified fast-path weights (digest {info.digest[:8]})"
+        return NumpyBackend(info.path), f"numpy: {why}"
+    why = "requested" if want == "tf" else info.fastpath_reason
+    return TFBackend(info.path, info.input_key, info.output_key), f"tf: {why}"

@@ -123,14 +123,6 @@ def write_struct(fd: int, index: int, value: ctypes.Structure) -> None:
     _check(bcc.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "update")
 
 
-def set_u32_array(fd: int, values: list[int]) -> None:
-    """Write values[i] at index i of a u32 ARRAY map."""
-    for i, v in enumerate(values):
-        key = ctypes.c_uint32(i)
-        val = ctypes.c_uint32(v)
-        _check(bcc.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(val), 0), "update")
-
-
 class DecisionMap:
     """The u64 key -> u32 decision hash map, written one batch at a time."""
 

@@ -3,14 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
+
+from loader import paths
+from loader.domains import DomainError, DomainPlan, plan_domains
 
 
 def parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
     """An ArgumentParser with the examples epilog, printed as written."""
     return argparse.ArgumentParser(prog=prog, description=description, epilog=examples,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class Refusal(Exception):
+    """A one-line refusal before anything is attached; status 2 for the user's mistakes, 1 for
+    what the machine lacks."""
+
+    def __init__(self, msg: str, status: int = 2) -> None:
+        super().__init__(msg)
+        self.status = status
+
+
+def preflight(args: argparse.Namespace, root: bool = True, kernel: bool = True) -> DomainPlan:
+    """What a tool that attaches checks before anything is attached (root, a sched_ext kernel:
+    when asked; argparse checked --stats-group): the domain plan, or Refusal."""
+    from loader.scheduler import scx_state
+
+    if root and os.geteuid() != 0:
+        raise Refusal("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
+    if not os.path.isfile(args.bpf_obj):
+        raise Refusal(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
+    try:
+        plan = plan_domains(args.domains)
+    except DomainError as e:
+        raise Refusal(str(e)) from None
+    if kernel and scx_state() == "unsupported":
+        raise Refusal("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
+    return plan
 
 
 def number_in(text: str, lo: float, hi: float, unit: str = "", lo_open: bool = True) -> float:

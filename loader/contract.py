@@ -35,8 +35,6 @@ from loader.schema import (  # noqa: F401
 
 MAX_DOMS = 64
 RINGBUF_DEFAULT_BYTES = 1 << 20
-EXIT_REASON_LEN = 128
-EXIT_MSG_LEN = 1024
 
 MODEL_INPUT_KEY = "features"
 MIGRATE_THRESHOLD = 0.5  # sigmoid output > this means migrate
@@ -49,10 +47,7 @@ MAP_MLP_WEIGHTS = "mlp_weights"  # struct mlsched_mlp[2]: the in-kernel network,
 MAP_PENDING = "pending"  # u64 key -> u64 ns submitted (dedup of ring pushes)
 MAP_COUNTERS = "counters"  # per-CPU u64[Counter]
 MAP_LOADER_STATS = "loader_stats"  # u64[LoaderStat]
-MAP_CONFIG = "sched_config"  # u64[Config]
-MAP_CPU_DOM = "cpu_dom"  # u32 cpu -> u32 domain
 MAP_DOM_STATS = "dom_stats"  # struct mlsched_dom_stat[MAX_DOMS]
-MAP_EXIT_INFO = "exit_info"  # struct mlsched_exit_info[1]
 MAP_LATENCY_HIST = "latency_hist"  # u64[Hist * HIST_BUCKETS]
 STRUCT_OPS_MAP = "mlsched_ops"
 SCHED_NAME = "mlsched"
@@ -62,125 +57,39 @@ PIN_DIR = "/sys/fs/bpf/mlsched"
 PINNED_MAPS = (
     MAP_COUNTERS,
     MAP_LOADER_STATS,
-    MAP_CONFIG,
     MAP_DOM_STATS,
-    MAP_EXIT_INFO,
     MAP_LATENCY_HIST,
     MAP_DECISIONS,
     MAP_DECISION_GRID,
 )
 
-
-class Decision(IntEnum):
-    KEEP = 0
-    MIGRATE = 1
-
-
-class GridCode(IntEnum):
-    """A decision grid byte."""
-
-    UNDECIDED = 0
-    KEEP = 1
-    MIGRATE = 2
-
+# The enums of bpf/mlsched.h, in order from 0 (tests/host/test_contract.py checks the BTF).
+Decision = IntEnum("Decision", "KEEP MIGRATE", start=0)
+GridCode = IntEnum("GridCode", "UNDECIDED KEEP MIGRATE", start=0)  # a decision grid byte
+Source = IntEnum("Source", "MODEL FALLBACK EXPLORE", start=0)  # who chose a candidate's action
+Path = IntEnum("Path", "WAKEUP STEAL", start=0)  # where a candidate was built
+Fallback = IntEnum("Fallback", "KEEP MIGRATE HEURISTIC", start=0)
+Backend = IntEnum("Backend", "NONE TF NUMPY KERNEL", start=0)
+# Rows of the latency_hist map; bucket b counts latencies in [2^b, 2^(b+1)) ns.
+Hist = IntEnum("Hist", "BATCH EVENT", start=0)
+Counter = IntEnum("Counter", """
+    SELECT LOCAL NO_CANDIDATE CANDIDATES HITS MISSES MIGRATE KEEP FALLBACK_MIGRATE
+    FALLBACK_KEEP SUBMITTED RB_DROPS STEAL_CANDIDATES MIGR_MODEL MIGR_FALLBACK
+    MIGR_FORCED MIGR_DOMAIN RAN_CROSS RAN_DOMAIN PREEMPTS RESTRICTED EXPLORED
+    LOADER_WAKEUPS KINFER KINFER_NS RB_WAKEUPS RAN_CROSS_DECIDED
+""", start=0)
+LoaderStat = IntEnum("LoaderStat", """
+    BATCHES RECORDS DECISIONS MODEL_ERRORS BATCH_NS_SUM BATCH_NS_MAX MODEL_READY
+    BACKEND START_NS LOADER_PID EV_LAT_NS_SUM TABLE_ENTRIES RESTARTS RELOADS
+    RELOAD_FAILURES MODEL_DIGEST GRID_KEYS GRID_DECIDED
+""", start=0)
+NR_COUNTERS, NR_LOADER_STATS, NR_HISTS = len(Counter), len(LoaderStat), len(Hist)
 
 GRID_MAX_KEYS = 1 << 26
 GEN_SHIFT = 8  # decisions hash value: (generation << GEN_SHIFT) | Decision
-
-
-class Source(IntEnum):
-    """Who chose a candidate's action."""
-
-    MODEL = 0
-    FALLBACK = 1
-    EXPLORE = 2
-
-
-EXPLORE_SCALE = 65536  # Config.EXPLORE, Candidate.prob_q16: probabilities in 1/EXPLORE_SCALE
+EXPLORE_SCALE = 65536  # the explore setting, Candidate.prob_q16: probabilities in 1/65536
 VTIME_MAX_LAG_SLICES = 4
-
-
-class Path(IntEnum):
-    """Where a candidate was built."""
-
-    WAKEUP = 0
-    STEAL = 1
-
-
-class Fallback(IntEnum):
-    KEEP = 0
-    MIGRATE = 1
-    HEURISTIC = 2
-
-
-class Counter(IntEnum):
-    SELECT = 0
-    LOCAL = 1
-    NO_CANDIDATE = 2
-    CANDIDATES = 3
-    HITS = 4
-    MISSES = 5
-    MIGRATE = 6
-    KEEP = 7
-    FALLBACK_MIGRATE = 8
-    FALLBACK_KEEP = 9
-    SUBMITTED = 10
-    RB_DROPS = 11
-    STEAL_CANDIDATES = 12
-    MIGR_MODEL = 13
-    MIGR_FALLBACK = 14
-    MIGR_FORCED = 15
-    MIGR_DOMAIN = 16
-    RAN_CROSS = 17
-    RAN_DOMAIN = 18
-    PREEMPTS = 19
-    RESTRICTED = 20
-    EXPLORED = 21
-    LOADER_WAKEUPS = 22
-    KINFER = 23
-    KINFER_NS = 24
-    RB_WAKEUPS = 25
-    RAN_CROSS_DECIDED = 26
-
-
-NR_COUNTERS = len(Counter)
-
-
-class LoaderStat(IntEnum):
-    BATCHES = 0
-    RECORDS = 1
-    DECISIONS = 2
-    MODEL_ERRORS = 3
-    BATCH_NS_SUM = 4
-    BATCH_NS_MAX = 5
-    MODEL_READY = 6
-    BACKEND = 7
-    START_NS = 8
-    LOADER_PID = 9
-    EV_LAT_NS_SUM = 10
-    TABLE_ENTRIES = 11
-    RESTARTS = 12
-    RELOADS = 13
-    RELOAD_FAILURES = 14
-    MODEL_DIGEST = 15
-    GRID_KEYS = 16
-    GRID_DECIDED = 17
-
-
-NR_LOADER_STATS = len(LoaderStat)
-
-
 HIST_BUCKETS = 40
-
-
-class Hist(IntEnum):
-    """Rows of the latency_hist map; bucket b counts latencies in [2^b, 2^(b+1)) ns."""
-
-    BATCH = 0
-    EVENT = 1
-
-
-NR_HISTS = len(Hist)
 
 
 def hist_bucket(ns: np.ndarray) -> np.ndarray:
@@ -189,33 +98,17 @@ def hist_bucket(ns: np.ndarray) -> np.ndarray:
     return np.minimum(np.floor(np.log2(ns)).astype(np.int64), HIST_BUCKETS - 1)
 
 
-class Backend(IntEnum):
-    NONE = 0
-    TF = 1
-    NUMPY = 2
-    KERNEL = 3
-
-
-class Config(IntEnum):
-    NR_CPUS = 0
-    NR_DOMS = 1
-    FALLBACK = 2
-    SLICE_NS = 3
-    RESUBMIT_NS = 4
-    COLLECT = 5
-    EXPLORE = 6
-    LOADER_TID = 7
-    SLICE_MIN_NS = 8
-    STARVE_NS = 9
-    GRID_CPUS = 10
-    GRID_DOM_CPUS = 11
-    MODEL_GEN = 12
-    INFERENCE = 13
-    WAKE_BYTES = 14
-    MAX_WAIT_NS = 15
-
-
-NR_CONFIG = len(Config)
+# The settings the loader writes before load: const volatile in bpf/mlsched.bpf.c (.rodata).
+SETTINGS = (
+    "nr_cpus", "nr_doms", "cpu_dom", "fallback_policy", "slice_ns", "slice_min_ns", "starve_ns",
+    "ring_wake_bytes", "ring_max_wait_ns", "resubmit_ns", "collect", "explore", "grid_cpus",
+    "grid_dom_cpus", "kernel_inference", "loader_tid",
+)
+MODEL_GEN_VAR = "model_gen"  # .bss u32: the serving model's generation, bumped on a reload
+# scx's exit info (UEI_DEFINE(uei)): struct user_exit_info in .data, the dump in its own section.
+UEI_VAR, UEI_DUMP_VAR, UEI_DUMP_LEN_VAR = "uei", "uei_dump", "uei_dump_len"
+UEI_DUMP_SECTION = ".data.uei_dump"
+UEI_DUMP_LEN = 32768  # scx's UEI_DUMP_DFL_LEN
 
 
 class Candidate(ctypes.Structure):
@@ -239,15 +132,15 @@ class Candidate(ctypes.Structure):
     ]
 
 
-class ExitInfo(ctypes.Structure):
-    """struct mlsched_exit_info."""
+class UserExitInfo(ctypes.Structure):
+    """struct user_exit_info of the kernel's scx headers (user_exit_info_common.h)."""
 
     _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("exit_cpu", ctypes.c_int32),
         ("exit_code", ctypes.c_int64),
-        ("kind", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("reason", ctypes.c_char * EXIT_REASON_LEN),
-        ("msg", ctypes.c_char * EXIT_MSG_LEN),
+        ("reason", ctypes.c_char * 128),
+        ("msg", ctypes.c_char * 1024),
     ]
 
 
@@ -255,15 +148,9 @@ MLP_MAX_LAYERS = 3
 MLP_MAX_UNITS = 64
 MLP_FRAC_BITS = 16
 
-
-class MlpAct(IntEnum):
-    LINEAR = 0
-    RELU = 1
-
-
-class MlpOut(IntEnum):
-    LOGIT = 0  # the final sigmoid dropped: migrate when z > 0
-    LINEAR = 1  # a linear output: migrate when z > 0.5
+MlpAct = IntEnum("MlpAct", "LINEAR RELU", start=0)
+# LOGIT: the final sigmoid dropped, migrate when z > 0; LINEAR: migrate when z > 0.5.
+MlpOut = IntEnum("MlpOut", "LOGIT LINEAR", start=0)
 
 
 class Mlp(ctypes.Structure):
@@ -294,21 +181,3 @@ class DomStat(ctypes.Structure):
 CANDIDATE_DTYPE = np.dtype(
     [(name, np.uint64 if t is ctypes.c_uint64 else np.uint32) for name, t in Candidate._fields_]
 )
-
-
-def heuristic_migrate(src_load_q: np.ndarray, dst_load_q: np.ndarray,
-                      cpu_idle: np.ndarray) -> np.ndarray:
-    """The kernel's heuristic fallback (mlsched_heuristic in bpf/mlsched_policy.h), vectorised:
-    migrate when the source is a quarter of LOAD_SCALE busier and the destination has an idle
-    CPU. tests/host/test_policy.py checks it against the compiled C."""
-    src = np.asarray(src_load_q, dtype=np.int64)
-    dst = np.asarray(dst_load_q, dtype=np.int64)
-    return (src >= dst + LOAD_SCALE // 4) & (np.asarray(cpu_idle) > 0)
-
-
-def propensity(explore_q16: int, fallback_action: np.ndarray, action: np.ndarray) -> np.ndarray:
-    """P(logging policy took `action`), 0..1: a coin flip with probability explore_q16/65536,
-    else the fallback's own choice (mlsched_propensity_q16 in bpf/mlsched_policy.h)."""
-    same = np.asarray(fallback_action).astype(bool) == np.asarray(action).astype(bool)
-    p = explore_q16 // 2 + np.where(same, EXPLORE_SCALE - explore_q16, 0)
-    return p / EXPLORE_SCALE

@@ -6,9 +6,11 @@ ring buffer afterwards (see bpfmaps.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 
 log = logging.getLogger("mlsched.libbpf")
@@ -16,51 +18,33 @@ log = logging.getLogger("mlsched.libbpf")
 _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
-_vp = ctypes.c_void_p
-_lib.bpf_object__open_file.restype = _vp
-_lib.bpf_object__open_file.argtypes = [ctypes.c_char_p, _vp]
-_lib.bpf_object__load.restype = ctypes.c_int
-_lib.bpf_object__load.argtypes = [_vp]
-_lib.bpf_object__close.restype = None
-_lib.bpf_object__close.argtypes = [_vp]
-_lib.bpf_object__find_map_by_name.restype = _vp
-_lib.bpf_object__find_map_by_name.argtypes = [_vp, ctypes.c_char_p]
-_lib.bpf_map__fd.restype = ctypes.c_int
-_lib.bpf_map__fd.argtypes = [_vp]
-_lib.bpf_map__set_max_entries.restype = ctypes.c_int
-_lib.bpf_map__set_max_entries.argtypes = [_vp, ctypes.c_uint32]
-_lib.bpf_map__attach_struct_ops.restype = _vp
-_lib.bpf_map__attach_struct_ops.argtypes = [_vp]
-_lib.bpf_link__destroy.restype = ctypes.c_int
-_lib.bpf_link__destroy.argtypes = [_vp]
-_lib.bpf_obj_pin.restype = ctypes.c_int
-_lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
-_lib.bpf_obj_get.restype = ctypes.c_int
-_lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-_lib.bpf_obj_get_info_by_fd.restype = ctypes.c_int
-_lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, _vp, ctypes.POINTER(ctypes.c_uint32)]
-_lib.libbpf_get_error.restype = ctypes.c_long
-_lib.libbpf_get_error.argtypes = [_vp]
-_lib.bpf_object__find_program_by_name.restype = _vp
-_lib.bpf_object__find_program_by_name.argtypes = [_vp, ctypes.c_char_p]
-_lib.bpf_program__fd.restype = ctypes.c_int
-_lib.bpf_program__fd.argtypes = [_vp]
-_lib.bpf_prog_test_run_opts.restype = ctypes.c_int
-_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, _vp]
-_lib.bpf_map__initial_value.restype = _vp
-_lib.bpf_map__initial_value.argtypes = [_vp, ctypes.POINTER(ctypes.c_size_t)]
-_lib.bpf_object__btf.restype = _vp
-_lib.bpf_object__btf.argtypes = [_vp]
-_lib.btf__load_vmlinux_btf.restype = _vp
-_lib.btf__load_vmlinux_btf.argtypes = []
-_lib.btf__free.restype = None
-_lib.btf__free.argtypes = [_vp]
-_lib.btf__find_by_name_kind.restype = ctypes.c_int
-_lib.btf__find_by_name_kind.argtypes = [_vp, ctypes.c_char_p, ctypes.c_uint32]
-_lib.btf__type_by_id.restype = _vp
-_lib.btf__type_by_id.argtypes = [_vp, ctypes.c_uint32]
-_lib.btf__name_by_offset.restype = ctypes.c_char_p
-_lib.btf__name_by_offset.argtypes = [_vp, ctypes.c_uint32]
+_vp, _int, _u32, _str = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_char_p
+for _name, _res, *_args in (
+    ("bpf_object__open_file", _vp, _str, _vp),
+    ("bpf_object__load", _int, _vp),
+    ("bpf_object__close", None, _vp),
+    ("bpf_object__find_map_by_name", _vp, _vp, _str),
+    ("bpf_map__fd", _int, _vp),
+    ("bpf_map__set_max_entries", _int, _vp, _u32),
+    ("bpf_map__set_value_size", _int, _vp, _u32),
+    ("bpf_map__attach_struct_ops", _vp, _vp),
+    ("bpf_link__destroy", _int, _vp),
+    ("bpf_obj_pin", _int, _int, _str),
+    ("bpf_obj_get", _int, _str),
+    ("bpf_obj_get_info_by_fd", _int, _int, _vp, ctypes.POINTER(_u32)),
+    ("libbpf_get_error", ctypes.c_long, _vp),
+    ("bpf_object__find_program_by_name", _vp, _vp, _str),
+    ("bpf_program__fd", _int, _vp),
+    ("bpf_prog_test_run_opts", _int, _int, _vp),
+    ("bpf_map__initial_value", _vp, _vp, ctypes.POINTER(ctypes.c_size_t)),
+    ("bpf_object__btf", _vp, _vp),
+    ("btf__load_vmlinux_btf", _vp),
+    ("btf__free", None, _vp),
+    ("btf__find_by_name_kind", _int, _vp, _str, _u32),
+    ("btf__type_by_id", _vp, _vp, _u32),
+    ("btf__name_by_offset", _str, _vp, _u32),
+):
+    getattr(_lib, _name).restype, getattr(_lib, _name).argtypes = _res, list(_args)
 
 # libbpf_print_fn_t: int (*)(enum libbpf_print_level, const char *fmt, va_list args)
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, _vp)
@@ -234,6 +218,9 @@ def test_run(prog_fd: int, ctx: ctypes.Structure) -> int:
     return opts.retval
 
 
+_UINT_OF_SIZE = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}
+
+
 class BpfObject:
     """One opened BPF object file; close() releases it (and detaches nothing by itself)."""
 
@@ -243,6 +230,8 @@ class BpfObject:
             raise _errno_error(f"open {path}", ctypes.get_errno())
         self._obj: int | None = ptr
         self.path = path
+        self.loaded = False
+        self._mmaps: dict[str, mmap.mmap] = {}
 
     def _map(self, name: str) -> int:
         m = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
@@ -269,17 +258,40 @@ class BpfObject:
             raise LibbpfError(f"{self.path} has no BTF")
         return Btf(ptr, owned=False)
 
-    def set_u64(self, map_name: str, offset: int, value: int) -> None:
-        """Write a u64 into a map's initial value (before load)."""
+    def set_value_size(self, map_name: str, size: int) -> None:
+        """Resize a map's value before load (a RESIZABLE_ARRAY data section)."""
+        err = _lib.bpf_map__set_value_size(self._map(map_name), size)
+        if err:
+            raise _errno_error(f"set value size of {map_name}", err)
+
+    def view(self, map_name: str, offset: int, ctype: type) -> ctypes._CData:
+        """A ctypes object over a map's initial value at offset (before load)."""
         addr, size = self.initial_value(map_name)
-        if offset < 0 or offset + 8 > size:
+        if offset < 0 or offset + ctypes.sizeof(ctype) > size:
             raise LibbpfError(f"{map_name}: offset {offset} outside its {size} bytes")
-        ctypes.c_uint64.from_address(addr + offset).value = value & (1 << 64) - 1
+        return ctype.from_address(addr + offset)
+
+    def var(self, section: str, name: str, ctype: type | None = None) -> ctypes._CData:
+        """A global variable of a data section by name, its own size's unsigned integer unless
+        ctype is given: before load in the initial value; after load (.bss, .data) in the map
+        itself, mmapped, where the program's stores are seen and ours reach it."""
+        found = self.btf().datasec_vars(section).get(name)
+        if found is None:
+            raise LibbpfError(f"{self.path}: no variable {name!r} in {section}")
+        off, size = found
+        ctype = ctype or _UINT_OF_SIZE[size]
+        if not self.loaded:
+            return self.view(section, off, ctype)
+        if section not in self._mmaps:
+            length = -(-self.initial_value(section)[1] // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mmaps[section] = mmap.mmap(self.map_fd(section), length, mmap.MAP_SHARED)
+        return ctype.from_buffer(self._mmaps[section], off)
 
     def load(self) -> None:
         err = _lib.bpf_object__load(self._obj)
         if err:
             raise _errno_error(f"load {self.path} (rerun with --verbose for the verifier log)", err)
+        self.loaded = True
 
     def map_fd(self, name: str) -> int:
         fd = _lib.bpf_map__fd(self._map(name))
@@ -300,6 +312,10 @@ class BpfObject:
         return StructOpsLink(link)
 
     def close(self) -> None:
+        for mm in self._mmaps.values():
+            with contextlib.suppress(BufferError):  # a view still held: unmapped when freed
+                mm.close()
+        self._mmaps.clear()
         if self._obj:
             _lib.bpf_object__close(self._obj)
             self._obj = None

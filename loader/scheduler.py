@@ -12,14 +12,7 @@ import threading
 import time
 
 from loader import contract, libbpf
-from loader.bpfmaps import (
-    DecisionMap,
-    PerCpuU64Array,
-    StructArray,
-    U64Array,
-    set_u32_array,
-    write_struct,
-)
+from loader.bpfmaps import DecisionMap, PerCpuU64Array, U64Array, write_struct
 from loader.domains import DomainPlan
 from loader.kernel_mlp import QuantizedMlp
 from loader.table import DecisionGrid, DecisionTable, GridDims, grid_words
@@ -27,7 +20,6 @@ from loader.table import DecisionGrid, DecisionTable, GridDims, grid_words
 log = logging.getLogger("mlsched.scheduler")
 
 SCX_SYSFS = "/sys/kernel/sched_ext"
-SCX_EXIT_ERROR = 1024  # enum scx_exit_kind: kinds from here on are errors
 # enum scx_exit_code: the kernel asks the scheduler to re-attach (CPU hotplug); read from the
 # kernel's BTF, this is only the value used when the kernel does not name it.
 SCX_ECODE_ACT_RESTART_DFL = 1 << 48
@@ -102,43 +94,80 @@ def clean_stale_pins(pin_dir: str) -> None:
     shutil.rmtree(pin_dir)
 
 
+def settings(plan: DomainPlan, fallback: contract.Fallback, slice_ns: int, resubmit_ns: int,
+             slice_min_ns: int, starve_ns: int, batch_size: int, max_wait_ns: int,
+             grid: GridDims | None, kernel_inference: bool = False,
+             explore_q: int | None = None) -> dict[str, int | list[int]]:
+    """The .rodata settings (contract.SETTINGS) of one run; the ring wakes the reader once
+    batch_size records or max_wait_ns of the oldest wait; this thread is the reader. With
+    explore_q, collection mode: the fallback or a coin (P = explore_q / 65536) decides."""
+    return {
+        "nr_cpus": plan.nr_cpus, "nr_doms": len(plan.domains), "cpu_dom": plan.cpu_to_dom(),
+        "fallback_policy": int(fallback), "slice_ns": slice_ns,
+        "slice_min_ns": min(slice_min_ns, slice_ns), "starve_ns": starve_ns,
+        "resubmit_ns": resubmit_ns, "ring_max_wait_ns": max_wait_ns,
+        "ring_wake_bytes": batch_size * ctypes.sizeof(contract.Candidate),
+        "grid_cpus": grid[0] if grid else 0, "grid_dom_cpus": grid[1] if grid else 0,
+        "kernel_inference": int(kernel_inference), "loader_tid": threading.get_native_id(),
+        "collect": int(explore_q is not None), "explore": explore_q or 0,
+    }
+
+
+def write_settings(obj: libbpf.BpfObject, config: dict[str, int | list[int]]) -> None:
+    """The .rodata settings into an opened object before load (a list: a u32 array's head)."""
+    for name, value in config.items():
+        if isinstance(value, list):
+            obj.var(".rodata", name, ctypes.c_uint32 * len(value))[:] = value
+        else:
+            obj.var(".rodata", name).value = value
+
+
 class Scheduler:
     """Owns the BPF object, its maps and the struct_ops link."""
 
-    def __init__(self, obj_path: str, ringbuf_bytes: int, verbose: bool,
-                 grid: GridDims | None = None) -> None:
-        """Open and load the object; `grid` sizes the dense decision grid (None: hash only)."""
+    def __init__(self, obj_path: str, config: dict[str, int | list[int]], ringbuf_bytes: int,
+                 verbose: bool) -> None:
+        """Open, set the .rodata settings (see settings()) and load the object."""
         libbpf.set_print(verbose)
         enums = read_enum_list(enums_path(obj_path))
         self.obj = libbpf.BpfObject(obj_path)
         self.link: libbpf.StructOpsLink | None = None
         self.pin_dir: str | None = None
         self.restart_code = SCX_ECODE_ACT_RESTART_DFL
+        self.config = config
+        grid = (config["grid_cpus"], config["grid_dom_cpus"]) if config["grid_cpus"] else None
         try:
             self.obj.set_max_entries(contract.MAP_CANDIDATES, ringbuf_bytes)
             self.obj.set_max_entries(contract.MAP_DECISION_GRID, grid_words(grid))
             self._set_kernel_constants(enums)
+            write_settings(self.obj, config)
+            # scx's UEI_SET_SIZE: room for the kernel's debug dump at exit.
+            self.obj.set_value_size(contract.UEI_DUMP_SECTION, contract.UEI_DUMP_LEN)
+            self.obj.var(".rodata", contract.UEI_DUMP_LEN_VAR).value = contract.UEI_DUMP_LEN
             t0 = time.monotonic()
             self.obj.load()
             log.debug("loaded %s in %.2f s", obj_path, time.monotonic() - t0)
+            self.uei = self.obj.var(".data", contract.UEI_VAR, contract.UserExitInfo)
+            self.uei_dump = self.obj.var(contract.UEI_DUMP_SECTION, contract.UEI_DUMP_VAR,
+                                         ctypes.c_char * contract.UEI_DUMP_LEN)
+            model_gen = self.obj.var(".bss", contract.MODEL_GEN_VAR)
         except libbpf.LibbpfError:
             self.obj.close()
             raise
         fd = self.obj.map_fd
         self.ringbuf_fd = fd(contract.MAP_CANDIDATES)
-        self.decisions = DecisionMap(fd(contract.MAP_DECISIONS))
         self.grid_dims = grid
         self.counters = PerCpuU64Array(fd(contract.MAP_COUNTERS), contract.NR_COUNTERS)
         self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
-        self.config = U64Array(fd(contract.MAP_CONFIG), contract.NR_CONFIG)
-        self.exit_info = StructArray(fd(contract.MAP_EXIT_INFO), 1, contract.ExitInfo)
+        self.loader_stats.set(contract.LoaderStat.GRID_KEYS,
+                              contract.grid_size(*grid) if grid else 0)
         self.latency_hist = U64Array(
             fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
         )
         self.table = DecisionTable(
-            self.decisions,
+            DecisionMap(fd(contract.MAP_DECISIONS)),
             DecisionGrid(fd(contract.MAP_DECISION_GRID), grid) if grid else None,
-            self.config,
+            model_gen,
         )
 
     def _set_kernel_constants(self, enums: list[tuple[str, str]]) -> None:
@@ -161,50 +190,17 @@ class Scheduler:
             if name not in values:
                 missing += 1  # this kernel lacks it: scx leaves it 0, so do we
             off, _size = rodata["__" + name]
-            self.obj.set_u64(".rodata", off, values.get(name, 0))
+            self.obj.view(".rodata", off, ctypes.c_uint64).value = values.get(name, 0)
         log.debug("set %d scx constants from the kernel's BTF in %.2f s (%d unknown to it)",
                   len(values), time.monotonic() - t0, missing)
         off = obj_btf.member_offset("sched_ext_ops", "hotplug_seq")
         if off >= 0:
-            self.obj.set_u64(contract.STRUCT_OPS_MAP, off, hotplug_seq())
-
-    def configure(
-        self,
-        plan: DomainPlan,
-        fallback: contract.Fallback,
-        slice_ns: int,
-        resubmit_ns: int,
-        slice_min_ns: int = 0,
-        starve_ns: int = 0,
-        reader_tid: int | None = None,
-        batch_size: int = 64,
-        max_wait_ns: int = 2_000_000,
-    ) -> None:
-        """Write the configuration ops.init reads; reader_tid is boosted on wakeup; the ring
-        wakes the reader once batch_size records or max_wait_ns of the oldest wait."""
-        set_u32_array(self.obj.map_fd(contract.MAP_CPU_DOM), plan.cpu_to_dom())
-        self.config.set(contract.Config.NR_CPUS, plan.nr_cpus)
-        self.config.set(contract.Config.NR_DOMS, len(plan.domains))
-        self.config.set(contract.Config.FALLBACK, int(fallback))
-        self.config.set(contract.Config.SLICE_NS, slice_ns)
-        self.config.set(contract.Config.SLICE_MIN_NS, slice_min_ns)
-        self.config.set(contract.Config.STARVE_NS, starve_ns)
-        self.config.set(contract.Config.RESUBMIT_NS, resubmit_ns)
-        self.config.set(contract.Config.WAKE_BYTES, batch_size * ctypes.sizeof(contract.Candidate))
-        self.config.set(contract.Config.MAX_WAIT_NS, max_wait_ns)
-        if self.grid_dims is not None:
-            self.config.set(contract.Config.GRID_CPUS, self.grid_dims[0])
-            self.config.set(contract.Config.GRID_DOM_CPUS, self.grid_dims[1])
-        self.loader_stats.set(contract.LoaderStat.GRID_KEYS,
-                              contract.grid_size(*self.grid_dims) if self.grid_dims else 0)
-        self.config.set(contract.Config.LOADER_TID,
-                        threading.get_native_id() if reader_tid is None else reader_tid)
+            self.obj.view(contract.STRUCT_OPS_MAP, off, ctypes.c_uint64).value = hotplug_seq()
 
     def load_kernel_mlp(self, q: QuantizedMlp, generation: int = 0) -> None:
         """--inference kernel: the weights into the slot of `generation` (see mlsched.h)."""
         write_struct(self.obj.map_fd(contract.MAP_MLP_WEIGHTS), generation & 1,
                      q.to_struct(generation))
-        self.config.set(contract.Config.INFERENCE, 1)
 
     def attach(self) -> None:
         state = scx_state()
@@ -235,20 +231,24 @@ class Scheduler:
             libbpf.obj_pin(self.obj.map_fd(name), os.path.join(pin_dir, name))
 
     def exit_kind(self) -> int:
-        """enum scx_exit_kind recorded by ops.exit; 0 while the scheduler runs."""
-        return self.exit_info.get(0).kind
+        """enum scx_exit_kind recorded by ops.exit (UEI); 0 while the scheduler runs."""
+        return self.uei.kind
 
     def exit_report(self) -> tuple[int, str]:
-        info = self.exit_info.get(0)
-        reason = info.reason.decode(errors="replace")
-        msg = info.msg.decode(errors="replace")
+        reason = self.uei.reason.decode(errors="replace")
+        msg = self.uei.msg.decode(errors="replace")
         text = reason + (f": {msg}" if msg and msg != reason else "")
-        return info.kind, text
+        if self.uei.exit_cpu >= 0:
+            text += f" on CPU {self.uei.exit_cpu}"
+        return self.uei.kind, text
+
+    def exit_dump(self) -> str:
+        """The kernel's debug dump at an error exit (tasks, queues), as scx prints it."""
+        return self.uei_dump.value.decode(errors="replace")
 
     def should_restart(self) -> bool:
         """The kernel ended the scheduler asking for a re-attach (CPU hotplug)."""
-        info = self.exit_info.get(0)
-        return info.kind != 0 and bool(info.exit_code & self.restart_code)
+        return self.uei.kind != 0 and bool(self.uei.exit_code & self.restart_code)
 
     def close(self) -> None:
         """Detach, unpin and free; safe to call twice."""
@@ -259,4 +259,5 @@ class Scheduler:
         if self.pin_dir and os.path.isdir(self.pin_dir):
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             self.pin_dir = None
+        self.uei = self.uei_dump = None  # views into memory the object frees
         self.obj.close()

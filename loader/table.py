@@ -10,12 +10,13 @@ model has decided.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import numpy as np
 
 from loader import contract, schema
-from loader.bpfmaps import DecisionMap, U64Array
+from loader.bpfmaps import DecisionMap
 
 GridDims = tuple[int, int]  # (nr_cpus, dom_cpus) of the grid
 
@@ -66,11 +67,11 @@ class DecisionTable:
     """Where decisions go: the grid for keys it holds, the hash for the others."""
 
     def __init__(self, decisions: DecisionMap, grid: DecisionGrid | None,
-                 config: U64Array | None) -> None:
-        """config: the sched_config map that carries the generation (None: no reloads)."""
+                 model_gen: ctypes.c_uint32 | None) -> None:
+        """model_gen: the kernel's generation variable, mmapped (None: no reloads)."""
         self.hash = decisions
         self.grid = grid
-        self.config = config
+        self.model_gen = model_gen
         self.generation = 0
         self.hash_keys: set[int] = set()  # keys of this generation in the hash
 
@@ -102,12 +103,13 @@ class DecisionTable:
     def new_generation(self) -> None:
         """Drop every decision at once: the next model starts from an empty table."""
         self.generation = (self.generation + 1) & 0xFFFFFF
-        if self.config is not None:
-            self.config.set(contract.Config.MODEL_GEN, self.generation)
+        if self.model_gen is not None:
+            self.model_gen.value = self.generation
         self.hash_keys.clear()
         if self.grid is not None:
             self.grid.clear()
 
     def close(self) -> None:
+        self.model_gen = None  # its memory goes with the object
         if self.grid is not None:
             self.grid.close()

@@ -1,7 +1,7 @@
 """The model contract's network shape, and the --hidden option that may change it.
 
 The contract (docs: model_dir/README.md) specifies 10 -> 64 relu -> 64 relu -> 1 sigmoid, a
-plain Dense stack the loader runs in numpy (loader/fastpath.py). create_dummy_model.py and
+plain Dense stack the loader runs in numpy (loader/backends.py). create_dummy_model.py and
 model_export.py build it by default; `--hidden 32,16` (any list of widths) builds another
 Dense stack of relu layers, still ending in one sigmoid unit.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from loader import contract
+from loader.backends import NumpyModel
 
 DEFAULT_HIDDEN: tuple[int, ...] = (64, 64)
 MAX_WIDTH = 4096
@@ -32,5 +33,11 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 
 
 def describe(hidden: tuple[int, ...]) -> str:
-    """'10 -> 64 relu -> 64 relu -> 1 sigmoid', as NumpyModel.describe() prints a model."""
+    """'10 -> 64 relu -> 64 relu -> 1 sigmoid', as describe_stack() prints a model."""
     return " -> ".join([str(contract.NR_FEATURES), *(f"{w} relu" for w in hidden), "1 sigmoid"])
+
+
+def describe_stack(model: NumpyModel) -> str:
+    """A Dense stack in numpy, as describe() names a network shape."""
+    return " -> ".join([str(model.nr_inputs),
+                        *(f"{la.kernel.shape[1]} {la.activation}" for la in model.layers)])

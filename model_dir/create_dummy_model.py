@@ -3,9 +3,9 @@
 usage: model_dir/create_dummy_model.py [--output DIR] [--seed N] [--hidden 64,64]
 
 The model is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the hidden
-widths) on a keras.Input named `features`, exported
-with model.export() as a SavedModel, then given verified fast-path weights
-(loader/fastpath.py) so the loader runs it without TensorFlow. Its weights are random, but
+widths) on a keras.Input named `features`, exported by export_verified.py as the other model
+tools export: a checked SavedModel with verified fast-path weights (loader/backends.py), so the
+loader runs it without TensorFlow, and its manifest. Its weights are random, but
 shaped so that it exercises both decisions: the first layer is scaled per feature and the
 output layer calibrated so that over the test VM's grid (2 CPUs, 1 per domain) and over an
 8-CPU grid (4 per domain) both "migrate" and "keep" come out in comparable numbers. It is a
@@ -14,22 +14,19 @@ stand-in for a trained model, not a policy.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract
-from loader.fastpath import DenseLayer, NumpyModel, import_tensorflow
-from loader.model_check import ModelError, ModelInfo, check_model_dir
+from loader import cli, contract
+from loader.backends import DenseLayer, NumpyModel, import_tensorflow
+from loader.model_check import ModelError, ModelInfo
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
-from model_dir.export_verified import write_manifest
+from model_dir.export_verified import export_verified, report_export
 from model_dir.fastpath_verify import grid_decisions
-from model_dir.fastpath_verify import write_fastpath as write_fastpath_file
 
 if TYPE_CHECKING:
     import keras
@@ -116,67 +113,33 @@ def calibrate(model: keras.Model) -> None:
     last.set_weights([kernel * stretch, (bias - cut) * stretch])
 
 
-def _remove_old(output: Path) -> None:
-    if not output.exists():
-        return
-    # Only ever delete something that is plainly an old model (or nothing at all).
-    if output.is_dir() and ((output / "saved_model.pb").exists() or not any(output.iterdir())):
-        shutil.rmtree(output)
-    else:
-        raise ModelError(f"{output} exists and is not a SavedModel; not replacing it")
-
-
 def create(output: Path, seed: int = 0, hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> ModelInfo:
     """Build, calibrate and export the dummy model, verify its fast path, and check it."""
     log.info("building a %s Dense stack, seed %d", describe(hidden), seed)
     model = build_model(seed, hidden)
     calibrate(model)
-    _remove_old(output)
-    model.export(str(output), verbose=False)
-    log.info("exported SavedModel to %s", output)
-
-    result = write_fastpath_file(output)
-    log.info("%s", result.message)
-    if not result.written:
-        raise ModelError(f"seed {seed}: the fast path did not verify; try another --seed")
-    write_manifest(output)
-    info = check_model_dir(output)
-    numpy_model = NumpyModel.load(output)
-    for name, grid in (("VM", VM_GRID), ("wide", WIDE_GRID)):
-        migrate, keep = grid_decisions(numpy_model.predict, *grid)
-        log.info(
-            "decisions over the %d-CPU grid (%d per domain, %s): %d migrate / %d keep",
-            grid[0],
-            grid[1],
-            name,
-            migrate,
-            keep,
-        )
+    info, result = export_verified(model, output)
+    backend = report_export(info, result, require_fastpath=True,
+                            hint=f"try another --seed than {seed}")
+    for name, (nr_cpus, per_dom) in (("VM", VM_GRID), ("wide", WIDE_GRID)):
+        migrate, keep = grid_decisions(backend.predict, nr_cpus, per_dom)
+        log.info("decisions over the %d-CPU grid (%d per domain, %s): %d migrate / %d keep",
+                 nr_cpus, per_dom, name, migrate, keep)
         if min(migrate, keep) < MIN_CLASS_SHARE * (migrate + keep):
             raise ModelError(f"seed {seed} gives a lopsided model on that grid; try another --seed")
-    log.info(
-        "model ok: input %r, output %r, digest %s", info.input_key, info.output_key, info.digest[:8]
-    )
+    log.info("model ok: input %r, output %r, digest %s", info.input_key, info.output_key,
+             info.digest[:8])
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Create mlsched's dummy model (a seeded random Dense stack) as a SavedModel.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help="SavedModel directory to (re)create"
-    )
+    parser = cli.parser("create_dummy_model.py", "Create mlsched's dummy model (a seeded random "
+                        "Dense stack) as a SavedModel.", EXAMPLES)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
+                        help="SavedModel directory to (re)create")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    parser.add_argument(
-        "--hidden",
-        type=parse_hidden,
-        default=DEFAULT_HIDDEN,
-        metavar="W,W,...",
-        help="hidden relu layer widths (default 64,64, the contract's)",
-    )
+    parser.add_argument("--hidden", type=parse_hidden, default=DEFAULT_HIDDEN, metavar="W,W,...",
+                        help="hidden relu layer widths (default 64,64, the contract's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -16,7 +16,7 @@ a wakeup, 1 a steal by an idle CPU of the destination) and what counterfactual l
 the logging policy (`explore_q`, P in 1/65536 units, and `fallback`, the policy used when the coin
 was not flipped), the probability with which it took the row's action (`propensity_q`, in
 1/131072 units: exact), and the outcome (the window's length, the task's run-queue delay and
-run time in it). The reader recomputes every propensity from the row (loader/fallback.py) and
+run time in it). The reader recomputes every propensity from the row (model_dir/fallback.py) and
 refuses a file whose propensities or fallback actions disagree with the kernel's policy.
 
 The model input is computed as the loader computes it: the features are packed into the
@@ -36,7 +36,8 @@ from typing import IO
 
 import numpy as np
 
-from loader import contract, fallback, schema
+from loader import contract, schema
+from model_dir import fallback
 
 FORMAT_VERSION = 2  # what write_dataset() writes when it has the columns
 U32_MAX = (1 << 32) - 1
@@ -140,7 +141,7 @@ def logging_columns(columns: Mapping[str, np.ndarray], explore_q: int | np.ndarr
     """The v2 logging-policy columns (explore_q, fallback, propensity_q) for rows of a run.
 
     columns holds at least cpu_idle, src_load_q, dst_load_q and action; explore_q and policy
-    are what the collector configured (Config.EXPLORE, Config.FALLBACK).
+    are what the collector configured (the explore and fallback_policy settings).
     """
     n = len(columns["action"])
     explore = np.broadcast_to(np.asarray(explore_q, dtype=np.int64), (n,))

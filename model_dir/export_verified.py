@@ -1,6 +1,8 @@
 """Export a Keras model as a SavedModel the loader accepts, verified, all or nothing.
 
-Used by model_dir/model_export.py and model_dir/transfer.py. The model is exported next to
+Used by model_dir/model_export.py, model_dir/transfer.py and model_dir/create_dummy_model.py:
+export_verified() writes the directory, report_export() logs what every one of them reports
+(the contract, the fast path, the backend the loader will choose). The model is exported next to
 the output directory, checked there as the loader checks it (check_model_dir, no TF), given
 verified fast-path weights when it is a plain Dense stack (write_fastpath, TF), its manifest
 written (write_manifest), and only then moved into place. A model that fails the contract
@@ -8,12 +10,13 @@ leaves nothing behind, and an existing output is only ever replaced when it is p
 SavedModel (or an empty directory).
 
 write_manifest() is the one writer of mlsched_manifest.json: every tool that makes or changes
-a model directory calls it last (this module, create_dummy_model.py, verify_model.py).
+a model directory calls it last (this module and verify_model.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loader import contract
+from loader.backends import Predictor, open_backend
 from loader.model_check import (
     MANIFEST_FILE,
-    MANIFEST_FORMAT,
     MANIFEST_VERSION,
     ModelError,
     ModelInfo,
@@ -34,6 +37,9 @@ from model_dir.fastpath_verify import FastpathResult, write_fastpath
 
 if TYPE_CHECKING:
     import keras
+
+MANIFEST_FORMAT = "mlsched model manifest"
+log = logging.getLogger("export_verified")
 
 
 def check_replaceable(output: Path) -> None:
@@ -128,3 +134,19 @@ def export_verified(model: keras.Model, output: Path) -> tuple[ModelInfo, Fastpa
     if info.fastpath_ok != result.written:
         raise ModelError(f"{output}: the fast-path status changed when the directory was moved")
     return info, result
+
+
+def report_export(info: ModelInfo, result: FastpathResult, require_fastpath: bool = False,
+                  hint: str = "") -> Predictor:
+    """Log an export_verified() result; the backend the loader will choose (auto) for it.
+
+    With require_fastpath, a fast path that did not verify is a ModelError (hint appended).
+    """
+    log.info("exported SavedModel to %s: contract ok (input %r)", info.path, info.input_key)
+    log.info("%s", result.message)
+    if require_fastpath and not result.written:
+        raise ModelError(f"{info.path}: the fast path did not verify: {result.message}"
+                         + (f"; {hint}" if hint else ""))
+    backend, reason = open_backend(info, "auto")
+    log.info("loader backend (auto): %s", reason)
+    return backend

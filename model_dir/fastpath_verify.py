@@ -1,7 +1,7 @@
 """The fast path's TensorFlow side: read a SavedModel's Dense stack, verify numpy against TF.
 
 write_fastpath() (host side, imports TensorFlow) reads the structure and the weights of a
-SavedModel out of the graph TF itself runs, evaluates both TF and numpy (loader/fastpath.py's
+SavedModel out of the graph TF itself runs, evaluates both TF and numpy (loader/backends.py's
 NumpyModel, which the loader runs) on the whole quantized feature grid of a sizeable machine
 plus random inputs, and only when every decision agrees writes assets/mlsched_fastpath.npz,
 stamped with the digest of the model's files.
@@ -28,13 +28,15 @@ from typing import Any
 import numpy as np
 
 from loader import contract, schema
-from loader.fastpath import DenseLayer, NumpyModel, import_tensorflow
+from loader.backends import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import (
+    FASTPATH_FILE,
     FASTPATH_VERSION,
     SIGNATURE_KEY,
     ModelError,
     check_model_dir,
 )
+from model_dir.architecture import describe_stack
 
 MAX_ABS_DIFF = 1e-5  # TF vs numpy, on probabilities
 _ACT_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -196,7 +198,7 @@ def write_fastpath(
     older fast-path file is removed).
     """
     info = check_model_dir(model_dir, manifest=False)  # the caller writes the manifest next
-    file = info.fastpath_file
+    file = info.path / FASTPATH_FILE
     removed = ""
     if file.exists():
         file.unlink()  # verified for another model, or about to be re-verified
@@ -272,7 +274,7 @@ def write_fastpath(
     _save_npz(file, arrays)
     return FastpathResult(
         True,
-        f"fast path verified: {model.describe()}, {len(x)} probe rows "
+        f"fast path verified: {describe_stack(model)}, {len(x)} probe rows "
         f"(grid {nr_cpus_probe} CPUs x {max_dom_cpus_probe} per domain + {nr_random} random), "
         f"decisions identical, max abs diff {diff:.2g}",
         file=file,

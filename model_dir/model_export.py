@@ -17,7 +17,7 @@ Objectives:
            synthetic candidates labeled by the rule in model_dir/synthetic.py. Rows are split
            80/20; it prints the validation accuracy, the confusion matrix and how often the
            model disagrees with the rule.
-  imitate  learn the kernel's heuristic fallback itself (loader/fallback.py) on decision keys:
+  imitate  learn the kernel's heuristic fallback itself (model_dir/fallback.py) on decision keys:
            the keys of --data, else of synthetic candidates. The distinct keys are split 80/20,
            so the figure it prints, the agreement with the heuristic on held-out keys, is on
            keys the model never saw. It checks features, scaling and training before outcomes
@@ -38,9 +38,9 @@ Objectives:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import math
 import sys
 import tempfile
 from collections.abc import Callable
@@ -49,14 +49,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader import contract, fallback
-from loader.backends import open_backend
-from loader.fastpath import import_tensorflow
+from loader import cli, contract
+from loader.backends import import_tensorflow
 from loader.model_check import ModelError
-from model_dir import offpolicy
+from model_dir import fallback, offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.dataset import Dataset, DatasetError, read_dataset
-from model_dir.export_verified import check_replaceable, export_verified
+from model_dir.export_verified import check_replaceable, export_verified, report_export
 from model_dir.fastpath_verify import MAX_ABS_DIFF
 from model_dir.synthetic import (
     DEFAULT_SIM_EXPLORE,
@@ -67,6 +66,7 @@ from model_dir.synthetic import (
     simulated_logged_dataset,
     synthetic_dataset,
 )
+from model_dir.tool import report_on_stdout, run_or_refuse
 
 if TYPE_CHECKING:
     import keras
@@ -297,7 +297,7 @@ def clear_threshold(model: keras.Model, hidden: tuple[int, ...], margin: float
     """Move the output bias so that no fast-path probe row sits on the decision threshold.
 
     A policy learned from weak signals is indifferent (output near 0.5) on much of the input
-    space, and among the fast path's probe rows (loader/fastpath.py: a 32-CPU grid and random
+    space, and among the fast path's probe rows (loader/backends.py: a 32-CPU grid and random
     inputs) one within float32 rounding of the threshold makes TF and numpy decide
     differently, so the fast path is refused. The boundary is moved, by at most
     THRESHOLD_SHIFT_MAX in logit, to the nearest point at least `margin` from every probe
@@ -348,12 +348,7 @@ def _export(model: keras.Model, output: Path, hidden: tuple[int, ...] = DEFAULT_
         if not (result.max_abs_diff is not None and result.max_abs_diff <= MAX_ABS_DIFF):
             break  # numpy and TF differ by more than rounding: moving the boundary cannot help
         log.info("%s; moving the boundary further", result.message)
-    log.info("exported SavedModel to %s (input %r)", output, info.input_key)
-    log.info("%s", result.message)
-    if not result.written:
-        raise ModelError(f"{output}: the fast path did not verify: {result.message}")
-    backend, reason = open_backend(info, "auto")
-    log.info("loader backend (auto): %s", reason)
+    backend = report_export(info, result, require_fastpath=True)
 
     def decide(x: np.ndarray) -> np.ndarray:
         return backend.predict(x) > contract.MIGRATE_THRESHOLD
@@ -739,122 +734,50 @@ def run(
     return runner(dataset, output, opts)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
-    return value
+    return cli.number_in(text, 0, math.inf, lo_open=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Train mlsched's migration model and export it as a verified SavedModel.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=DEFAULT_OUTPUT,
-        metavar="DIR",
-        help="SavedModel directory to (re)create (default model_dir/model_path)",
-    )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        metavar="FILE",
-        help="dataset file (CSV, format v1 or v2 in model_dir/README.md)",
-    )
-    parser.add_argument(
-        "--objective",
-        choices=OBJECTIVES,
-        default="label",
+    parser = cli.parser("model_export.py", "Train mlsched's migration model and export it as a "
+                        "verified SavedModel.", EXAMPLES)
+    add = parser.add_argument
+    add("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
+        help="SavedModel directory to (re)create (default model_dir/model_path)")
+    add("--data", type=Path, metavar="FILE",
+        help="dataset file (CSV, format v1 or v2 in model_dir/README.md)")
+    add("--objective", choices=OBJECTIVES, default="label",
         help="what to learn: the rows' labels, the heuristic fallback's decisions, or a "
-        "policy from logged costs (default label; see the module docstring)",
-    )
-    parser.add_argument(
-        "--hidden",
-        type=parse_hidden,
-        default=DEFAULT_HIDDEN,
-        metavar="W,W,...",
-        help="hidden relu layer widths (default 64,64, the contract's)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=_positive,
-        default=DEFAULT_EPOCHS,
-        metavar="N",
-        help="most epochs (default 40)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, metavar="N", help="data, split and weight seed (default 0)"
-    )
-    parser.add_argument(
-        "--samples",
-        type=_positive,
-        default=DEFAULT_SAMPLES,
-        metavar="N",
-        help=f"synthetic or simulated candidates without --data (default {DEFAULT_SAMPLES})",
-    )
-    parser.add_argument(
-        "--estimator",
-        choices=offpolicy.ESTIMATORS,
-        default=offpolicy.DEFAULT_ESTIMATOR,
-        help="policy: inverse-propensity or doubly-robust cost estimates (default dr)",
-    )
-    parser.add_argument(
-        "--cost",
-        choices=offpolicy.COST_KINDS,
-        default=offpolicy.DEFAULT_COST,
-        help="policy: a row's cost from its outcome (default delay-per-run)",
-    )
-    parser.add_argument(
-        "--migrate-penalty",
-        type=_non_negative,
-        default=0.0,
-        metavar="C",
-        help="policy: added to the cost of a migration, e.g. for the cold cache (default 0)",
-    )
-    parser.add_argument(
-        "--history",
-        type=Path,
-        metavar="FILE",
-        help="write every epoch's losses and figures as JSON (for mlsched-evaluate --plot)",
-    )
-    parser.add_argument(
-        "--safe",
-        type=_non_negative,
-        default=None,
-        metavar="Z",
+        "policy from logged costs (default label; see the module docstring)")
+    add("--hidden", type=parse_hidden, default=DEFAULT_HIDDEN, metavar="W,W,...",
+        help="hidden relu layer widths (default 64,64, the contract's)")
+    add("--epochs", type=cli.positive_int, default=DEFAULT_EPOCHS, metavar="N",
+        help="most epochs (default 40)")
+    add("--seed", type=int, default=0, metavar="N", help="data, split and weight seed (default 0)")
+    add("--samples", type=cli.positive_int, default=DEFAULT_SAMPLES, metavar="N",
+        help=f"synthetic or simulated candidates without --data (default {DEFAULT_SAMPLES})")
+    add("--estimator", choices=offpolicy.ESTIMATORS, default=offpolicy.DEFAULT_ESTIMATOR,
+        help="policy: inverse-propensity or doubly-robust cost estimates (default dr)")
+    add("--cost", choices=offpolicy.COST_KINDS, default=offpolicy.DEFAULT_COST,
+        help="policy: a row's cost from its outcome (default delay-per-run)")
+    add("--migrate-penalty", type=_non_negative, default=0.0, metavar="C",
+        help="policy: added to the cost of a migration, e.g. for the cold cache (default 0)")
+    add("--history", type=Path, metavar="FILE",
+        help="write every epoch's losses and figures as JSON (for mlsched-evaluate --plot)")
+    add("--safe", type=_non_negative, default=None, metavar="Z",
         help="policy: keep the heuristic's decision except on the buckets (its own inputs, "
         "then the key without the CPU) where the estimated mean cost difference clears Z "
-        "block-bootstrap standard errors (e.g. 1.96); default: learn from every row",
-    )
+        "block-bootstrap standard errors (e.g. 1.96); default: learn from every row")
     args = parser.parse_args(argv)
     if args.safe is not None and args.objective != "policy":
         parser.error("--safe is for --objective policy")
-    # The report on stdout; stderr holds nothing but a refusal, one line.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <tmp>"
-    try:
-        run(args.output, args.data, args.epochs, args.seed, args.samples,
-            objective=args.objective, hidden=args.hidden, estimator=args.estimator,
-            cost=args.cost, migrate_penalty=args.migrate_penalty, history=args.history,
-            safe=args.safe)
-    except (ModelError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    report_on_stdout()
+
+    def work() -> int:
+        run(**vars(args))  # every option is one of run()'s parameters, by name
+        return 0
+
+    return run_or_refuse(work)
 
 
 if __name__ == "__main__":

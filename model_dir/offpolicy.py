@@ -295,7 +295,7 @@ class BucketEffect:
 
 
 def _bucket_heuristic(columns: Mapping[str, np.ndarray], rows: np.ndarray) -> bool:
-    from loader import fallback
+    from model_dir import fallback
 
     i = int(np.flatnonzero(rows)[0])  # buckets of levels 1 and 2 fix the heuristic's inputs
     return bool(fallback.heuristic_migrate(np.asarray(columns["cpu_idle"])[i:i + 1],
@@ -344,7 +344,7 @@ def safe_deviations(effects: Sequence[BucketEffect], z: float) -> dict[tuple[int
 def safe_decide(columns: Mapping[str, np.ndarray], deviations: Mapping[tuple[int, int], bool]
                 ) -> np.ndarray:
     """The heuristic, overridden by the deviations, coarse buckets first: bool [n]."""
-    from loader import fallback
+    from model_dir import fallback
 
     out = fallback.heuristic_migrate(np.asarray(columns["cpu_idle"]),
                                      np.asarray(columns["src_load_q"]),

@@ -18,7 +18,7 @@ Labeling rule, with gap = src_dom_load - dst_dom_load (loads 0..1):
                                                        queueing there costs more than the
                                                        move, even with no idle CPU there);
     keep (0) otherwise (a small imbalance is not worth losing the cache).
-The first clause is the kernel's heuristic fallback (loader/fallback.py); the second adds the
+The first clause is the kernel's heuristic fallback (model_dir/fallback.py); the second adds the
 case it misses. The CPU id plays no part.
 
 simulated_logged_dataset() is a collection run with a known answer (format v2): the same
@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from loader import contract, fallback, schema
+from loader import contract, schema
+from model_dir import fallback
 from model_dir.dataset import COLUMN_NAMES, COLUMNS, COLUMNS_V2, Dataset, logging_columns
 
 # The rule's second threshold in load quanta (the first is the heuristic's, 0.25).

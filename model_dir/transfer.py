@@ -45,12 +45,17 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract
-from loader.backends import open_backend
-from loader.fastpath import import_tensorflow
+from loader import cli, contract
+from loader.backends import import_tensorflow
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
-from model_dir.export_verified import check_replaceable, export_verified, with_contract_input
+from model_dir.export_verified import (
+    check_replaceable,
+    export_verified,
+    report_export,
+    with_contract_input,
+)
 from model_dir.fastpath_verify import FastpathResult
+from model_dir.tool import report_on_stdout, run_or_refuse
 
 log = logging.getLogger("transfer")
 
@@ -328,55 +333,31 @@ def transfer(
             "input %r renamed to 'features' (wrapped in a new keras.Input)", model.inputs[0].name
         )
     info, result = export_verified(wrapped, output)
-    log.info("exported SavedModel to %s: contract ok (input %r)", output, info.input_key)
-    log.info("%s", result.message)
-    backend, reason = open_backend(info, "auto")
-    log.info("loader backend (auto): %s", reason)
+    report_export(info, result)
     return info, result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Convert a Keras .h5/.keras model file into a SavedModel for mlsched.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--input",
-        type=Path,
-        required=True,
-        metavar="MODEL.h5",
-        help="Keras model file (.h5, .keras)",
-    )
-    parser.add_argument(
-        "--output", type=Path, required=True, metavar="DIR", help="SavedModel directory to write"
-    )
-    parser.add_argument(
-        "--features",
-        type=parse_features,
-        metavar="NAME,...",
+    parser = cli.parser("transfer.py", "Convert a Keras .h5/.keras model file into a SavedModel "
+                        "for mlsched.", EXAMPLES)
+    add = parser.add_argument
+    add("--input", type=Path, required=True, metavar="MODEL.h5", help="Keras .h5 or .keras file")
+    add("--output", type=Path, required=True, metavar="DIR", help="SavedModel directory to write")
+    add("--features", type=parse_features, metavar="NAME,...",
         help="the contract feature each of the model's inputs gets, in order (the others are "
-        f"unused): of {', '.join(contract.FEATURE_NAMES)}",
-    )
-    parser.add_argument(
-        "--output-map",
-        choices=OUTPUT_MAPS,
+        f"unused): of {', '.join(contract.FEATURE_NAMES)}")
+    add("--output-map", choices=OUTPUT_MAPS,
         help="how an output that is not a sigmoid maps to migrate: threshold (> 0.5 means "
-        "migrate) or sigmoid (the output is a logit)",
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 1 when no fast path could be verified"
-    )
+        "migrate) or sigmoid (the output is a logit)")
+    add("--strict", action="store_true", help="exit 1 when no fast path could be verified")
     args = parser.parse_args(argv)
-    # The report on stdout; stderr holds nothing but a refusal, one line.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # "Assets written to: <tmp>"
-    try:
+    report_on_stdout()
+
+    def work() -> int:
         _, result = transfer(args.input, args.output, args.features, args.output_map)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if args.strict and not result.written else 0
+        return 1 if args.strict and not result.written else 0
+
+    return run_or_refuse(work)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ usable, 1 no fast path and --strict, 2 model refused.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+from loader import cli
 from loader.backends import open_backend
 from loader.model_check import ModelError, check_model_dir
 from model_dir.export_verified import write_manifest
@@ -32,21 +32,15 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Check a model for mlsched and write its verified fast-path weights.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.parser("verify_model.py", "Check a model for mlsched and write its verified "
+                        "fast-path weights.", EXAMPLES)
     parser.add_argument("model_dir", type=Path, help="SavedModel directory")
-    parser.add_argument(
-        "--nr-cpus-probe", type=int, default=32, help="CPUs of the probed grid (default 32)"
-    )
-    parser.add_argument(
-        "--max-dom-cpus-probe", type=int, default=8, help="CPUs per domain (default 8)"
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 1 when no fast path could be verified"
-    )
+    parser.add_argument("--nr-cpus-probe", type=int, default=32,
+                        help="CPUs of the probed grid (default 32)")
+    parser.add_argument("--max-dom-cpus-probe", type=int, default=8,
+                        help="CPUs per domain (default 8)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when no fast path could be verified")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -11,7 +11,7 @@ mkdir -p "$(dirname "$LOG")"
 state() { cat /sys/kernel/sched_ext/state; }
 echo "demo: sched_ext state before: $(state)"
 echo "demo: starting mlsched-load --model $MODEL --domains 2 --stats 5 (log: $LOG)"
-# --stats: the loader prints a stats block every 5 s, during the workload too (in its log).
+# --stats: the loader prints a JSON stats line every 5 s, during the workload too (in its log).
 python -m loader.main --model "$MODEL" --domains 2 --stats 5 >"$LOG" 2>&1 &
 loader=$!
 cleanup() { kill -INT "$loader" 2>/dev/null || true; wait "$loader" 2>/dev/null || true; }
@@ -58,6 +58,6 @@ status=0
 wait "$loader" || status=$?
 trap - EXIT
 echo "demo: loader exited with $status; sched_ext state after: $(state)"
-echo "--- loader log (with its --stats blocks) ---"
+echo "--- loader log (with its --stats lines) ---"
 cat "$LOG"
 [ "$status" = 0 ] && [ "$(state)" = disabled ]

@@ -1,6 +1,6 @@
 """An scx_stats client written from the protocol's description, for the tests: one JSON object
 a line each way on a UNIX socket, {"req": ..., "args": {...}} out, {"errno": ..., "args":
-{"resp": ...}} back. Deliberately not loader/stats_server.StatsClient: the tests check the
+{"resp": ...}} back. Deliberately not tools/stats.StatsClient: the tests check the
 server against the protocol, not against its own client."""
 
 from __future__ import annotations

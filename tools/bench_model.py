@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -94,7 +95,7 @@ def _loader_modules_rss() -> dict[str, Any]:
     try:
         import loader.main  # noqa: F401
         import loader.scheduler  # noqa: F401
-        import loader.stats_publisher  # noqa: F401
+        import loader.stats  # noqa: F401
     except Exception as e:  # bcc missing on this machine, or the like
         return {"rss_with_loader_modules_mb": None, "loader_modules_error": f"{e}"}
     return {
@@ -110,7 +111,7 @@ def run_child(args: argparse.Namespace) -> int:
     from loader.model_check import check_model_dir
 
     if name != "numpy":
-        from loader.fastpath import import_tensorflow
+        from loader.backends import import_tensorflow
 
         import_tensorflow()
     import_s = _since_process_start()
@@ -396,9 +397,10 @@ def run_parent(args: argparse.Namespace) -> int:
             return 2
     pinned = sorted(os.sched_getaffinity(0))
 
-    from loader.fastpath import NumpyModel
+    from loader.backends import NumpyModel
+    from model_dir.architecture import describe_stack
 
-    layers = NumpyModel.load(info.path).describe() if info.fastpath_ok else "no fast path"
+    layers = describe_stack(NumpyModel.load(info.path)) if info.fastpath_ok else "no fast path"
     summary: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": {
@@ -485,74 +487,30 @@ def _grid(text: str) -> tuple[int, int]:
     return cpus, per_dom
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Benchmark mlsched's model backends (tf, tf one call per decision, numpy).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--model",
-        metavar="DIR",
-        type=Path,
-        default=REPO / "model_dir" / "model_path",
-        help="SavedModel directory (default model_dir/model_path)",
-    )
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        type=Path,
-        help="where to write the JSON (default bench-results/model-<date>.json)",
-    )
-    parser.add_argument(
-        "--seconds",
-        metavar="S",
-        type=_seconds,
-        default=1.0,
-        help="time per backend and batch size (default 1.0)",
-    )
-    parser.add_argument(
-        "--batches",
-        metavar="B,B,...",
-        type=_batches,
-        default=DEFAULT_BATCHES,
-        help="batch sizes (default 1,64,512)",
-    )
-    parser.add_argument(
-        "--backends",
-        metavar="NAME,...",
-        type=_backends,
-        default=BACKENDS,
-        help=f"backends (default {','.join(BACKENDS)})",
-    )
-    parser.add_argument(
-        "--grid",
-        metavar="CPUSxN",
-        type=_grid,
-        default=(32, 8),
-        help="machine whose feature grid is decided: CPUSxPER_DOMAIN (default 32x8)",
-    )
-    parser.add_argument(
-        "--cpu",
-        metavar="N",
-        type=int,
-        default=0,
-        help="CPU to pin everything to; -1 to leave affinity alone (default 0)",
-    )
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
-    parser.add_argument("--result-out", help=argparse.SUPPRESS)
-    parser.add_argument("--decisions-out", help=argparse.SUPPRESS)
+    from loader import cli
+
+    parser = cli.parser("bench_model.py", "Benchmark mlsched's model backends (tf, tf one call "
+                        "per decision, numpy).", EXAMPLES)
+    add = parser.add_argument
+    add("--model", metavar="DIR", type=Path, default=REPO / "model_dir" / "model_path",
+        help="SavedModel directory (default model_dir/model_path)")
+    add("--json", metavar="PATH", type=Path,
+        help="where to write the JSON (default bench-results/model-<date>.json)")
+    add("--seconds", metavar="S", type=lambda t: cli.number_in(t, 0, math.inf), default=1.0,
+        help="time per backend and batch size (default 1.0)")
+    add("--batches", metavar="B,B,...", type=_batches, default=DEFAULT_BATCHES,
+        help="batch sizes (default 1,64,512)")
+    add("--backends", metavar="NAME,...", type=_backends, default=BACKENDS,
+        help=f"backends (default {','.join(BACKENDS)})")
+    add("--grid", metavar="CPUSxN", type=_grid, default=(32, 8),
+        help="machine whose feature grid is decided: CPUSxPER_DOMAIN (default 32x8)")
+    add("--cpu", metavar="N", type=int, default=0,
+        help="CPU to pin everything to; -1 to leave affinity alone (default 0)")
+    add("--strict", action="store_true", help="exit 1 when a target is missed")
+    add("--child", choices=BACKENDS, help=argparse.SUPPRESS)
+    add("--result-out", help=argparse.SUPPRESS)
+    add("--decisions-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return run_child(args)

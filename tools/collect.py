@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract, fallback, paths
-from loader.cli import Stop, number_in, positive_int, ringbuf_size
-from loader.stats_server import add_arguments as add_stats_arguments
-from loader.stats_server import check_group
+from loader import cli, contract, paths
+from loader.cli import Stop, number_in, positive_int
+from loader.stats import add_arguments as add_stats_arguments
+from model_dir import fallback
 from tools.outcomes import (
     LEVEL_IDLE,
     LEVEL_NO_OTHER,
@@ -87,15 +87,10 @@ Besides FILE it writes FILE's .outcomes.csv (the raw measurements; see --outcome
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlsched-collect",
-        description="Run mlsched in data-collection mode: the fallback policy decides, or a "
-        "coin flip with probability P; record each followed candidate's features, action and "
-        "outcome (run-queue delay and run time over a window), label them, write a dataset "
-        "for model_export.py --data.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.parser("mlsched-collect", "Run mlsched in data-collection mode: the fallback policy "
+               "decides, or a coin flip with probability P; record each followed candidate's "
+               "features, action and outcome (run-queue delay and run time over a window), "
+               "label them, write a dataset for model_export.py --data.", EXAMPLES)
     p.add_argument("--output", required=True, type=Path, metavar="FILE",
                    help="dataset to write (CSV, format v2; .csv.gz compresses)")
     p.add_argument("--duration", type=lambda t: number_in(t, 0, 86400, "seconds"),
@@ -144,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "was collected with)")
     p.add_argument("--slice-us", type=positive_int, default=20000, metavar="US",
                    help="time slice in microseconds (default: 20000)")
-    p.add_argument("--ringbuf-size", type=ringbuf_size, default=DEFAULT_RINGBUF,
+    p.add_argument("--ringbuf-size", type=cli.ringbuf_size, default=DEFAULT_RINGBUF,
                    metavar="BYTES", help=f"candidate ring buffer size (default: {DEFAULT_RINGBUF})")
     p.add_argument("--bpf-obj", default=str(DEFAULT_BPF_OBJ), metavar="FILE",
                    help="compiled scheduler (default: %(default)s)")
@@ -271,7 +266,7 @@ class Follower:
 
 
 class PropensityDrift(Exception):
-    """The kernel's prob_q16 disagrees with loader/fallback.py: one line."""
+    """The kernel's prob_q16 disagrees with model_dir/fallback.py: one line."""
 
 
 def _pct(n: int, total: int) -> str:
@@ -350,7 +345,7 @@ def label_and_write(
         if len(bad):
             i = int(bad[0])
             raise PropensityDrift(
-                f"the kernel's propensities disagree with loader/fallback.py on {len(bad)} of "
+                f"the kernel's propensities disagree with model_dir/fallback.py on {len(bad)} of "
                 f"{n} rows (first: prob_q16 {cols['prob_q16'][i]}, expected {want[i]} for "
                 f"action {cols['action'][i]}, source {cols['source'][i]}); dataset not "
                 f"written, the outcomes are (relabel once the two agree)")
@@ -414,11 +409,7 @@ def relabel(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    cli.setup_logging(args.verbose)
     out_dir = args.output.resolve().parent
     if not out_dir.is_dir():
         return fail(f"--output: directory {out_dir} does not exist")
@@ -432,23 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         return relabel(args)
     if args.explore is None:
         args.explore = DEFAULT_EXPLORE
-    if os.geteuid() != 0:
-        return fail("must run as root (attaching a sched_ext scheduler needs CAP_SYS_ADMIN)")
-    if not os.path.isfile(args.bpf_obj):
-        return fail(f"BPF object not found at {args.bpf_obj} ({paths.BUILD_HINT})")
-    if refusal := check_group(args.stats_group):
-        return fail(refusal)
-
-    from loader.domains import DomainError, plan_domains
-
     try:
-        plan = plan_domains(args.domains)
-    except DomainError as e:
-        return fail(str(e))
-    from loader.scheduler import scx_state
-
-    if scx_state() == "unsupported":
-        return fail("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
+        plan = cli.preflight(args)
+    except cli.Refusal as e:
+        return fail(str(e), e.status)
     return run(args, plan)
 
 
@@ -503,26 +481,26 @@ def _collect(args: argparse.Namespace, plan: DomainPlan, sampler: Sampler,
              delayacct: Sysctl, stop: Stop) -> int:
     from loader.bpfmaps import RingBufferReader
     from loader.libbpf import LibbpfError
-    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins
+    from loader.scheduler import Scheduler, SchedulerError, clean_stale_pins, settings
 
+    explore_q = fallback.explore_q_for(args.explore)
+    # mlsched-load's defaults for what collection does not set; no grid: every candidate is
+    # pushed with the action the logging policy took.
+    config = settings(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
+                      1_000_000_000, slice_min_ns=1_000_000, starve_ns=80_000_000,
+                      batch_size=64, max_wait_ns=2_000_000, grid=None, explore_q=explore_q)
     try:
         clean_stale_pins(args.pin_dir)
-        sched = Scheduler(args.bpf_obj, args.ringbuf_size, args.verbose)
+        sched = Scheduler(args.bpf_obj, config, args.ringbuf_size, args.verbose)
     except (LibbpfError, SchedulerError) as e:
         return fail(str(e), 1)
-    explore_q = fallback.explore_q_for(args.explore)
     try:
-        sched.configure(plan, contract.Fallback[args.fallback.upper()], args.slice_us * 1000,
-                        1_000_000_000)
-        sched.config.set(contract.Config.COLLECT, 1)
-        sched.config.set(contract.Config.EXPLORE, explore_q)
         sched.attach()
         sched.pin(args.pin_dir)
     except (LibbpfError, SchedulerError, OSError) as e:
         sched.close()
         return fail(str(e), 1)
-    from loader.stats import MapSampler
-    from loader.stats_server import serve_stats
+    from loader.stats import MapSampler, serve_stats
 
     serve_stats(args, MapSampler(sched, "(collection mode)").sample)
     nr_cpus = sum(len(d) for d in plan.domains)

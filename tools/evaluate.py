@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from loader import contract
-from loader.cli import positive_int
+from loader.cli import parser, positive_int
 from model_dir import offpolicy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,14 +52,9 @@ class EvalError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlsched-evaluate",
-        description="Estimate, from logged candidates, the mean cost each migration policy "
-        "would have had (IPS and DR, 95 % bootstrap intervals), and its difference with the "
-        "kernel's heuristic.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = parser("mlsched-evaluate", "Estimate, from logged candidates, the mean cost each "
+               "migration policy would have had (IPS and DR, 95 % bootstrap intervals), and its "
+               "difference with the kernel's heuristic.", EXAMPLES)
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
                    help="dataset from mlsched-collect, format v2 (.csv or .csv.gz)")
     p.add_argument("--model", nargs="+", default=[], type=Path, metavar="DIR",

@@ -344,7 +344,7 @@ def label_rows(
 # Every followed candidate whose window completed, labeled or not: the raw material of the
 # labels, so that they can be recomputed (mlsched-collect --relabel) without a new run. The first
 # eleven columns are the dataset's (model_dir/README.md), then the measurements, in ns, the
-# labels, and the logging policy of the run (Config.EXPLORE and Config.FALLBACK), from which
+# labels, and the logging policy of the run (the explore and fallback_policy settings), from which
 # the dataset's propensities follow. Files written before the logging policy was recorded
 # have the first seventeen columns only (OUTCOME_COLUMNS_V1).
 OUTCOME_COLUMNS_V1 = (

@@ -2,7 +2,7 @@
 
 usage: mlsched-stats [--interval SECS] [--once] [--json | --openmetrics] [--socket PATH]
 
-A client of the socket mlsched-load serves in scx_stats' protocol (loader/stats_server.py), as
+A client of the socket mlsched-load serves in scx_stats' protocol (loader/stats.py), as
 scx_rusty's `--monitor` is of its own: it connects, and every --interval asks for `stats`; the
 loader answers with the figures of the interval since the previous request. The fields are
 declared in loader/stats.py; `--help-stats` lists them (the table in tools/README.md).
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import string
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +25,7 @@ from typing import Any
 
 from loader import contract
 from loader.cli import interval_s, parser
-from loader.stats import DOM_FIELDS, FIELDS, TOP, render_text
-from loader.stats_server import DEFAULT_PATH, StatsClient, StatsDenied, StatsError
+from loader.stats import DEFAULT_PATH, DOM_FIELDS, FIELDS, TOP
 
 EXAMPLES = """\
 examples:
@@ -32,7 +33,7 @@ examples:
   sudo mlsched-stats --once               # one block (an interval of 1 s), then exit
   sudo mlsched-stats --interval 5 --json  # one JSON object per line every 5 s
   sudo mlsched-stats --once --openmetrics > /var/lib/node_exporter/mlsched.prom
-  sudo mlsched-load --stats 2             # the same block, printed by the loader itself
+  sudo mlsched-load --stats 2             # the loader itself prints the JSON lines
   echo '{"req":"stats"}' | sudo socat - UNIX-CONNECT:/var/run/scx/root/stats   # the raw protocol
 
 Fields and their units: mlsched-stats --help-stats. Exit status 1 when mlsched is not attached.
@@ -41,6 +42,55 @@ Fields and their units: mlsched-stats --help-stats. Exit status 1 when mlsched i
 
 class NotAttached(Exception):
     """mlsched is not there to answer, or left; str() is the one line to print."""
+
+
+class StatsError(Exception):
+    """A stats request failed, or the server is not there; str() is one line."""
+
+
+class StatsClient:
+    """One connection to a stats server; request() returns the answer's resp."""
+
+    def __init__(self, path: str = DEFAULT_PATH, timeout_s: float = 30.0) -> None:
+        self.path, self.sock = path, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            if isinstance(e, PermissionError):
+                raise NotAttached(f"cannot connect to {path}: permission denied (run as root, or "
+                                  "as a member of the loader's --stats-group)") from None
+            raise StatsError({
+                FileNotFoundError: f"no stats socket at {path}",
+                ConnectionRefusedError: f"nothing serves {path}: a loader that died left it",
+            }.get(type(e), f"cannot connect to {path}: {e.strerror or e}")) from None
+        self._file = self.sock.makefile("rb")
+
+    def request(self, req: str, args: dict[str, str] | None = None) -> Any:
+        try:
+            self.sock.sendall(json.dumps({"req": req, "args": args or {}}).encode() + b"\n")
+            reply = self._file.readline(1 << 24)
+        except TimeoutError:
+            raise StatsError(f"{self.path}: no answer to {req!r}") from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise StatsError(f"the loader closed {self.path}") from None
+        except OSError as e:
+            raise StatsError(f"{self.path}: {e.strerror or e}") from None
+        if not reply:
+            raise StatsError(f"the loader closed {self.path}")
+        try:
+            msg = json.loads(reply)
+            err, resp = msg["errno"], msg["args"]["resp"]
+        except (ValueError, KeyError, TypeError):
+            raise StatsError(f"{self.path}: not a scx_stats answer: {reply[:80]!r}") from None
+        if err:
+            raise StatsError(f"{req}: {resp} (errno {err})")
+        return resp
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
 
 
 def situation() -> str:
@@ -61,8 +111,6 @@ def connect(path: str) -> StatsClient:
     """A connection to mlsched's stats; NotAttached when there is none, or another's."""
     try:
         client = StatsClient(path)
-    except StatsDenied as e:
-        raise NotAttached(str(e)) from None
     except StatsError as e:
         raise NotAttached(f"mlsched is not attached ({e}); {situation()}") from None
     try:
@@ -78,6 +126,60 @@ def connect(path: str) -> StatsClient:
 
 
 # --- renderings -------------------------------------------------------------------------------
+
+
+_TEXT = (  # one concern a line, like scx_rusty --monitor; {name:rate|pct|us}, "-" when absent
+    "loader     pid {loader_pid}  up {uptime_s} s  {ready} ({backend})  fallback {fallback}",
+    "model      {model}  digest {model_digest}  reloads {reloads_total} (refused "
+    "{reload_failures_total})  restarts {restarts_total}",
+    "decide     cand {candidates_per_s:rate}  hit {hit_rate:pct}  migrate {migrate_per_s:rate}  "
+    "keep {keep_per_s:rate}  fallback {fallback_migrate_per_s:rate} migr + "
+    "{fallback_keep_per_s:rate} keep",
+    "table      written {decisions_per_s:rate} (total {decisions_total})  entries {table_entries}"
+    "/{table_capacity} ({table_occupancy:pct})  grid {grid_decided}/{grid_keys}",
+    "ring       submitted {submitted_per_s:rate}  read {records_per_s:rate}  wakeups "
+    "{rb_wakeups_per_s:rate}  drops {rb_drops_per_s:rate} (total {rb_drops_total})",
+    "batch      {batches_per_s:rate}  size {batch_size_avg}  latency p50 {batch_latency_p50_us:us}"
+    " p99 {batch_latency_p99_us:us} avg {batch_latency_avg_us:us} max {batch_latency_max_us:us}"
+    "  errors {model_errors_total}",
+    "event->map latency p50 {event_latency_p50_us:us} p99 {event_latency_p99_us:us} avg "
+    "{event_latency_avg_us:us}  in-kernel {kinfer_per_s:rate} avg {kinfer_avg_ns} ns  explored "
+    "{explored_per_s:rate}",
+    "moves      model {migr_model_per_s:rate}  fallback {migr_fallback_per_s:rate}  forced "
+    "{migr_forced_per_s:rate}  in-domain {migr_domain_per_s:rate}  decided {decided_share:pct} "
+    "of {ran_cross_per_s:rate} cross-domain runs",
+    "wakeups    {select_per_s:rate} (prev CPU idle {local_per_s:rate})  steal cand "
+    "{steal_candidates_per_s:rate}  preempts {preempts_per_s:rate}  restricted "
+    "{restricted_per_s:rate}",
+)
+
+
+class _TextFormat(string.Formatter):
+    def get_value(self, key: Any, args: Any, kwargs: Any) -> Any:
+        return kwargs.get(key, "-")
+
+    def format_field(self, v: Any, spec: str) -> str:
+        if not isinstance(v, int | float) or not spec:
+            return str(v)
+        if spec == "rate":
+            return f"{v:.1f}/s"
+        if spec == "pct":
+            return f"{100 * v:.2f}%" if 0 < v < 0.01 else f"{100 * v:.1f}%"
+        if spec == "us":
+            return f"{v:.1f}us" if v < 10 else f"{v:.0f}us" if v < 10000 else f"{v / 1000:.0f}ms"
+        return format(v, spec)
+
+
+def render_text(r: dict[str, Any]) -> str:
+    """The block that fits a terminal, one concern a line."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(r.get("time", 0))))
+    ready = "model ready" if r.get("model_ready") else "model loading (fallback serves)"
+    fmt = _TextFormat()
+    return "\n".join([
+        fmt.format("###### {}  {ops} {state}  interval {interval_s:.1f} s ######", stamp, **r),
+        *(fmt.format(line, **{"ready": ready} | r) for line in _TEXT),
+        *(f"dom{i:<7} cpus {d['nr_cpus']}  load {d['load']:.2f}  queued {d['queued']}"
+          for i, d in r.get("domains", {}).items())])
 
 
 def render_json(resp: dict[str, Any]) -> str:

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import contract, fallback
+from loader import contract
 from loader.cli import parser
+from model_dir import fallback
+from model_dir.tool import run_or_refuse
 
 log = logging.getLogger("trainreport")
 
@@ -36,7 +38,7 @@ EXAMPLES = """examples:
 def heuristic(x: np.ndarray) -> np.ndarray:
     """The kernel's heuristic fallback (fallback_migrate in bpf/mlsched.bpf.c) on model inputs:
     migrate when src_load_q - dst_load_q >= LOAD_SCALE / 4 and the destination has an idle CPU
-    (one definition: loader/fallback.py)."""
+    (one definition: model_dir/fallback.py)."""
     return fallback.heuristic_from_features(x).astype(np.uint8)
 
 
@@ -123,15 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="machine whose feature grid to compare on (default: from the dataset)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from loader.model_check import ModelError
-    from model_dir.dataset import DatasetError
 
-    try:
+    def work() -> int:
         report(args.model, args.data, args.seed, args.grid)
-    except (ModelError, DatasetError) as e:
-        print(f"trainreport: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_or_refuse(work, "trainreport")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loader import contract
-from loader.fastpath import import_tensorflow
+from loader.backends import import_tensorflow
 from model_dir import create_dummy_model
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract, fallback
+from loader import contract
+from model_dir import fallback
 from model_dir.dataset import COLUMN_NAMES, read_dataset
 from tools import collect
 from tools.outcomes import (
@@ -299,7 +300,7 @@ def test_relabel_reproduces_the_vm_dataset(tmp_path: Path) -> None:
         assert again.columns[name].tolist() == captured.columns[name].tolist()
     raw = read_outcomes(VM_OUTCOMES)
     assert int((raw["label"] >= 0).sum()) == len(captured)
-    # The VM's fallback rows did what loader/fallback.py says the heuristic does (the reader
+    # The VM's fallback rows did what model_dir/fallback.py says the heuristic does (the reader
     # refuses them otherwise), and every propensity is P/2 or P/2 + 1 - P with P = 0.5.
     fallback_rows = again.sources == contract.Source.FALLBACK
     assert fallback_rows.any() and (again.sources == contract.Source.EXPLORE).any()

@@ -73,8 +73,6 @@ def btf() -> dict[str, tuple[str, int, list[tuple[str, int]]]]:
     ("KEY_SRC_SHIFT", contract.KEY_SRC_SHIFT),
     ("KEY_DST_SHIFT", contract.KEY_DST_SHIFT),
     ("KEY_FIELD_MAX", contract.KEY_FIELD_MAX),
-    ("EXIT_REASON_LEN", contract.EXIT_REASON_LEN),
-    ("EXIT_MSG_LEN", contract.EXIT_MSG_LEN),
     ("RINGBUF_DEFAULT_BYTES", contract.RINGBUF_DEFAULT_BYTES),
     ("HIST_BUCKETS", contract.HIST_BUCKETS),
     ("VTIME_MAX_LAG_SLICES", contract.VTIME_MAX_LAG_SLICES),
@@ -91,7 +89,7 @@ def test_header_defines_match(define: str, value: int) -> None:
 
 @pytest.mark.parametrize("c_struct,py_struct", [
     ("mlsched_candidate", contract.Candidate),
-    ("mlsched_exit_info", contract.ExitInfo),
+    ("user_exit_info", contract.UserExitInfo),
     ("mlsched_dom_stat", contract.DomStat),
     ("mlsched_mlp", contract.Mlp),
 ])
@@ -109,27 +107,37 @@ def test_candidate_dtype_matches_struct() -> None:
         assert contract.CANDIDATE_DTYPE.fields[name][1] == getattr(contract.Candidate, name).offset
 
 
-@pytest.mark.parametrize("c_enum,prefix,py_enum", [
-    ("mlsched_counter", "MLSCHED_CNT_", contract.Counter),
-    ("mlsched_loader_stat", "MLSCHED_LS_", contract.LoaderStat),
-    ("mlsched_config", "MLSCHED_CFG_", contract.Config),
-    ("mlsched_backend", "MLSCHED_BACKEND_", contract.Backend),
-    ("mlsched_fallback", "MLSCHED_FALLBACK_", contract.Fallback),
-    ("mlsched_decision", "MLSCHED_", contract.Decision),
-    ("mlsched_hist", "MLSCHED_HIST_", contract.Hist),
-    ("mlsched_source", "MLSCHED_SRC_", contract.Source),
-    ("mlsched_path", "MLSCHED_PATH_", contract.Path),
-    ("mlsched_grid_code", "MLSCHED_GRID_", contract.GridCode),
-    ("mlsched_mlp_act", "MLSCHED_MLP_", contract.MlpAct),
-    ("mlsched_mlp_out", "MLSCHED_MLP_OUT_", contract.MlpOut),
-])
-def test_enum_matches_btf(btf, c_enum: str, prefix: str, py_enum: type[IntEnum]) -> None:
+# Each Python enum and the prefix its BTF enum's values have after MLSCHED_; the BTF enum is
+# named mlsched_ and the Python name in snake case (LoaderStat: mlsched_loader_stat).
+ENUM_PREFIXES = {
+    contract.Counter: "CNT_", contract.LoaderStat: "LS_",
+    contract.Backend: "BACKEND_", contract.Fallback: "FALLBACK_", contract.Decision: "",
+    contract.Hist: "HIST_", contract.Source: "SRC_", contract.Path: "PATH_",
+    contract.GridCode: "GRID_", contract.MlpAct: "MLP_", contract.MlpOut: "MLP_OUT_",
+}
+
+
+@pytest.mark.parametrize("py_enum", ENUM_PREFIXES, ids=lambda e: e.__name__)
+def test_enum_matches_btf(btf, py_enum: type[IntEnum]) -> None:
+    c_enum = "mlsched_" + re.sub(r"(?<!^)(?=[A-Z])", "_", py_enum.__name__).lower()
+    prefix = "MLSCHED_" + ENUM_PREFIXES[py_enum]
     kind, _, values = btf[c_enum]
     assert kind == "ENUM"
     c_side = {
         name.removeprefix(prefix): v for name, v in values if not name.startswith("MLSCHED_NR_")
     }
     assert c_side == {e.name: e.value for e in py_enum}
+
+
+@pytest.mark.parametrize("section,names", [
+    (".rodata", contract.SETTINGS + (contract.UEI_DUMP_LEN_VAR,)),
+    (".bss", (contract.MODEL_GEN_VAR,)),
+    (".data", (contract.UEI_VAR,)),
+    (contract.UEI_DUMP_SECTION, (contract.UEI_DUMP_VAR,)),
+])
+def test_loader_variables_are_in_their_sections(btf, section: str, names: tuple[str, ...]) -> None:
+    variables = {name for name, _ in btf[section][2]}
+    assert set(names) <= variables, set(names) - variables
 
 
 def test_map_names_match_btf(btf) -> None:
@@ -156,3 +164,27 @@ def test_feature_grid_holds_only_candidates() -> None:
     assert np.all(x[:, 3] > x[:, 4])  # the source is the busier domain
     s = contract.LOAD_SCALE
     assert len(keys) == 2 * 2 * 2 * (s + 1) * s // 2
+
+
+def test_settings_reach_the_objects_rodata() -> None:
+    """settings() gives every contract.SETTINGS name, and write_settings() puts each value into
+    the opened object's .rodata where the kernel will read it (no load: this runs anywhere)."""
+    from loader import libbpf
+    from loader.domains import DomainPlan
+    from loader.scheduler import settings, write_settings
+
+    plan = DomainPlan([[0, 2], [1, 3]], "two domains of two")
+    config = settings(plan, contract.Fallback.KEEP, 5_000_000, 7, 8_000_000, 9, 32, 11, (4, 2),
+                      kernel_inference=True)
+    assert set(config) == set(contract.SETTINGS)
+    assert config["slice_min_ns"] == 5_000_000  # clamped to the slice
+    obj = libbpf.BpfObject(str(OBJ))
+    try:
+        write_settings(obj, config)
+        got = {name: obj.var(".rodata", name).value for name in config if name != "cpu_dom"}
+        got["cpu_dom"] = obj.var(".rodata", "cpu_dom", ctypes.c_uint32 * 4)[:]
+        obj.set_value_size(contract.UEI_DUMP_SECTION, contract.UEI_DUMP_LEN)
+        assert obj.initial_value(contract.UEI_DUMP_SECTION)[1] == contract.UEI_DUMP_LEN
+    finally:
+        obj.close()
+    assert got == config | {"cpu_dom": [0, 1, 0, 1]}

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from loader import contract, kernel_mlp, libbpf
+from loader.backends import NumpyModel
 from loader.bpfmaps import write_struct
-from loader.fastpath import NumpyModel
 
 REPO = Path(__file__).resolve().parents[2]
 MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"
@@ -41,7 +41,7 @@ def test_quantized_network_agrees_with_the_float_model(model_dir: Path, grid) ->
 
 
 def test_quantize_refuses_what_the_kernel_cannot_run() -> None:
-    from loader.fastpath import DenseLayer
+    from loader.backends import DenseLayer
     from loader.model_check import ModelError
 
     z = np.zeros

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from loader import contract
-from loader.backends import NumpyBackend, TFBackend, open_backend
-from loader.fastpath import DenseLayer, NumpyModel
+from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
 from loader.model_check import (
     FASTPATH_FILE,
     MANIFEST_FILE,
@@ -28,6 +27,7 @@ from loader.model_check import (
     saved_model_class,
 )
 from model_dir import create_dummy_model, verify_model
+from model_dir.architecture import describe_stack
 from model_dir.export_verified import write_manifest
 from model_dir.fastpath_verify import MAX_ABS_DIFF, write_fastpath
 from tests.host.conftest import _copy
@@ -378,7 +378,7 @@ def test_dummy_is_the_contracts_network(dummy, path):
     info = check_model_dir(model_dir)
     assert info.fastpath_ok, info.fastpath_reason
     model = NumpyModel.load(model_dir)
-    assert model.describe() == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
+    assert describe_stack(model) == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
     for grid in GRIDS:
         p = model.predict(contract.unpack_keys(contract.feature_grid(*grid)))
         assert 0.2 <= np.mean(p > contract.MIGRATE_THRESHOLD) <= 0.8, grid
@@ -386,7 +386,7 @@ def test_dummy_is_the_contracts_network(dummy, path):
 
 def test_dummy_hidden_option(tmp_path, tf):
     create_dummy_model.create(tmp_path / "m", seed=0, hidden=(16, 8))
-    assert NumpyModel.load(tmp_path / "m").describe() == "10 -> 16 relu -> 8 relu -> 1 sigmoid"
+    assert describe_stack(NumpyModel.load(tmp_path / "m")) == "10 -> 16 relu -> 8 relu -> 1 sigmoid"
 
 
 def test_dummy_model_is_deterministic(tf):

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract, fallback
-from model_dir import dataset, offpolicy, synthetic
+from loader import contract
+from model_dir import dataset, fallback, offpolicy, synthetic
 
 REPO = Path(__file__).resolve().parents[2]
 N = 20000

@@ -24,9 +24,8 @@ from loader.stats import (
     compute,
     meta,
     percentile_us,
-    render_text,
 )
-from tools.stats import markdown_table, render_json, render_openmetrics
+from tools.stats import markdown_table, render_json, render_openmetrics, render_text
 
 REPO = Path(__file__).resolve().parents[2]
 C = contract.Counter
@@ -53,10 +52,7 @@ def sample(t_s: float, counters: dict[C, int], loader: dict[LS, int],
         hist[contract.Hist.BATCH][b] = n
     for b, n in (event_hist or {}).items():
         hist[contract.Hist.EVENT][b] = n
-    config = [0] * contract.NR_CONFIG
-    config[contract.Config.NR_CPUS] = 2
-    config[contract.Config.NR_DOMS] = 2
-    config[contract.Config.FALLBACK] = contract.Fallback.HEURISTIC
+    config = {"nr_cpus": 2, "nr_doms": 2, "fallback_policy": contract.Fallback.HEURISTIC}
     return Sample(
         mono_ns=int(t_s * 1e9), wall_s=1_700_000_000 + t_s, state="enabled", ops="mlsched",
         model='/m/model "x"', counters=c, loader=ls, config=config, hist=hist,
@@ -198,7 +194,7 @@ def test_text_block(busy: dict[str, object]) -> None:
 
 
 def test_every_kernel_counter_is_reported() -> None:
-    reported = {index for _, src, index, _ in COUNTED if src == "counters"}
+    reported = {index for _, src, index in COUNTED if src == "counters"}
     assert reported == set(C), "add the new counter to the table of loader/stats.py"
 
 

@@ -19,10 +19,11 @@ import pytest
 
 from loader import contract
 from loader.scheduler import scx_ops_name, scx_state
-from loader.stats_server import DEFAULT_PATH as STATS_SOCKET
+from loader.stats import DEFAULT_PATH as STATS_SOCKET
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "model_dir" / "model_path"
+TEST_MODELS = ROOT / "build" / "test-models"  # made by tests/vm/make_models.py
 # Output that must survive the VM goes to the shared, writable directory.
 LOG_DIR = Path(os.environ.get("MLSCHED_VM_OUT", ROOT / "build" / "vm-out"))
 

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from loader import contract
-from loader.fastpath import import_tensorflow
+from loader.backends import import_tensorflow
 from model_dir.export_verified import write_manifest
 
 BUNDLED = Path(__file__).resolve().parents[2] / "model_dir" / "model_path"

@@ -68,14 +68,11 @@ def test_kernel_decides_every_miss_even_with_the_loader_stopped() -> None:
 
 
 def grid_dims() -> tuple[int, int]:
-    """The dense grid's bounds, from the pinned configuration."""
-    from loader.bpfmaps import U64Array
+    """The dense grid's bounds: the loader's plan for this machine (default domains)."""
+    from loader.domains import plan_domains
+    from loader.table import grid_dims as dims_for
 
-    fd = libbpf.obj_get(os.path.join(contract.PIN_DIR, contract.MAP_CONFIG))
-    try:
-        config = U64Array(fd, contract.NR_CONFIG)
-        dims = config.get(contract.Config.GRID_CPUS), config.get(contract.Config.GRID_DOM_CPUS)
-    finally:
-        os.close(fd)
-    assert dims[0] > 0, "no dense grid on this machine"
+    plan = plan_domains(None)
+    dims = dims_for(plan.nr_cpus, plan.max_dom_cpus)
+    assert dims is not None, "no dense grid on this machine"
     return dims

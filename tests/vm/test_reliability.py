@@ -17,7 +17,9 @@ import pytest
 from loader import contract
 from loader.scheduler import scx_state
 from tests.vm.conftest import (
+    MODEL,
     ROOT,
+    TEST_MODELS,
     Loader,
     attached,
     read_stats,
@@ -27,8 +29,6 @@ from tests.vm.conftest import (
     sums_match,
     wait_for,
 )
-
-TEST_MODELS = ROOT / "build" / "test-models"
 
 
 def watch_attached(proc: subprocess.Popen, poll_s: float = 0.2) -> bool:
@@ -48,8 +48,7 @@ def test_scx_smoke_test_exits_zero() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     res = subprocess.run(
-        ["timeout", "--preserve-status", "45", "mlsched-load", "--model",
-         str(ROOT / "model_dir" / "model_path")],
+        ["timeout", "--preserve-status", "45", "mlsched-load", "--model", str(MODEL)],
         capture_output=True, text=True, cwd=ROOT,
     )
     print(res.stderr)
@@ -74,6 +73,22 @@ def test_sigkill_under_load_detaches_and_workload_finishes() -> None:
         if ld.proc.poll() is None:
             ld.proc.kill()
         shutil.rmtree(contract.PIN_DIR, ignore_errors=True)
+
+
+def test_sysrq_ejection_is_reported_from_the_exit_info() -> None:
+    """SysRq-S hands every task back to the kernel's scheduler: the loader reports the reason
+    the kernel recorded in scx's exit info (UEI), exits 1 and leaves nothing pinned."""
+    ld = start_loader("--no-model", name="loader-sysrq")
+    try:
+        wait_for(attached, 60, "mlsched to attach", ld.proc)
+        Path("/proc/sysrq-trigger").write_text("S")
+        assert ld.proc.wait(timeout=60) == 1
+        assert "the kernel ejected mlsched: disabled by sysrq-S" in ld.log(), ld.log()
+        assert scx_state() == "disabled"
+        assert not os.path.exists(contract.PIN_DIR)
+    finally:
+        if ld.proc.poll() is None:
+            ld.proc.kill()
 
 
 def test_stopped_loader_falls_back_then_catches_up() -> None:
@@ -224,7 +239,7 @@ def test_bad_model_refused_before_attach(case: str, tmp_path: Path) -> None:
 def test_non_root_refused() -> None:
     res = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "mlsched-load",
-         "--model", str(ROOT / "model_dir" / "model_path")],
+         "--model", str(MODEL)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert res.returncode == 2

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 from loader.scheduler import scx_state
-from tests.vm.conftest import ROOT, Loader, attached, running_loader, stress, wait_for
+from tests.vm.conftest import TEST_MODELS, Loader, attached, running_loader, stress, wait_for
 
-MODELS = ROOT / "build" / "test-models"
 STRESS_S = 15
 
 
@@ -46,7 +45,7 @@ def grid_full(ld: Loader) -> bool:
 
 def test_sighup_switches_models_and_refuses_a_corrupt_one(tmp_path: Path) -> None:
     link = tmp_path / "model"
-    point(link, MODELS / "always_migrate")
+    point(link, TEST_MODELS / "always_migrate")
     with running_loader("--model", str(link), name="loader-reload") as ld:
         ld.wait_model_ready()
         wait_for(lambda: grid_full(ld), 60, "the grid to be decided", ld.proc)
@@ -54,14 +53,14 @@ def test_sighup_switches_models_and_refuses_a_corrupt_one(tmp_path: Path) -> Non
         first = decided_under_load(ld)
         assert first["migrate"] > 0 and first["keep"] == 0
 
-        point(link, MODELS / "always_keep")
+        point(link, TEST_MODELS / "always_keep")
         ld.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: ld.stats()["loader_reloads"] == 1, 120, "the reload", ld.proc)
         wait_for(lambda: grid_full(ld), 60, "the new grid", ld.proc)
         second = decided_under_load(ld)
         assert second["keep"] > 0 and second["migrate"] == 0
 
-        point(link, MODELS / "corrupt_variables")
+        point(link, TEST_MODELS / "corrupt_variables")
         ld.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload refused" in ld.log(), 60, "the refusal", ld.proc)
         time.sleep(0.5)

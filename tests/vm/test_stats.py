@@ -20,7 +20,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from loader import contract
 from loader.scheduler import scx_state
-from loader.stats_server import DEFAULT_PATH, MAX_CLIENTS, MAX_LINE
+from loader.stats import DEFAULT_PATH, MAX_CLIENTS, MAX_LINE
 from tests.scx_stats_client import Client
 from tests.vm.conftest import (
     ATTACH_WAIT_S,
@@ -29,7 +29,6 @@ from tests.vm.conftest import (
     ROOT,
     Loader,
     attached,
-    read_stats,
     running_loader,
     start_loader,
     stress,
@@ -144,7 +143,8 @@ def test_protocol_and_live_rates_under_stress(loader_with_stats: Loader) -> None
 
     assert ld.proc.poll() is None and attached()
     assert ld.stop() == 0
-    assert "###### " in ld.log() and "decide     cand" in ld.log(), "no --stats block"
+    printed = [json.loads(line) for line in ld.log().splitlines() if line.startswith("{")]
+    assert printed and printed[-1]["ops"] == contract.SCHED_NAME, "no --stats line"
 
 
 def bad_clients() -> dict[str, object]:
@@ -197,12 +197,12 @@ def ring_loader() -> Iterator[Loader]:
 def test_bad_clients_leave_it_attached_and_deciding(ring_loader: Loader) -> None:
     loader = ring_loader
     loader.wait_model_ready()
-    before = read_stats()
+    before = loader.stats()
     load = stress(STRESS_S)
     try:
         got = bad_clients()
         # A decision written after the abuse began, into a table that started near empty.
-        wait_for(lambda: read_stats()["loader_decisions"] > before["loader_decisions"],
+        wait_for(lambda: loader.stats()["loader_decisions"] > before["loader_decisions"],
                  TIMEOUT_S, "a decision written during the abuse", loader.proc)
         after_client = Client(DEFAULT_PATH)
         answer = after_client.request("stats")
@@ -218,7 +218,7 @@ def test_bad_clients_leave_it_attached_and_deciding(ring_loader: Loader) -> None
     assert got["crowd served"] + got["crowd busy"] == 50
     assert got["crowd served"] <= MAX_CLIENTS and got["crowd busy"] >= 50 - MAX_CLIENTS
     assert answer["errno"] == 0 and answer["args"]["resp"]["hits_total"] > 0
-    assert read_stats()["hits"] > before["hits"]
+    assert loader.stats()["hits"] > before["hits"]
     assert loader.proc.poll() is None and attached()
     assert loader.stop() == 0
     assert "Traceback" not in loader.log()

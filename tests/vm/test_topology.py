@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loader.scheduler import scx_state
-from loader.stats_server import DEFAULT_PATH as STATS_SOCKET
+from loader.stats import DEFAULT_PATH as STATS_SOCKET
 from tests.scx_stats_client import Client
 from tests.vm.conftest import attached, running_loader, stress, wait_for
 
@@ -41,6 +41,18 @@ def wait_reattached(ld, n: int, what: str) -> float:
     return time.monotonic() - t0
 
 
+def hotplug(ld, cpu: int, online: bool, n: int) -> None:
+    """After 3 s of load, cpu offline (or online): restart n of mlsched in the same process,
+    logged, attached again and counted in the loader's stats."""
+    time.sleep(3)
+    set_online(cpu, online)
+    state = "online" if online else "offline"
+    took = wait_reattached(ld, n, f"cpu{cpu} went {state}")
+    print(f"cpu{cpu} {state}: mlsched enabled again after {took:.2f} s")
+    wait_for(lambda: ld.stats()["loader_restarts"] == n, RESTART_WAIT_S, "the restart count",
+             ld.proc)
+
+
 def test_cpu_offline_and_online_restart_in_the_same_process() -> None:
     cpu = max(int(p.name[3:]) for p in CPU_SYSFS.glob("cpu[0-9]*"))
     dmesg_before = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
@@ -48,22 +60,12 @@ def test_cpu_offline_and_online_restart_in_the_same_process() -> None:
         ld.wait_model_ready()
         load = stress(60, cpus=2)
         try:
-            time.sleep(3)
-            set_online(cpu, False)
-            took_off = wait_reattached(ld, 1, f"cpu{cpu} went offline")
-            print(f"cpu{cpu} offline: mlsched enabled again after {took_off:.2f} s")
-            wait_for(lambda: ld.stats()["loader_restarts"] == 1, RESTART_WAIT_S,
-                     "the restart count", ld.proc)
+            hotplug(ld, cpu, False, 1)
             # The stats socket outlives the restart and reads the new scheduler's maps.
             stats_client = Client(STATS_SOCKET)
             assert stats_client.request("stats")["args"]["resp"]["restarts_total"] == 1
             stats_client.close()
-            time.sleep(3)
-            set_online(cpu, True)
-            took_on = wait_reattached(ld, 2, f"cpu{cpu} came back")
-            print(f"cpu{cpu} online: mlsched enabled again after {took_on:.2f} s")
-            wait_for(lambda: ld.stats()["loader_restarts"] == 2, RESTART_WAIT_S,
-                     "the restart count", ld.proc)
+            hotplug(ld, cpu, True, 2)
         finally:
             set_online(cpu, True)
             load.kill()

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from loader import contract, kernel_mlp, libbpf
+from loader.backends import DenseLayer, NumpyModel
 from loader.bpfmaps import write_struct
-from loader.fastpath import DenseLayer, NumpyModel
 
 REPO = Path(__file__).resolve().parents[2]
 MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"

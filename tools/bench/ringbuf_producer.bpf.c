@@ -12,7 +12,7 @@
  * Keys walk a counter through realistic field ranges (cpu 0..255, idle and
  * busy 0..31, dst load 0..15 below a full source domain), so 4 M consecutive
  * records carry distinct keys and every record asks the model for a decision.
- * The "decisions" map mirrors the scheduler's (LRU hash, 64 Ki entries).
+ * The "candidates" and "decisions" maps are the scheduler's own (mlsched_maps.bpf.h).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -21,17 +21,7 @@
 
 char _license[] SEC("license") = "GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, MLSCHED_RINGBUF_DEFAULT_BYTES);
-} candidates SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, u64);
-	__type(value, u32);
-} decisions SEC(".maps");
+#include "mlsched_maps.bpf.h"
 
 /* Totals since load; one struct so that user space reads .bss with a fixed layout. */
 struct producer_totals {

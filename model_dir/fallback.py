@@ -3,7 +3,7 @@
 For the layers above (training, evaluation, the dataset reader), on arrays:
 
 - fallback_migrate() is fallback_migrate() of the BPF side: `keep`, `migrate`, or the
-  heuristic (contract.heuristic_migrate, mlsched_heuristic in bpf/mlsched_policy.h, checked
+  heuristic (heuristic_migrate(), mlsched_heuristic in bpf/mlsched_policy.h, checked
   against the compiled C by tests/host/test_policy.py): migrate when src_load_q >= dst_load_q +
   LOAD_SCALE / 4 and the destination domain has an idle CPU. A pure function of a candidate's
   features, so it can be recomputed from any row or decision key.
@@ -30,8 +30,11 @@ PROPENSITY_SCALE = 2 * contract.EXPLORE_SCALE  # propensities are exact in these
 
 def heuristic_migrate(cpu_idle: np.ndarray, src_load_q: np.ndarray, dst_load_q: np.ndarray
                       ) -> np.ndarray:
-    """The kernel's heuristic on quantized features: bool array, True = migrate."""
-    return contract.heuristic_migrate(src_load_q, dst_load_q, cpu_idle)
+    """The kernel's heuristic on quantized features (mlsched_heuristic in
+    bpf/mlsched_policy.h): bool array, True = migrate."""
+    src = np.asarray(src_load_q, dtype=np.int64)
+    dst = np.asarray(dst_load_q, dtype=np.int64)
+    return (src >= dst + HEURISTIC_GAP_Q) & (np.asarray(cpu_idle) > 0)
 
 
 def fallback_migrate(policy: contract.Fallback | int, cpu_idle: np.ndarray,
@@ -59,7 +62,7 @@ def heuristic_from_features(x: np.ndarray) -> np.ndarray:
 
 
 def explore_q_for(p: float) -> int:
-    """Config.EXPLORE for an exploration probability p (what mlsched-collect writes)."""
+    """The explore setting for an exploration probability p (what mlsched-collect writes)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"exploration probability must be in [0, 1], not {p}")
     return round(p * contract.EXPLORE_SCALE)
@@ -70,7 +73,7 @@ def propensity_q(action: np.ndarray, fallback_action: np.ndarray, explore_q: np.
     """The logging policy's probability of the action taken, in 1/PROPENSITY_SCALE units.
 
     action: what was done (0 keep, 1 migrate); fallback_action: what the fallback would have
-    done for these features; explore_q: Config.EXPLORE, P in 1/EXPLORE_SCALE units. int64.
+    done for these features; explore_q: the explore setting, P in 1/EXPLORE_SCALE units. int64.
     """
     explore = np.asarray(explore_q, dtype=np.int64)
     same = np.asarray(action, dtype=np.int64) == np.asarray(fallback_action, dtype=np.int64)
