@@ -2,7 +2,7 @@
 
 usage: python -m tools.bench [--rounds N] [--scale X] [--quick] [--skip-host] [--skip-vm]
 
-Steps (progress on stdout; about 30 min with 5 rounds on this 2-core machine, --quick < 10):
+Steps (progress on stdout; about 41 min with 5 rounds on this 2-core machine, --quick < 10):
   1. the C code base of the build workload (generated, deterministic) in build/bench/cbase
   2. the decision pipeline on the host: python -m tools.bench.pipeline (numpy backend, event ->
      map at 1 k, 10 k, 100 k and 1 M offered/s)
@@ -49,7 +49,7 @@ WORKLOAD_TOOLS = (("gcc", "gcc"), ("make", "make"), ("perf", "linux-perf"),
                   ("stress-ng", "stress-ng"), ("bpftool", "bpftool"))
 
 EXAMPLES = """examples:
-  make bench                                   # 5 rounds, about 30 min
+  make bench                                   # 5 rounds, about 41 min
   make bench BENCH_ARGS='--rounds 3'           # shorter, still with intervals
   python -m tools.bench --quick                # 1 round, smaller loads: < 10 min
   python -m tools.bench --skip-host --rounds 2 --configs eevdf,trained

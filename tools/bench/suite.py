@@ -114,13 +114,24 @@ def configs(trained: Path) -> list[Config]:
 class Pinned:
     """mlsched's counters and loader figures from its pinned maps."""
 
+    @staticmethod
+    def paths() -> list[str]:
+        from loader import contract
+
+        return [os.path.join(contract.PIN_DIR, m)
+                for m in (contract.MAP_COUNTERS, contract.MAP_LOADER_STATS)]
+
+    @classmethod
+    def ready(cls) -> bool:
+        """Both maps pinned (the loader makes the directory first, then pins one by one)."""
+        return all(os.path.exists(p) for p in cls.paths())
+
     def __init__(self) -> None:
         from loader import contract, libbpf
         from loader.bpfmaps import PerCpuU64Array, U64Array
 
         self.contract = contract
-        self._fds = [libbpf.obj_get(os.path.join(contract.PIN_DIR, m))
-                     for m in (contract.MAP_COUNTERS, contract.MAP_LOADER_STATS)]
+        self._fds = [libbpf.obj_get(p) for p in self.paths()]
         self.counters = PerCpuU64Array(self._fds[0], contract.NR_COUNTERS)
         self.loader_stats = U64Array(self._fds[1], contract.NR_LOADER_STATS)
 
@@ -183,10 +194,14 @@ class Attached(SchedProcess):
         self.cfg = cfg
         self.pinned: Pinned | None = None
         super().__init__(cfg.name, cfg.cmd, cfg.ops, log_path, ATTACH_TIMEOUT_S,
-                         (lambda: os.path.isdir("/sys/fs/bpf/mlsched")) if cfg.mlsched else None)
+                         Pinned.ready if cfg.mlsched else None)
         self.model_s: float | None = None
         if cfg.mlsched:
-            self.pinned = Pinned()
+            try:
+                self.pinned = Pinned()
+            except Exception as e:  # loader.libbpf.LibbpfError, OSError: leave no loader behind
+                self.stop()
+                raise RuntimeError(f"{cfg.name}: its pinned maps: {e}") from e
             if cfg.wait_model:
                 pinned = self.pinned
                 self.wait(lambda: pinned.snapshot()["loader_model_ready"] == 1,
