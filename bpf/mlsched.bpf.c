@@ -47,7 +47,7 @@ char _license[] SEC("license") = "GPL";
 #define WATCHDOG_TIMEOUT_MS	5000
 /* Domain loads and the domain ranking are recomputed at most this often. */
 #define REFRESH_NS		(1000ULL * 1000)
-/* Default starvation guard when the loader sets none: four default slices. */
+/* The starvation guard's default (starve_ns' initialiser): four default slices. */
 #define STARVE_NS_DFL		(80ULL * 1000 * 1000)
 
 /*

@@ -232,6 +232,7 @@ class BpfObject:
         self.path = path
         self.loaded = False
         self._mmaps: dict[str, mmap.mmap] = {}
+        self._vars: dict[str, dict[str, tuple[int, int]]] = {}
 
     def _map(self, name: str) -> int:
         m = _lib.bpf_object__find_map_by_name(self._obj, name.encode())
@@ -275,7 +276,9 @@ class BpfObject:
         """A global variable of a data section by name, its own size's unsigned integer unless
         ctype is given: before load in the initial value; after load (.bss, .data) in the map
         itself, mmapped, where the program's stores are seen and ours reach it."""
-        found = self.btf().datasec_vars(section).get(name)
+        if section not in self._vars:  # one walk of the section's BTF per object
+            self._vars[section] = self.btf().datasec_vars(section)
+        found = self._vars[section].get(name)
         if found is None:
             raise LibbpfError(f"{self.path}: no variable {name!r} in {section}")
         off, size = found

@@ -156,7 +156,6 @@ class Scheduler:
             raise
         fd = self.obj.map_fd
         self.ringbuf_fd = fd(contract.MAP_CANDIDATES)
-        self.grid_dims = grid
         self.counters = PerCpuU64Array(fd(contract.MAP_COUNTERS), contract.NR_COUNTERS)
         self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
         self.loader_stats.set(contract.LoaderStat.GRID_KEYS,
