@@ -1,4 +1,4 @@
-"""The decision pipeline: candidate records -> batches -> model -> one batch map update."""
+"""The decision pipeline: candidate records -> batches -> model -> one table write per batch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,10 +15,12 @@ from loader import contract
 from loader.backends import Predictor
 from loader.table import DecisionTable
 
-log = logging.getLogger("mlsched.pipeline")
+if TYPE_CHECKING:
+    from loader.bpfmaps import RingBufferReader
 
-# Keys waiting for a model are capped: past this the kernel pushes them again later.
-MAX_WAITING_KEYS = 65536
+log = logging.getLogger("mlsched.pipeline")
+MAX_WAITING_KEYS = 65536  # past this the kernel pushes a key again later (resubmit)
+ACTIVE_S = 0.1  # records came this recently: the ring may hold some it did not wake us for
 
 
 @dataclass
@@ -34,121 +36,97 @@ class PipelineStats:
     ev_lat_ns_sum: int = 0
     table_entries: int = 0
     # log2 latency histograms, rows as contract.Hist (cumulative since attach)
-    hist: np.ndarray = field(
-        default_factory=lambda: np.zeros((contract.NR_HISTS, contract.HIST_BUCKETS), np.uint64)
-    )
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(
+        (contract.NR_HISTS, contract.HIST_BUCKETS), np.uint64))
 
 
 class DecisionPipeline:
-    """Collects candidate keys, runs the model on batches, writes decisions in one update.
+    """Collects candidate keys, runs the model on batches, writes the decisions.
 
-    Until a model is set (it loads in the background) keys only accumulate; the kernel's
-    fallback serves those candidates meanwhile.
+    Until a model is set (it loads in the background) keys only accumulate while the kernel's
+    fallback serves them. The model thread sets a model; the loop's thread, which alone writes
+    the table, takes it at its next turn.
     """
 
     def __init__(self, table: DecisionTable, batch_size: int, max_wait_s: float) -> None:
-        self.table = table
-        self.batch_size = batch_size
-        self.max_wait_s = max_wait_s
+        self.table, self.batch_size, self.max_wait_s = table, batch_size, max_wait_s
         self.stats = PipelineStats()
-        self._model: Predictor | None = None
-        self._lock = threading.Lock()
-        # key -> BPF timestamp (ns, CLOCK_MONOTONIC) of its first record, insertion ordered
-        self._waiting: dict[int, int] = {}
-        self._oldest_s = 0.0
-        self._errors_logged: set[str] = set()
-        # Set by the model thread (load or reload), taken by the decision loop's thread,
-        # which alone writes the table.
-        self._next_model: tuple[Predictor, object] | None = None
+        self.model: Predictor | None = None
         self.precompute_pending = False
-        self.last_record_s = 0.0  # when the last record arrived (monotonic s)
+        self.last_record_s = 0.0  # monotonic s of the last record
+        self._waiting: dict[int, int] = {}  # key -> BPF ns of its first record, in order
+        self._oldest_s = 0.0
+        self._next: tuple[Predictor, object] | None = None
+        self._lock = threading.Lock()
+        self._errors_logged: set[str] = set()
 
     def rebind(self, table: DecisionTable) -> None:
         """A new attach (after a hotplug restart): a new, empty table; the model stays."""
-        self.table = table
+        self.table, self.stats.table_entries = table, 0
         self._waiting.clear()
-        self.stats.table_entries = 0
-        self.precompute_pending = self._model is not None
+        self.precompute_pending = self.model is not None
 
     def set_model(self, model: Predictor, info: object = None) -> None:
-        """Called from the model thread; the loop switches at its next turn (take_model)."""
         with self._lock:
-            self._next_model = (model, info)
+            self._next = (model, info)
 
     def take_model(self) -> tuple[Predictor, object] | None:
-        """Switch to a model set since the last call: a reload starts a new table
-        generation (the fallback serves until the new model has decided).
-        Returns (model, info) when it switched."""
+        """Switch to the model set since the last call; (model, info) when it switched. A reload
+        starts a new table generation: the fallback serves until the new model decided."""
         with self._lock:
-            pending, self._next_model = self._next_model, None
-        if pending is None:
-            return None
-        model = pending[0]
-        if self._model is not None:
-            self.table.new_generation()
-            self._waiting.clear()
-        self._model = model
-        self.precompute_pending = True
+            pending, self._next = self._next, None
+        if pending is not None:
+            if self.model is not None:
+                self.table.new_generation()
+                self._waiting.clear()
+            self.model, self.precompute_pending = pending[0], True
         return pending
 
     def precompute(self, chunk: int = 65536) -> int:
-        """Decide every key of the dense grid in one pass (nothing when there is no grid)."""
+        """Decide every key of the dense grid in one pass (none without a grid, or when the
+        kernel decides: --inference kernel)."""
         self.precompute_pending = False
-        grid = self.table.grid
-        # --inference kernel: the scheduler fills the table itself, on demand.
-        if self._model is None or grid is None or self._model.kind == contract.Backend.KERNEL:
+        grid, written = self.table.grid, 0
+        if self.model is None or grid is None or self.model.kind == contract.Backend.KERNEL:
             return 0
-        written = 0
         for start in range(0, grid.size, chunk):
-            keys = contract.grid_keys(*grid.dims, start, min(start + chunk, grid.size))
-            written += self._decide(keys, None)
+            stop = min(start + chunk, grid.size)
+            written += self._decide(contract.grid_keys(*grid.dims, start, stop), None)
         self._waiting.clear()
         return written
-
-    @property
-    def model(self) -> Predictor | None:
-        return self._model
 
     def on_record(self, data: bytes) -> None:
         rec = contract.Candidate.from_buffer_copy(data)
         self.stats.records += 1
         self.last_record_s = time.monotonic()
-        if rec.key in self._waiting or (self._model is not None
-                                        and self.table.is_decided(rec.key)):
-            return
-        if len(self._waiting) >= MAX_WAITING_KEYS:
+        if (rec.key in self._waiting or len(self._waiting) >= MAX_WAITING_KEYS
+                or self.model is not None and self.table.is_decided(rec.key)):
             return
         if not self._waiting:
-            self._oldest_s = time.monotonic()
+            self._oldest_s = self.last_record_s
         self._waiting[rec.key] = rec.ts_ns
 
     def filling(self) -> bool:
-        """A batch is being filled: keys wait and a model is there to decide them."""
-        return self._model is not None and bool(self._waiting)
+        """Keys wait and a model is there to decide them."""
+        return self.model is not None and bool(self._waiting)
 
     def full(self) -> bool:
-        """A whole batch is waiting."""
         return len(self._waiting) >= self.batch_size
 
     def due(self) -> bool:
-        """A batch is due when it is full or its oldest key waited max_wait_s."""
-        if self._model is None or not self._waiting:
-            return False
-        return (
-            len(self._waiting) >= self.batch_size
-            or time.monotonic() - self._oldest_s >= self.max_wait_s
-        )
+        """A batch is due when full or when its oldest key waited max_wait_s."""
+        return self.filling() and (
+            self.full() or time.monotonic() - self._oldest_s >= self.max_wait_s)
 
     def flush(self) -> int:
         """Decide every waiting key, batch_size at a time; returns decisions written."""
         written = 0
-        while self._model is not None and self._waiting:
+        while self.filling():
             # islice: copying the whole backlog per batch made a deep backlog quadratic.
             items = list(itertools.islice(self._waiting.items(), self.batch_size))
-            for k, _ in items:
-                del self._waiting[k]
-            keys = np.fromiter((k for k, _ in items), dtype=np.uint64, count=len(items))
-            stamps = np.fromiter((t for _, t in items), dtype=np.uint64, count=len(items))
+            for key, _ in items:
+                del self._waiting[key]
+            keys, stamps = np.array(items, dtype=np.uint64).reshape(-1, 2).T
             written += self._decide(keys, stamps)
         self._oldest_s = time.monotonic()
         return written
@@ -157,22 +135,17 @@ class DecisionPipeline:
         self.stats.model_errors += 1
         if kind not in self._errors_logged:
             self._errors_logged.add(kind)
-            log.error(
-                "model error (%s): %s; this batch's decisions are not written "
-                "(logged once per kind)",
-                kind,
-                detail,
-            )
+            log.error("model error (%s): %s; this batch's decisions are not written "
+                      "(logged once per kind)", kind, detail)
 
     def _decide(self, keys: np.ndarray, stamps: np.ndarray | None) -> int:
-        """Run the model on keys and write the decisions; stamps (BPF ns) feed the event
-        latency, None for keys no candidate asked for (precompute)."""
-        model = self._model
-        assert model is not None
-        x = contract.unpack_keys(keys)
+        """Run the model on keys and write the decisions; stamps (BPF ns, CLOCK_MONOTONIC like
+        time.monotonic_ns) give the event latency, None for keys nobody asked for yet."""
+        assert self.model is not None
         t0 = time.monotonic_ns()
         try:
-            prob = np.asarray(model.predict(x), dtype=np.float32).reshape(-1)
+            prob = np.asarray(self.model.predict(contract.unpack_keys(keys)),
+                              dtype=np.float32).reshape(-1)
         except Exception as e:  # any backend failure: keep the scheduler, skip the batch
             self._model_error(type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return 0
@@ -184,15 +157,13 @@ class DecisionPipeline:
             return 0
         self.table.write(keys, prob > contract.MIGRATE_THRESHOLD)
         done = time.monotonic_ns()
-        spent = done - t0
-        s = self.stats
+        s, spent = self.stats, done - t0
         s.batches += 1
         s.decisions += len(keys)
         s.batch_ns_sum += spent
         s.batch_ns_max = max(s.batch_ns_max, spent)
         s.hist[contract.Hist.BATCH, contract.hist_bucket(np.array([spent]))[0]] += 1
         if stamps is not None:
-            # BPF timestamps are CLOCK_MONOTONIC, like time.monotonic_ns().
             ev_lat = np.int64(done) - stamps.astype(np.int64)
             s.ev_lat_ns_sum += int(np.sum(ev_lat))
             np.add.at(s.hist[contract.Hist.EVENT], contract.hist_bucket(ev_lat), 1)
@@ -200,20 +171,12 @@ class DecisionPipeline:
         return len(keys)
 
 
-class Ring(Protocol):
-    def poll(self, timeout_ms: int) -> int: ...
-
-    def consume(self) -> int: ...
-
-
-ACTIVE_S = 0.1  # records came this recently: the ring may hold some it did not wake us for
-
-
-def pump(ring: Ring, pipeline: DecisionPipeline, idle_ms: int, filling_ms: int) -> None:
-    """One turn of the decision loop: wait for records (briefly while a batch fills or
-    records flow, since the kernel holds back wakeups until a batch's worth or max-wait;
-    long when idle: every wakeup of the loader preempts the workload), then take everything
-    the ring holds, up to a batch, and decide it at once, so a lone candidate has no floor."""
+def pump(ring: RingBufferReader, pipeline: DecisionPipeline, idle_ms: int,
+         filling_ms: int) -> None:
+    """One turn of the decision loop: wait for records (briefly while a batch fills or records
+    flow, since the kernel holds wakeups back until a batch's worth or max-wait; long when idle:
+    each wakeup of the loader preempts the workload), then take what the ring holds, up to a
+    batch, and decide it at once, so a lone candidate has no floor."""
     active = pipeline.filling() or time.monotonic() - pipeline.last_record_s < ACTIVE_S
     got = ring.poll(filling_ms if active else idle_ms)
     if got <= 0 and active:
