@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.backends import Predictor
 from loader.table import DecisionTable
 
@@ -100,7 +100,7 @@ class DecisionPipeline:
             return 0
         written = 0
         for start in range(0, grid.size, chunk):
-            keys = contract.grid_keys(*grid.dims, start, min(start + chunk, grid.size))
+            keys = schema.grid_keys(*grid.dims, np.arange(start, min(start + chunk, grid.size)))
             written += self._decide(keys, None)
         self._waiting.clear()
         return written
@@ -169,7 +169,7 @@ class DecisionPipeline:
         latency, None for keys no candidate asked for (precompute)."""
         model = self._model
         assert model is not None
-        x = contract.unpack_keys(keys)
+        x = schema.unpack_keys(keys)
         t0 = time.monotonic_ns()
         try:
             prob = np.asarray(model.predict(x), dtype=np.float32).reshape(-1)
