@@ -1,4 +1,4 @@
-"""The BPF/Python contract, mirrored from bpf/mlsched.h.
+"""The BPF/Python contract, mirrored from bpf/mlsched.h; the feature schema is loader/schema.py.
 
 tests/host/test_contract.py parses bpf/mlsched.h and the compiled object's BTF and fails when
 this module and the C side drift. Change both together.
@@ -10,28 +10,6 @@ import ctypes
 from enum import IntEnum
 
 import numpy as np
-
-# The feature schema (key fields, shifts, scaling, model input), re-exported: one definition.
-from loader.schema import (  # noqa: F401
-    FEATURE_NAMES,
-    KEY_CPU_SHIFT,
-    KEY_DST_SHIFT,
-    KEY_FIELD_MAX,
-    KEY_IDLE_SHIFT,
-    KEY_NOT_IDLE_SHIFT,
-    KEY_SRC_SHIFT,
-    LOAD_FULL_PER_CPU,
-    LOAD_SCALE,
-    MAX_CPUS,
-    NR_FEATURES,
-    feature_grid,
-    grid_index,
-    grid_keys,
-    grid_size,
-    pack_key,
-    pack_keys,
-    unpack_keys,
-)
 
 MAX_DOMS = 64
 RINGBUF_DEFAULT_BYTES = 1 << 20
@@ -54,14 +32,8 @@ SCHED_NAME = "mlsched"
 
 # Maps pinned for mlsched-stats, under PIN_DIR.
 PIN_DIR = "/sys/fs/bpf/mlsched"
-PINNED_MAPS = (
-    MAP_COUNTERS,
-    MAP_LOADER_STATS,
-    MAP_DOM_STATS,
-    MAP_LATENCY_HIST,
-    MAP_DECISIONS,
-    MAP_DECISION_GRID,
-)
+PINNED_MAPS = (MAP_COUNTERS, MAP_LOADER_STATS, MAP_DOM_STATS, MAP_LATENCY_HIST, MAP_DECISIONS,
+               MAP_DECISION_GRID)
 
 # The enums of bpf/mlsched.h, in order from 0 (tests/host/test_contract.py checks the BTF).
 Decision = IntEnum("Decision", "KEEP MIGRATE", start=0)
@@ -110,59 +82,41 @@ UEI_VAR, UEI_DUMP_VAR, UEI_DUMP_LEN_VAR = "uei", "uei_dump", "uei_dump_len"
 UEI_DUMP_SECTION = ".data.uei_dump"
 UEI_DUMP_LEN = 32768  # scx's UEI_DUMP_DFL_LEN
 
+MLP_MAX_LAYERS, MLP_MAX_UNITS, MLP_FRAC_BITS = 3, 64, 16  # struct mlsched_mlp: weights in Q16.16
+MlpAct = IntEnum("MlpAct", "LINEAR RELU", start=0)
+# LOGIT: the final sigmoid dropped, migrate when z > 0; LINEAR: migrate when z > 0.5.
+MlpOut = IntEnum("MlpOut", "LOGIT LINEAR", start=0)
+
+
+def struct_fields(names: str, ctype: type) -> list[tuple[str, type]]:
+    """ctypes _fields_ of consecutive members of one C type, named in declaration order."""
+    return [(name, ctype) for name in names.split()]
+
 
 class Candidate(ctypes.Structure):
     """struct mlsched_candidate."""
 
     _fields_ = [
-        ("key", ctypes.c_uint64),
-        ("ts_ns", ctypes.c_uint64),
-        ("pid", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("cpu_idle", ctypes.c_uint32),
-        ("cpu_not_idle", ctypes.c_uint32),
-        ("src_dom", ctypes.c_uint32),
-        ("dst_dom", ctypes.c_uint32),
-        ("src_load_q", ctypes.c_uint32),
-        ("dst_load_q", ctypes.c_uint32),
-        ("action", ctypes.c_uint32),
-        ("source", ctypes.c_uint32),
-        ("path", ctypes.c_uint32),
-        ("prob_q16", ctypes.c_uint32),
+        *struct_fields("key ts_ns", ctypes.c_uint64),
+        *struct_fields("pid cpu cpu_idle cpu_not_idle src_dom dst_dom src_load_q dst_load_q",
+                       ctypes.c_uint32),
+        *struct_fields("action source path prob_q16", ctypes.c_uint32),
     ]
 
 
 class UserExitInfo(ctypes.Structure):
     """struct user_exit_info of the kernel's scx headers (user_exit_info_common.h)."""
 
-    _fields_ = [
-        ("kind", ctypes.c_int32),
-        ("exit_cpu", ctypes.c_int32),
-        ("exit_code", ctypes.c_int64),
-        ("reason", ctypes.c_char * 128),
-        ("msg", ctypes.c_char * 1024),
-    ]
-
-
-MLP_MAX_LAYERS = 3
-MLP_MAX_UNITS = 64
-MLP_FRAC_BITS = 16
-
-MlpAct = IntEnum("MlpAct", "LINEAR RELU", start=0)
-# LOGIT: the final sigmoid dropped, migrate when z > 0; LINEAR: migrate when z > 0.5.
-MlpOut = IntEnum("MlpOut", "LOGIT LINEAR", start=0)
+    _fields_ = [*struct_fields("kind exit_cpu", ctypes.c_int32), ("exit_code", ctypes.c_int64),
+                ("reason", ctypes.c_char * 128), ("msg", ctypes.c_char * 1024)]
 
 
 class Mlp(ctypes.Structure):
     """struct mlsched_mlp."""
 
     _fields_ = [
-        ("generation", ctypes.c_uint32),
-        ("nr_layers", ctypes.c_uint32),
-        ("out_rule", ctypes.c_uint32),
-        ("nr_in", ctypes.c_uint32 * MLP_MAX_LAYERS),
-        ("nr_out", ctypes.c_uint32 * MLP_MAX_LAYERS),
-        ("act", ctypes.c_uint32 * MLP_MAX_LAYERS),
+        *struct_fields("generation nr_layers out_rule", ctypes.c_uint32),
+        *struct_fields("nr_in nr_out act", ctypes.c_uint32 * MLP_MAX_LAYERS),
         ("weight", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_UNITS * MLP_MAX_LAYERS),
         ("bias", ctypes.c_int32 * MLP_MAX_UNITS * MLP_MAX_LAYERS),
     ]
@@ -171,13 +125,4 @@ class Mlp(ctypes.Structure):
 class DomStat(ctypes.Structure):
     """struct mlsched_dom_stat."""
 
-    _fields_ = [
-        ("nr_cpus", ctypes.c_uint32),
-        ("load_q", ctypes.c_uint32),
-        ("queued", ctypes.c_uint64),
-    ]
-
-
-CANDIDATE_DTYPE = np.dtype(
-    [(name, np.uint64 if t is ctypes.c_uint64 else np.uint32) for name, t in Candidate._fields_]
-)
+    _fields_ = [*struct_fields("nr_cpus load_q", ctypes.c_uint32), ("queued", ctypes.c_uint64)]

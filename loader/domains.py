@@ -2,57 +2,45 @@
 
 from __future__ import annotations
 
-import glob
-import os
+from contextlib import suppress
 from dataclasses import dataclass
+from itertools import pairwise
+from operator import itemgetter
+from pathlib import Path
 
-from loader import contract
+from loader import contract, schema
+
+SYSFS_CPU = Path("/sys/devices/system/cpu")
 
 
 def parse_cpu_list(text: str) -> list[int]:
     """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]."""
-    cpus: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.extend(range(int(lo), int(hi or lo) + 1))
-    return cpus
+    ranges = (part.partition("-") for part in text.strip().split(",") if part)
+    return [cpu for lo, _, hi in ranges for cpu in range(int(lo), int(hi or lo) + 1)]
 
 
-def online_cpus(sysfs: str = "/sys/devices/system/cpu") -> list[int]:
-    with open(os.path.join(sysfs, "online")) as f:
-        return parse_cpu_list(f.read())
+def online_cpus() -> list[int]:
+    return parse_cpu_list((SYSFS_CPU / "online").read_text())
 
 
-def llc_groups(cpus: list[int], sysfs: str = "/sys/devices/system/cpu") -> list[list[int]]:
+def llc_groups(cpus: list[int]) -> list[list[int]]:
     """Group CPUs by the highest-level cache they share."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for cpu in cpus:
-        best_level, shared = -1, (cpu,)
-        for index in glob.glob(os.path.join(sysfs, f"cpu{cpu}", "cache", "index*")):
-            try:
-                with open(os.path.join(index, "level")) as f:
-                    level = int(f.read())
-                with open(os.path.join(index, "shared_cpu_list")) as f:
-                    members = tuple(parse_cpu_list(f.read()))
-            except OSError:
-                continue
-            if level > best_level:
-                best_level, shared = level, members
-        groups.setdefault(shared, []).append(cpu)
+        caches = [(-1, (cpu,))]  # (level, the CPUs sharing it); no cache info: a group of one
+        for index in (SYSFS_CPU / f"cpu{cpu}" / "cache").glob("index*"):
+            with suppress(OSError):
+                members = tuple(parse_cpu_list((index / "shared_cpu_list").read_text()))
+                caches.append((int((index / "level").read_text()), members))
+        groups.setdefault(max(caches, key=itemgetter(0))[1], []).append(cpu)
     return sorted(groups.values())
 
 
 def equal_slices(cpus: list[int], n: int) -> list[list[int]]:
     """Split CPUs into n contiguous slices whose sizes differ by at most one."""
     base, extra = divmod(len(cpus), n)
-    out, start = [], 0
-    for i in range(n):
-        size = base + (1 if i < extra else 0)
-        out.append(cpus[start : start + size])
-        start += size
-    return out
+    starts = [i * base + min(i, extra) for i in range(n + 1)]
+    return [cpus[start:stop] for start, stop in pairwise(starts)]
 
 
 @dataclass
@@ -70,11 +58,9 @@ class DomainPlan:
         return max(len(d) for d in self.domains)
 
     def cpu_to_dom(self) -> list[int]:
-        table = [0] * self.nr_cpus
-        for dom, cpus in enumerate(self.domains):
-            for cpu in cpus:
-                table[cpu] = dom
-        return table
+        """Each CPU id's domain (0 for an id no domain holds)."""
+        dom_of = {cpu: dom for dom, cpus in enumerate(self.domains) for cpu in cpus}
+        return [dom_of.get(cpu, 0) for cpu in range(self.nr_cpus)]
 
 
 class DomainError(ValueError):
@@ -88,8 +74,8 @@ def plan_domains(requested: int | None, cpus: list[int] | None = None) -> Domain
     machine in two (as in the test VM), which is what makes mlsched's decisions visible.
     """
     cpus = online_cpus() if cpus is None else cpus
-    if max(cpus) >= contract.MAX_CPUS:
-        raise DomainError(f"CPU {max(cpus)} is beyond the {contract.MAX_CPUS} CPUs supported")
+    if max(cpus) >= schema.MAX_CPUS:
+        raise DomainError(f"CPU {max(cpus)} is beyond the {schema.MAX_CPUS} CPUs supported")
     if requested is not None:
         if requested > len(cpus):
             raise DomainError(f"--domains {requested}: this machine has only {len(cpus)} CPUs")
@@ -97,7 +83,7 @@ def plan_domains(requested: int | None, cpus: list[int] | None = None) -> Domain
             raise DomainError(f"--domains {requested}: at most {contract.MAX_DOMS} supported")
         return DomainPlan(equal_slices(cpus, requested), f"{requested} equal slices (--domains)")
     llcs = llc_groups(cpus)
-    if len(llcs) > 1 and len(llcs) <= contract.MAX_DOMS:
+    if 1 < len(llcs) <= contract.MAX_DOMS:
         return DomainPlan(llcs, f"{len(llcs)} LLC domains")
-    n = 2 if len(cpus) >= 2 else 1
+    n = min(len(cpus), 2)
     return DomainPlan(equal_slices(cpus, n), f"one LLC: {n} equal slices (set with --domains)")

@@ -79,7 +79,7 @@ def quantize(model: NumpyModel) -> QuantizedMlp:
 
 def agreement(q: QuantizedMlp, model: NumpyModel, keys: np.ndarray) -> float:
     """Share of keys on which the fixed-point and the float network decide alike."""
-    want = model.predict(contract.unpack_keys(keys)) > contract.MIGRATE_THRESHOLD
+    want = model.predict(schema.unpack_keys(keys)) > contract.MIGRATE_THRESHOLD
     return float(np.mean(q.decide(keys) == want)) if len(keys) else 1.0
 
 
@@ -108,7 +108,7 @@ def prepare(path: Path, nr_cpus: int, dom_cpus: int) -> QuantizedMlp:
     q, size = quantize(model), schema.grid_size(nr_cpus, dom_cpus)
     idx = np.arange(size) if size <= SAMPLE_KEYS else np.unique(
         np.random.default_rng(0).integers(0, size, SAMPLE_KEYS))
-    keys = schema.grid_keys_at(idx, nr_cpus, dom_cpus)
+    keys = schema.grid_keys(nr_cpus, dom_cpus, idx)
     if (share := agreement(q, model, keys)) < MIN_AGREEMENT:
         raise ModelError(f"--inference kernel: the fixed-point network agrees with the model on "
                          f"{share:.3%} of {len(keys)} keys, under {MIN_AGREEMENT:.1%}")

@@ -5,10 +5,7 @@ attach waits for them; loader.main drops SCHED_FIFO once the scheduler is attach
 standard library's os is imported here.
 """
 
-from __future__ import annotations
-
 import os
-import sys
 
 
 def main() -> int:
@@ -18,9 +15,8 @@ def main() -> int:
         except OSError:
             pass  # only the start-up gets slower
     from loader.main import main as loader_main
-
     return loader_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

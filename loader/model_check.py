@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from loader import contract
+from loader import contract, schema
 
 SIGNATURE_KEY = "serving_default"
 FASTPATH_FILE, FASTPATH_VERSION = "assets/mlsched_fastpath.npz", 1
@@ -200,9 +200,9 @@ def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
     if len(sig.inputs) != 1 or len(sig.outputs) != 1:
         raise ModelError(f"{path}: expected 1 input and 1 output, got {len(sig.inputs)} and "
                          f"{len(sig.outputs)} (the contract is features "
-                         f"[?, {contract.NR_FEATURES}] -> [?, 1])")
+                         f"[?, {schema.NR_FEATURES}] -> [?, 1])")
     (input_key, inp), (output_key, out) = *sig.inputs.items(), *sig.outputs.items()
-    _check_tensor(path, "input", inp, contract.NR_FEATURES, "build the model on a float32 "
+    _check_tensor(path, "input", inp, schema.NR_FEATURES, "build the model on a float32 "
                   f"keras.Input named {contract.MODEL_INPUT_KEY!r}")
     _check_tensor(path, "output", out, 1, "end with Dense(1, activation='sigmoid')")
     digest = model_digest(path)

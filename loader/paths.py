@@ -5,8 +5,6 @@ model model_dir/model_path in loader/model/ (pyproject.toml); a checkout uses it
 model_dir/, so `make bpf` is seen at once. --bpf-obj and --model name any other.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.backends import Predictor
 from loader.table import DecisionTable
 
@@ -90,8 +90,8 @@ class DecisionPipeline:
         if self.model is None or grid is None or self.model.kind == contract.Backend.KERNEL:
             return 0
         for start in range(0, grid.size, chunk):
-            stop = min(start + chunk, grid.size)
-            written += self._decide(contract.grid_keys(*grid.dims, start, stop), None)
+            keys = schema.grid_keys(*grid.dims, np.arange(start, min(start + chunk, grid.size)))
+            written += self._decide(keys, None)
         self._waiting.clear()
         return written
 
@@ -144,7 +144,7 @@ class DecisionPipeline:
         assert self.model is not None
         t0 = time.monotonic_ns()
         try:
-            prob = np.asarray(self.model.predict(contract.unpack_keys(keys)),
+            prob = np.asarray(self.model.predict(schema.unpack_keys(keys)),
                               dtype=np.float32).reshape(-1)
         except Exception as e:  # any backend failure: keep the scheduler, skip the batch
             self._model_error(type(e).__name__, str(e).splitlines()[0] if str(e) else "")

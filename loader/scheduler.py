@@ -11,7 +11,7 @@ import stat
 import threading
 import time
 
-from loader import contract, libbpf
+from loader import contract, libbpf, schema
 from loader.bpfmaps import DecisionMap, PerCpuU64Array, U64Array, write_struct
 from loader.domains import DomainPlan
 from loader.kernel_mlp import QuantizedMlp
@@ -159,7 +159,7 @@ class Scheduler:
         self.counters = PerCpuU64Array(fd(contract.MAP_COUNTERS), contract.NR_COUNTERS)
         self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
         self.loader_stats.set(contract.LoaderStat.GRID_KEYS,
-                              contract.grid_size(*grid) if grid else 0)
+                              schema.grid_size(*grid) if grid else 0)
         self.latency_hist = U64Array(
             fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
         )

@@ -28,7 +28,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from loader import contract
+from loader import contract, schema
 from loader.cli import interval_s
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
         "event_latency_p99_us": pct(contract.Hist.EVENT, 0.99),
         "event_latency_avg_us": ratio(d("loader", LS.EV_LAT_NS_SUM) / 1000, decisions, 3)}
     return {f.name: out[f.name] for f in FIELDS if out.get(f.name) is not None} | {"domains": {
-        str(i): {"nr_cpus": nr, "load": round(q / contract.LOAD_SCALE, 4), "queued": queued}
+        str(i): {"nr_cpus": nr, "load": round(q / schema.LOAD_SCALE, 4), "queued": queued}
         for i, (nr, q, queued) in enumerate(cur.doms)}}
 
 

@@ -23,16 +23,16 @@ GridDims = tuple[int, int]  # (nr_cpus, dom_cpus) of the grid
 
 def grid_dims(nr_cpus: int, max_dom_cpus: int) -> GridDims | None:
     """The grid for this machine's domains, or None when it is too large (the hash serves)."""
-    if max_dom_cpus > contract.KEY_FIELD_MAX:
+    if max_dom_cpus > schema.KEY_FIELD_MAX:
         return None
-    if contract.grid_size(nr_cpus, max_dom_cpus) > contract.GRID_MAX_KEYS:
+    if schema.grid_size(nr_cpus, max_dom_cpus) > contract.GRID_MAX_KEYS:
         return None
     return nr_cpus, max_dom_cpus
 
 
 def grid_words(dims: GridDims | None) -> int:
     """u64 words of the decision_grid map (at least one: BPF arrays are never empty)."""
-    return 1 if dims is None else max(1, -(-contract.grid_size(*dims) // 8))
+    return 1 if dims is None else max(1, -(-schema.grid_size(*dims) // 8))
 
 
 def grid_indices(keys: np.ndarray, dims: GridDims) -> np.ndarray:
@@ -45,7 +45,7 @@ class DecisionGrid:
 
     def __init__(self, fd: int, dims: GridDims) -> None:
         self.dims = dims
-        self.size = contract.grid_size(*dims)
+        self.size = schema.grid_size(*dims)
         length = grid_words(dims) * 8
         page = mmap.PAGESIZE
         self._mm = mmap.mmap(fd, -(-length // page) * page, mmap.MAP_SHARED,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from loader import contract
+from loader import schema
 from loader.backends import NumpyModel
 
 DEFAULT_HIDDEN: tuple[int, ...] = (64, 64)
@@ -34,7 +34,7 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 
 def describe(hidden: tuple[int, ...]) -> str:
     """'10 -> 64 relu -> 64 relu -> 1 sigmoid', as describe_stack() prints a model."""
-    return " -> ".join([str(contract.NR_FEATURES), *(f"{w} relu" for w in hidden), "1 sigmoid"])
+    return " -> ".join([str(schema.NR_FEATURES), *(f"{w} relu" for w in hidden), "1 sigmoid"])
 
 
 def describe_stack(model: NumpyModel) -> str:

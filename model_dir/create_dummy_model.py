@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from loader import cli, contract
+from loader import cli, contract, schema
 from loader.backends import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import ModelError, ModelInfo
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
@@ -56,7 +56,7 @@ def build_model(seed: int, hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> keras.Mo
     import_tensorflow()
     import keras
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     x = inputs
     layers = [*((w, "relu") for w in hidden), (1, "sigmoid")]
     for i, (units, activation) in enumerate(layers):
@@ -96,7 +96,7 @@ def calibrate(model: keras.Model) -> None:
     first.set_weights([kernel * FEATURE_SCALE[:, None], bias])
 
     z_vm, z_wide = (
-        np.sort(_logits(model).predict(contract.unpack_keys(contract.feature_grid(*grid))))
+        np.sort(_logits(model).predict(schema.unpack_keys(schema.feature_grid(*grid))))
         for grid in (VM_GRID, WIDE_GRID)
     )
     z = np.unique(np.concatenate([z_vm, z_wide]))

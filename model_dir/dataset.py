@@ -20,7 +20,7 @@ run time in it). The reader recomputes every propensity from the row (model_dir/
 refuses a file whose propensities or fallback actions disagree with the kernel's policy.
 
 The model input is computed as the loader computes it: the features are packed into the
-kernel's decision key and unpacked by contract.unpack_keys(), so loads reach the model as
+kernel's decision key and unpacked by schema.unpack_keys(), so loads reach the model as
 load_q / LOAD_SCALE. read_dataset() refuses a malformed file with a one-line DatasetError
 naming the line.
 """
@@ -125,7 +125,7 @@ class Dataset:
 
     def features(self) -> np.ndarray:
         """Model input float32 [n, 10]: exactly what the loader feeds for these candidates."""
-        return contract.unpack_keys(self.keys())
+        return schema.unpack_keys(self.keys())
 
     def heuristic(self) -> np.ndarray:
         """What the kernel's heuristic fallback decides for every row: bool [n]."""

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loader import contract
+from loader import contract, schema
 from loader.backends import Predictor, open_backend
 from loader.model_check import (
     MANIFEST_FILE,
@@ -87,9 +87,9 @@ def with_contract_input(model: keras.Model) -> keras.Model:
     name = getattr(spec, "name", "")
     if name == contract.MODEL_INPUT_KEY:
         return model
-    if tuple(spec.shape) != (None, contract.NR_FEATURES) or str(spec.dtype) != "float32":
+    if tuple(spec.shape) != (None, schema.NR_FEATURES) or str(spec.dtype) != "float32":
         return model
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     return keras.Model(inputs, model(inputs), name=f"{model.name}_features")
 
 

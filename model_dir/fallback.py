@@ -24,7 +24,7 @@ import numpy as np
 
 from loader import contract, schema
 
-HEURISTIC_GAP_Q = contract.LOAD_SCALE // 4  # the load gap, in quanta, the heuristic needs
+HEURISTIC_GAP_Q = schema.LOAD_SCALE // 4  # the load gap, in quanta, the heuristic needs
 PROPENSITY_SCALE = 2 * contract.EXPLORE_SCALE  # propensities are exact in these units
 
 
@@ -56,7 +56,7 @@ def load_quanta(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def heuristic_from_features(x: np.ndarray) -> np.ndarray:
-    """The heuristic on model inputs as contract.unpack_keys() makes them: bool [n]."""
+    """The heuristic on model inputs as schema.unpack_keys() makes them: bool [n]."""
     f = schema.fields_of_features(np.asarray(x))
     return heuristic_migrate(f["cpu_idle"], f["src_load_q"], f["dst_load_q"])
 

@@ -114,7 +114,7 @@ def extract_dense_stack(graph_def: Any, input_name: str, output_name: str) -> li
         kind, kernel = steps[i]
         if kind != "matmul":
             raise NotDenseStack(f"a {kind} step where a MatMul should start a layer")
-        width_in = layers[-1].kernel.shape[1] if layers else contract.NR_FEATURES
+        width_in = layers[-1].kernel.shape[1] if layers else schema.NR_FEATURES
         if kernel.shape[0] != width_in:
             raise NotDenseStack(f"kernel {list(kernel.shape)} after width {width_in}")
         bias = np.zeros(kernel.shape[1], np.float32)
@@ -287,6 +287,6 @@ def grid_decisions(
     predict: Callable[[np.ndarray], np.ndarray], nr_cpus: int, max_dom_cpus: int
 ) -> tuple[int, int]:
     """(migrate, keep) counts of a model over every key of one machine's feature grid."""
-    p = predict(contract.unpack_keys(contract.feature_grid(nr_cpus, max_dom_cpus)))
+    p = predict(schema.unpack_keys(schema.feature_grid(nr_cpus, max_dom_cpus)))
     migrate = int(np.count_nonzero(p > contract.MIGRATE_THRESHOLD))
     return migrate, len(p) - migrate

@@ -5,7 +5,7 @@ usage: model_dir/model_export.py [--objective label|imitate|policy] [--data FILE
 
 The network is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the
 hidden widths). Every objective goes through the same path: rows are packed into the kernel's
-decision keys and unpacked with contract.unpack_keys(), so the model learns on exactly the
+decision keys and unpacked with schema.unpack_keys(), so the model learns on exactly the
 inputs the loader will feed it; training stops early when the validation loss has not improved
 for a few epochs, and the best epoch's weights (a checkpoint) are the ones exported with
 model.export() (input `features`), checked as the loader checks them, and given the verified
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from loader import cli, contract
+from loader import cli, contract, schema
 from loader.backends import import_tensorflow
 from loader.model_check import ModelError
 from model_dir import fallback, offpolicy
@@ -122,7 +122,7 @@ def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def build_model(hidden: tuple[int, ...] = DEFAULT_HIDDEN) -> keras.Model:
     import keras
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     x = inputs
     layers = [*((w, "relu") for w in hidden), (1, "sigmoid")]
     for i, (units, activation) in enumerate(layers):
@@ -397,7 +397,7 @@ def _run_label(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str
     predicted_val = decide(x[val_idx]).astype(np.uint8)
     accuracy = report_validation(y[val_idx], predicted_val)
     rule_val = rule_from_features(x[val_idx])
-    grid = contract.unpack_keys(contract.feature_grid(*RULE_GRID))
+    grid = schema.unpack_keys(schema.feature_grid(*RULE_GRID))
     predicted_grid = decide(grid)
     nr_val_diff = int(np.count_nonzero(predicted_val != rule_val))
     nr_grid_diff = int(np.count_nonzero(predicted_grid != rule_from_features(grid)))
@@ -420,7 +420,7 @@ def _run_imitate(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[s
     keys = np.unique(dataset.keys())
     if len(keys) < 2:
         raise DatasetError(f"{dataset.source}: {len(keys)} distinct key, need 2 to hold one out")
-    x = contract.unpack_keys(keys)
+    x = schema.unpack_keys(keys)
     y = fallback.heuristic_from_features(x).astype(np.uint8)
     nr_migrate = int(y.sum())
     if nr_migrate in (0, len(y)):
@@ -450,7 +450,7 @@ def _run_imitate(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[s
     )
     figures = {"heldout_agreement": agreement, "keys": float(len(keys))}
     for grid in (VM_GRID, RULE_GRID):
-        gx = contract.unpack_keys(contract.feature_grid(*grid))
+        gx = schema.unpack_keys(schema.feature_grid(*grid))
         same = decide(gx) == fallback.heuristic_from_features(gx)
         log.info(
             "agreement on every key of the %d-CPU grid (%d per domain): %s",
@@ -555,7 +555,7 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
         ("lower, the interval excludes 0" if diff.hi < 0 else
          "higher, the interval excludes 0" if diff.lo > 0 else "the interval includes 0"),
     )
-    grid = contract.unpack_keys(contract.feature_grid(*RULE_GRID))
+    grid = schema.unpack_keys(schema.feature_grid(*RULE_GRID))
     g_learned = decide(grid)
     log.info(
         "on every key of the %d-CPU grid (%d per domain): migrates on %.1f %% (heuristic "
@@ -621,21 +621,21 @@ def _run_safe_policy(dataset: Dataset, output: Path, opts: dict[str, Any],
         log.info("  %-62s %5d rows  %+9.4f se %.4f  -> %s",
                  offpolicy.describe_bucket(e.level, e.bucket), e.rows, e.mean, e.se, verdict)
     # The examples, each labeled by the table: every key of a small machine's grid; as many
-    # random keys of machines up to contract.MAX_CPUS CPUs (where the heuristic's rule holds
+    # random keys of machines up to schema.MAX_CPUS CPUs (where the heuristic's rule holds
     # too, and the fast path's probe rows go: a network left to extrapolate there is sharp and
     # wild, and float32 rounding then parts numpy from TF); the data's rows, repeated so that
     # its keys weigh as much again.
-    grid = contract.feature_grid(*SAFE_GRID)
+    grid = schema.feature_grid(*SAFE_GRID)
     rng = np.random.default_rng([opts["seed"], 5])
-    wide = contract.pack_keys(rng.integers(0, contract.MAX_CPUS, len(grid)),
+    wide = schema.pack_keys(rng.integers(0, schema.MAX_CPUS, len(grid)),
                               *rng.integers(0, 65, (2, len(grid))),
-                              *np.sort(rng.integers(0, contract.LOAD_SCALE + 1, (2, len(grid))),
+                              *np.sort(rng.integers(0, schema.LOAD_SCALE + 1, (2, len(grid))),
                                        axis=0)[::-1])
     keys = dataset.keys()
     reps = max(1, len(grid) // max(len(keys), 1))
     all_keys = np.concatenate([grid, wide, np.tile(keys, reps)])
     y = offpolicy.safe_decide(offpolicy.key_columns(all_keys), deviations).astype(np.uint8)
-    x = contract.unpack_keys(all_keys)
+    x = schema.unpack_keys(all_keys)
     train_idx, val_idx = split(len(all_keys), opts["seed"])
     rows_table = offpolicy.safe_decide(dataset.columns, deviations)
     x_rows = dataset.features()
@@ -666,7 +666,7 @@ def _run_safe_policy(dataset: Dataset, output: Path, opts: dict[str, Any],
     learned = decide(x_rows)
     agree_rows = float(np.mean(learned == rows_table))
     gx = all_keys[val_idx]
-    agree_val = float(np.mean(decide(contract.unpack_keys(gx)) == y[val_idx].astype(bool)))
+    agree_val = float(np.mean(decide(schema.unpack_keys(gx)) == y[val_idx].astype(bool)))
     log.info("the exported model follows the table on %.2f %% of the run's rows and %.2f %% of "
              "the held-back examples", 100 * agree_rows, 100 * agree_val)
     block_ns = offpolicy.DEFAULT_BLOCK_NS if opts["data"] is not None else 0

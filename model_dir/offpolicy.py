@@ -359,17 +359,9 @@ def safe_decide(columns: Mapping[str, np.ndarray], deviations: Mapping[tuple[int
 
 def key_columns(keys: np.ndarray) -> dict[str, np.ndarray]:
     """The integer key fields of packed decision keys (what bucket_ids() reads)."""
-    from loader import contract
+    from loader import schema
 
-    k = np.asarray(keys, dtype=np.uint64)
-    field = np.uint64(contract.KEY_FIELD_MAX)
-    return {
-        "cpu": (k >> np.uint64(contract.KEY_CPU_SHIFT)).astype(np.int64),
-        "cpu_idle": ((k >> np.uint64(contract.KEY_IDLE_SHIFT)) & field).astype(np.int64),
-        "cpu_not_idle": ((k >> np.uint64(contract.KEY_NOT_IDLE_SHIFT)) & field).astype(np.int64),
-        "src_load_q": ((k >> np.uint64(contract.KEY_SRC_SHIFT)) & field).astype(np.int64),
-        "dst_load_q": ((k >> np.uint64(contract.KEY_DST_SHIFT)) & field).astype(np.int64),
-    }
+    return {name: v.astype(np.int64) for name, v in schema.key_fields(keys).items()}
 
 
 def describe_bucket(level: int, bucket: int) -> str:

@@ -45,7 +45,7 @@ from model_dir import fallback
 from model_dir.dataset import COLUMN_NAMES, COLUMNS, COLUMNS_V2, Dataset, logging_columns
 
 # The rule's second threshold in load quanta (the first is the heuristic's, 0.25).
-GAP_ALONE_Q = contract.LOAD_SCALE // 2
+GAP_ALONE_Q = schema.LOAD_SCALE // 2
 
 PATTERNS = ("steady", "imbalanced", "bursty", "saturated")
 NR_DOMS = (2, 3, 4, 8)
@@ -115,8 +115,8 @@ def _pattern_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
         "cpu": src * dom_cpus + rng.integers(0, dom_cpus, n),
         "src_dom": src,
         "dst_dom": dst,
-        "cpu_idle": np.minimum(idle[rows, dst], contract.KEY_FIELD_MAX),
-        "cpu_not_idle": np.minimum(busy[rows, src], contract.KEY_FIELD_MAX),
+        "cpu_idle": np.minimum(idle[rows, dst], schema.KEY_FIELD_MAX),
+        "cpu_not_idle": np.minimum(busy[rows, src], schema.KEY_FIELD_MAX),
         "src_load_q": load_q[rows, src],
         "dst_load_q": load_q[rows, dst],
     }
@@ -125,9 +125,9 @@ def _pattern_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
 def _uniform_chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Rows spread over the feature grid, as any machine could produce them."""
     dom_cpus = rng.choice(DOM_CPUS, CHUNK)
-    src_q = rng.integers(1, contract.LOAD_SCALE + 1, CHUNK)
+    src_q = rng.integers(1, schema.LOAD_SCALE + 1, CHUNK)
     return {
-        "cpu": rng.integers(0, contract.MAX_CPUS, CHUNK),
+        "cpu": rng.integers(0, schema.MAX_CPUS, CHUNK),
         "src_dom": np.zeros(CHUNK, np.int64),
         "dst_dom": np.ones(CHUNK, np.int64),
         "cpu_idle": rng.integers(0, dom_cpus + 1),
@@ -172,8 +172,8 @@ def synthetic_dataset(nr_rows: int, seed: int) -> Dataset:
 
 def expected_cost(columns: dict[str, np.ndarray], migrate: np.ndarray) -> np.ndarray:
     """The simulated expected delay per run time of each row under an action (bool [n])."""
-    src = np.asarray(columns["src_load_q"], np.float64) / contract.LOAD_SCALE
-    dst = np.asarray(columns["dst_load_q"], np.float64) / contract.LOAD_SCALE
+    src = np.asarray(columns["src_load_q"], np.float64) / schema.LOAD_SCALE
+    dst = np.asarray(columns["dst_load_q"], np.float64) / schema.LOAD_SCALE
     keep_cost = SIM_BASE + SIM_PER_LOAD * src
     move_cost = (SIM_BASE + SIM_PER_LOAD * dst + SIM_COLD
                  + SIM_NO_IDLE * (np.asarray(columns["cpu_idle"]) == 0))

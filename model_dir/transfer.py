@@ -15,7 +15,7 @@ replaces DIR only when everything passed.
 Models from elsewhere rarely take the contract's input or end in its sigmoid. A thin wrapper,
 made of Dense layers so that the fast path still applies, goes inside the exported SavedModel:
 - `--features cpu_idle,cpu_not_idle,...` names, in order, the contract feature each of the
-  model's k inputs gets (loader/contract.py FEATURE_NAMES; the values as the loader computes
+  model's k inputs gets (loader/schema.py FEATURE_NAMES; the values as the loader computes
   them, loads 0..1, unscaled); a fixed 0/1 selection matrix [10, k] feeds it from the
   contract's `features` [?, 10], the other features unused: folded into the first layer of a
   Sequential model that starts with a Dense, else a Dense layer of its own in front. Without
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from loader import cli, contract
+from loader import cli, contract, schema
 from loader.backends import import_tensorflow
 from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
 from model_dir.export_verified import (
@@ -163,9 +163,9 @@ def load_safely(path: Path) -> Any:
 def parse_features(text: str) -> tuple[str, ...]:
     """argparse type of --features: contract feature names, comma-separated, each once."""
     names = tuple(t.strip() for t in text.split(","))
-    unknown = [n for n in names if n not in contract.FEATURE_NAMES]
+    unknown = [n for n in names if n not in schema.FEATURE_NAMES]
     if unknown:
-        known = ", ".join(contract.FEATURE_NAMES)
+        known = ", ".join(schema.FEATURE_NAMES)
         raise argparse.ArgumentTypeError(
             f"unknown feature {unknown[0]!r}; the contract's are {known}"
         )
@@ -196,9 +196,9 @@ def output_activation(model: Any) -> tuple[str, str]:
 
 def selection_matrix(features: tuple[str, ...]) -> np.ndarray:
     """[10, k] float32: column j has a single 1 in the row of the contract feature it takes."""
-    s = np.zeros((contract.NR_FEATURES, len(features)), np.float32)
+    s = np.zeros((schema.NR_FEATURES, len(features)), np.float32)
     for j, name in enumerate(features):
-        s[contract.FEATURE_NAMES.index(name), j] = 1.0
+        s[schema.FEATURE_NAMES.index(name), j] = 1.0
     return s
 
 
@@ -230,7 +230,7 @@ def _select_inputs(model: Any, inputs: Any, features: tuple[str, ...]) -> Any:
         folded.set_weights([select @ weights[0], *weights[1:]])
         log.info("inputs: folded into its first layer %r: kernel %s -> %s, zero rows for the "
                  "unused features", first.name, list(weights[0].shape),
-                 [contract.NR_FEATURES, first.units])
+                 [schema.NR_FEATURES, first.units])
         for layer in rest:
             x = layer(x)
         return x
@@ -238,7 +238,7 @@ def _select_inputs(model: Any, inputs: Any, features: tuple[str, ...]) -> Any:
                                   name="mlsched_select_inputs")
     x = selector(inputs)
     selector.set_weights([select])
-    log.info("inputs: a fixed selection layer [%d, %d] in front of it", contract.NR_FEATURES,
+    log.info("inputs: a fixed selection layer [%d, %d] in front of it", schema.NR_FEATURES,
              len(features))
     return model(x)
 
@@ -253,11 +253,11 @@ def wrap(model: Any, features: tuple[str, ...] | None, output_map: str | None) -
     width = None
     if len(model.inputs) == 1 and len(model.inputs[0].shape) == 2:
         width = model.inputs[0].shape[-1]
-    if features is None and width not in (None, contract.NR_FEATURES):
+    if features is None and width not in (None, schema.NR_FEATURES):
         raise ModelError(
-            f"its input is [?, {width}], the contract's is [?, {contract.NR_FEATURES}]: say "
+            f"its input is [?, {width}], the contract's is [?, {schema.NR_FEATURES}]: say "
             f"which contract feature each of its {width} inputs is with --features NAME,... "
-            f"(of {', '.join(contract.FEATURE_NAMES)})"
+            f"(of {', '.join(schema.FEATURE_NAMES)})"
         )
     if features is not None and width != len(features):
         shape = f"[?, {width}]" if width is not None else "not one [?, k] tensor"
@@ -283,9 +283,9 @@ def wrap(model: Any, features: tuple[str, ...] | None, output_map: str | None) -
     if features is None and output_map is None:
         return with_contract_input(model)
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     if features is not None:
-        unused = [n for n in contract.FEATURE_NAMES if n not in features]
+        unused = [n for n in schema.FEATURE_NAMES if n not in features]
         log.info(
             "inputs: its %d inputs get the contract features %s (as the loader computes "
             "them: loads 0..1, counts as they are); unused: %s",
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--output", type=Path, required=True, metavar="DIR", help="SavedModel directory to write")
     add("--features", type=parse_features, metavar="NAME,...",
         help="the contract feature each of the model's inputs gets, in order (the others are "
-        f"unused): of {', '.join(contract.FEATURE_NAMES)}")
+        f"unused): of {', '.join(schema.FEATURE_NAMES)}")
     add("--output-map", choices=OUTPUT_MAPS,
         help="how an output that is not a sigmoid maps to migrate: threshold (> 0.5 means "
         "migrate) or sigmoid (the output is a logit)")

@@ -74,9 +74,9 @@ def _say(text: str) -> None:
 
 def _eval_rows(nr_cpus: int, max_dom_cpus: int) -> np.ndarray:
     """The grid's model inputs in a fixed shuffled order (timing batches take slices)."""
-    from loader import contract
+    from loader import schema
 
-    x = contract.unpack_keys(contract.feature_grid(nr_cpus, max_dom_cpus))
+    x = schema.unpack_keys(schema.feature_grid(nr_cpus, max_dom_cpus))
     return x[np.random.default_rng(0).permutation(len(x))]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.cli import parser
 from model_dir import fallback
 from model_dir.tool import run_or_refuse
@@ -59,7 +59,7 @@ def _grid(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected CPUSxDOMCPUS such as 4x2, not {text!r}") from None
-    if not 1 <= cpus <= contract.MAX_CPUS or not 1 <= dom <= cpus:
+    if not 1 <= cpus <= schema.MAX_CPUS or not 1 <= dom <= cpus:
         raise argparse.ArgumentTypeError(f"grid {text}: need 1 <= DOMCPUS <= CPUS <= 512")
     return cpus, dom
 
@@ -96,7 +96,7 @@ def report(model: Path, data: Path, seed: int, grid: tuple[int, int] | None) -> 
         cols = ds.columns
         dom = int(max(cols["cpu_idle"].max(), cols["cpu_not_idle"].max(), 1))
         grid = (int(cols["cpu"].max()) + 1, dom)
-    gx = contract.unpack_keys(contract.feature_grid(*grid))
+    gx = schema.unpack_keys(schema.feature_grid(*grid))
     g_model = backend.predict(gx).reshape(-1) > contract.MIGRATE_THRESHOLD
     g_heur = heuristic(gx).astype(bool)
     n_val = int(np.count_nonzero(decide[val] != heur[val]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loader import contract
+from loader import schema
 from loader.backends import import_tensorflow
 from model_dir import create_dummy_model
 
@@ -55,7 +55,7 @@ def _keras_model(path: Path, kind: str, seed: int = 1) -> Path:
     import keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name="features")
     if kind == "swish":
         x = keras.layers.Dense(8, activation="swish")(inputs)
     elif kind == "square":
@@ -74,7 +74,7 @@ def width5(tf, models) -> Path:
 
 @pytest.fixture(scope="session")
 def int32(tf, models) -> Path:
-    return _module_model(tf, models / "int32", contract.NR_FEATURES, tf.int32)
+    return _module_model(tf, models / "int32", schema.NR_FEATURES, tf.int32)
 
 
 @pytest.fixture(scope="session", params=["swish", "square"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, schema
 from model_dir import fallback
 from model_dir.dataset import COLUMN_NAMES, read_dataset
 from tools import collect
@@ -180,7 +180,7 @@ def test_delay_per_run() -> None:
 
 def test_bucket_level_0_is_the_kernel_key() -> None:
     cols, _, _ = _rows([(3, 1, 0, 0.0)])
-    assert int(bucket_ids(cols, 0)[0]) == contract.pack_key(3, 1, 1, 8, 2)
+    assert int(bucket_ids(cols, 0)[0]) == schema.pack_key(3, 1, 1, 8, 2)
 
 
 def test_migrating_that_helps_is_labeled_migrate() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, schema
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ROOT / "bpf" / "mlsched.h"
@@ -63,16 +63,13 @@ def btf() -> dict[str, tuple[str, int, list[tuple[str, int]]]]:
 
 
 @pytest.mark.parametrize("define,value", [
-    ("MAX_CPUS", contract.MAX_CPUS),
+    ("MAX_CPUS", schema.MAX_CPUS),
     ("MAX_DOMS", contract.MAX_DOMS),
-    ("LOAD_SCALE", contract.LOAD_SCALE),
-    ("LOAD_FULL_PER_CPU", contract.LOAD_FULL_PER_CPU),
-    ("KEY_CPU_SHIFT", contract.KEY_CPU_SHIFT),
-    ("KEY_IDLE_SHIFT", contract.KEY_IDLE_SHIFT),
-    ("KEY_NOT_IDLE_SHIFT", contract.KEY_NOT_IDLE_SHIFT),
-    ("KEY_SRC_SHIFT", contract.KEY_SRC_SHIFT),
-    ("KEY_DST_SHIFT", contract.KEY_DST_SHIFT),
-    ("KEY_FIELD_MAX", contract.KEY_FIELD_MAX),
+    ("LOAD_SCALE", schema.LOAD_SCALE),
+    ("LOAD_FULL_PER_CPU", schema.LOAD_FULL_PER_CPU),
+    *((f"KEY_{name}_SHIFT", field.shift) for name, field in zip(
+        ("CPU", "IDLE", "NOT_IDLE", "SRC", "DST"), schema.KEY_FIELDS, strict=True)),
+    ("KEY_FIELD_MAX", schema.KEY_FIELD_MAX),
     ("RINGBUF_DEFAULT_BYTES", contract.RINGBUF_DEFAULT_BYTES),
     ("HIST_BUCKETS", contract.HIST_BUCKETS),
     ("VTIME_MAX_LAG_SLICES", contract.VTIME_MAX_LAG_SLICES),
@@ -102,9 +99,11 @@ def test_struct_layout_matches_btf(btf, c_struct: str, py_struct: type[ctypes.St
 
 
 def test_candidate_dtype_matches_struct() -> None:
-    assert contract.CANDIDATE_DTYPE.itemsize == ctypes.sizeof(contract.Candidate)
+    dtype = np.dtype([(name, np.uint64 if t is ctypes.c_uint64 else np.uint32)
+                      for name, t in contract.Candidate._fields_])
+    assert dtype.itemsize == ctypes.sizeof(contract.Candidate)
     for name, _ in contract.Candidate._fields_:
-        assert contract.CANDIDATE_DTYPE.fields[name][1] == getattr(contract.Candidate, name).offset
+        assert dtype.fields[name][1] == getattr(contract.Candidate, name).offset
 
 
 # Each Python enum and the prefix its BTF enum's values have after MLSCHED_; the BTF enum is
@@ -150,19 +149,19 @@ def test_map_names_match_btf(btf) -> None:
 
 
 def test_key_packing_round_trip() -> None:
-    key = contract.pack_key(cpu=3, cpu_idle=2, cpu_not_idle=5, src_load_q=12, dst_load_q=4)
-    x = contract.unpack_keys(np.array([key], dtype=np.uint64))
-    assert x.dtype == np.float32 and x.shape == (1, contract.NR_FEATURES)
-    assert x[0, :5].tolist() == [3.0, 2.0, 5.0, 12 / contract.LOAD_SCALE, 4 / contract.LOAD_SCALE]
+    key = schema.pack_key(cpu=3, cpu_idle=2, cpu_not_idle=5, src_load_q=12, dst_load_q=4)
+    x = schema.unpack_keys(np.array([key], dtype=np.uint64))
+    assert x.dtype == np.float32 and x.shape == (1, schema.NR_FEATURES)
+    assert x[0, :5].tolist() == [3.0, 2.0, 5.0, 12 / schema.LOAD_SCALE, 4 / schema.LOAD_SCALE]
     assert not x[0, 5:].any()
 
 
 def test_feature_grid_holds_only_candidates() -> None:
-    keys = contract.feature_grid(nr_cpus=2, max_dom_cpus=1)
-    x = contract.unpack_keys(keys)
+    keys = schema.feature_grid(nr_cpus=2, max_dom_cpus=1)
+    x = schema.unpack_keys(keys)
     assert len(np.unique(keys)) == len(keys)
     assert np.all(x[:, 3] > x[:, 4])  # the source is the busier domain
-    s = contract.LOAD_SCALE
+    s = schema.LOAD_SCALE
     assert len(keys) == 2 * 2 * 2 * (s + 1) * s // 2
 
 

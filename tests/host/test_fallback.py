@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, schema
 from model_dir import fallback
 
 BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "mlsched.bpf.c"
@@ -54,9 +54,9 @@ def test_heuristic_on_quantized_features() -> None:
     per_row = np.array([contract.Fallback.KEEP, contract.Fallback.MIGRATE] + [2] * 4)
     assert fallback.fallback_migrate(per_row, idle, src, dst).tolist() == [
         False, True, False, True, True, False]
-    keys = np.array([contract.pack_key(3, int(i), 1, int(s), int(d))
+    keys = np.array([schema.pack_key(3, int(i), 1, int(s), int(d))
                      for i, s, d in zip(idle, src, dst, strict=True)], np.uint64)
-    x = contract.unpack_keys(keys)
+    x = schema.unpack_keys(keys)
     assert np.array_equal(fallback.heuristic_from_features(x),
                           fallback.heuristic_migrate(idle, src, dst))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract, kernel_mlp, libbpf
+from loader import contract, kernel_mlp, libbpf, schema
 from loader.backends import NumpyModel
 from loader.bpfmaps import write_struct
 
@@ -34,7 +34,7 @@ class RunArgs(ctypes.Structure):
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}cpus")
 def test_quantized_network_agrees_with_the_float_model(model_dir: Path, grid) -> None:
     model = NumpyModel.load(model_dir)
-    keys = contract.grid_keys(*grid)
+    keys = schema.grid_keys(*grid)
     share = kernel_mlp.agreement(kernel_mlp.quantize(model), model, keys)
     print(f"{model_dir.name} on the {grid[0]}-CPU grid ({len(keys)} keys): {share:.5%} agree")
     assert share >= kernel_mlp.MIN_AGREEMENT
@@ -72,7 +72,7 @@ def test_bpf_code_decides_as_the_python_mirror(mlp_prog, model_dir: Path) -> Non
     q = kernel_mlp.quantize(NumpyModel.load(model_dir))
     write_struct(mlp_prog.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=7))
     fd = mlp_prog.prog_fd("mlp_run")
-    keys = contract.grid_keys(4, 2)
+    keys = schema.grid_keys(4, 2)
     rng = np.random.default_rng(3)
     sample = np.concatenate([keys[:50], rng.choice(keys, 400, replace=False)])
     want = q.decide(sample)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, schema
 from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
 from loader.model_check import (
     FASTPATH_FILE,
@@ -355,7 +355,7 @@ def test_fastpath_matches_tf_on_grid(dummy, grid):
     info = check_model_dir(dummy)
     tf_backend, reason = open_backend(info, "tf")
     assert isinstance(tf_backend, TFBackend) and reason == "tf: requested"
-    x = contract.unpack_keys(contract.feature_grid(*grid))
+    x = schema.unpack_keys(schema.feature_grid(*grid))
     want = tf_backend.predict(x)
     got = NumpyModel.load(dummy).predict(x)
     assert got.dtype == np.float32 and got.shape == want.shape == (len(x),)
@@ -365,7 +365,7 @@ def test_fastpath_matches_tf_on_grid(dummy, grid):
 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}cpus")
 def test_dummy_model_uses_both_decisions(dummy, grid):
-    p = NumpyModel.load(dummy).predict(contract.unpack_keys(contract.feature_grid(*grid)))
+    p = NumpyModel.load(dummy).predict(schema.unpack_keys(schema.feature_grid(*grid)))
     share = np.mean(p > contract.MIGRATE_THRESHOLD)
     assert 0.2 <= share <= 0.8
 
@@ -380,7 +380,7 @@ def test_dummy_is_the_contracts_network(dummy, path):
     model = NumpyModel.load(model_dir)
     assert describe_stack(model) == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
     for grid in GRIDS:
-        p = model.predict(contract.unpack_keys(contract.feature_grid(*grid)))
+        p = model.predict(schema.unpack_keys(schema.feature_grid(*grid)))
         assert 0.2 <= np.mean(p > contract.MIGRATE_THRESHOLD) <= 0.8, grid
 
 
@@ -464,7 +464,7 @@ def test_stale_fastpath(tmp_path, dummy, tf, change):
     write_manifest(path)
     info = check_model_dir(path)
     assert info.fastpath_ok
-    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    x = schema.unpack_keys(schema.feature_grid(4, 2))
     old = NumpyModel.load(dummy).predict(x)
     new, want = open_backend(info)[0].predict(x), backend.predict(x)
     assert np.max(np.abs(new - want)) <= MAX_ABS_DIFF
@@ -496,10 +496,10 @@ def test_loader_path_does_not_import_tensorflow(dummy):
 import sys
 from loader.model_check import check_model_dir
 from loader.backends import open_backend
-from loader import contract
+from loader import schema
 info = check_model_dir({str(dummy)!r})
 backend, reason = open_backend(info, "auto")
-p = backend.predict(contract.unpack_keys(contract.feature_grid(2, 1)))
+p = backend.predict(schema.unpack_keys(schema.feature_grid(2, 1)))
 assert reason.startswith("numpy:"), reason
 assert p.shape == (1088,), p.shape
 loaded = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)

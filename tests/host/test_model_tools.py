@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from loader import contract, kernel_mlp
+from loader import contract, kernel_mlp, schema
 from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
 from model_dir import dataset, fallback, model_export, synthetic, transfer
@@ -70,19 +70,19 @@ def _keras3_model(kind: str, seed: int = 3):
     if kind == "sequential":  # the Input gets Keras' own name, not `features`
         return keras.Sequential(
             [
-                keras.Input(shape=(contract.NR_FEATURES,)),
+                keras.Input(shape=(schema.NR_FEATURES,)),
                 keras.layers.Dense(8, activation="relu"),
                 keras.layers.Dense(1, activation="sigmoid"),
             ]
         )
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name="features")
     x = keras.layers.Dense(12, activation="relu")(inputs)
     x = keras.layers.Dense(6, activation="tanh")(x)
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
 
 
 def _probe() -> np.ndarray:
-    return contract.unpack_keys(contract.feature_grid(4, 2))
+    return schema.unpack_keys(schema.feature_grid(4, 2))
 
 
 @pytest.fixture(scope="session")
@@ -138,14 +138,14 @@ def test_dataset_roundtrip(tmp_path, suffix):
     # The model sees what the loader computes from the kernel's key.
     c = back.columns
     keys = [
-        contract.pack_key(
+        schema.pack_key(
             *(int(c[k][i]) for k in ("cpu", "cpu_idle", "cpu_not_idle", "src_load_q", "dst_load_q"))
         )
         for i in range(len(back))
     ]
     x = back.features()
-    assert np.array_equal(x, contract.unpack_keys(np.array(keys, np.uint64)))
-    assert np.array_equal(x[:, 3], c["src_load_q"] / np.float32(contract.LOAD_SCALE))
+    assert np.array_equal(x, schema.unpack_keys(np.array(keys, np.uint64)))
+    assert np.array_equal(x[:, 3], c["src_load_q"] / np.float32(schema.LOAD_SCALE))
     assert np.array_equal(x[:, 1], c["cpu_idle"].astype(np.float32))
 
 
@@ -309,7 +309,7 @@ def test_model_export_synthetic(trained):
     assert isinstance(backend, NumpyBackend) and reason.startswith("numpy: verified")
     assert describe_stack(NumpyModel.load(trained)) == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
     # It learned the rule, on the grid of a machine it never saw as such.
-    x = contract.unpack_keys(contract.feature_grid(8, 4))
+    x = schema.unpack_keys(schema.feature_grid(8, 4))
     agree = np.mean((backend.predict(x) > 0.5) == model_export.rule_from_features(x))
     assert agree >= 0.9
 
@@ -384,7 +384,7 @@ def test_imitation_reaches_99_percent_on_held_out_keys(tmp_path, tf):
     # The same figure, recomputed here from the exported model as the loader runs it.
     keys = np.unique(model_export.synthetic_dataset(12000, 0).keys())
     _, held_out = model_export.split(len(keys), 0)
-    x = contract.unpack_keys(keys[held_out])
+    x = schema.unpack_keys(keys[held_out])
     backend, _ = open_backend(check_model_dir(out), "auto")
     assert isinstance(backend, NumpyBackend)
     assert describe_stack(NumpyModel.load(out)) == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
@@ -471,7 +471,7 @@ def test_an_indifferent_model_gets_its_fast_path(tmp_path, tf, caplog):
     assert "output bias moved by" in caplog.text
     assert "fast path verified" in caplog.text
     assert check_model_dir(tmp_path / "m").fastpath_ok
-    x = contract.unpack_keys(contract.feature_grid(8, 4))
+    x = schema.unpack_keys(schema.feature_grid(8, 4))
     assert decide(x).all()  # the boundary went below every probe row's logit
 
 
@@ -531,7 +531,7 @@ def _lambda_model(marker: Path, monkeypatch: pytest.MonkeyPatch):
     import keras
 
     monkeypatch.setenv("MLSCHED_TEST_MARKER", str(marker))
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name="features")
     # Loaded back, the lambda runs with Keras' globals: it reaches nothing of ours.
     x = keras.layers.Lambda(
         lambda t: (open(__import__("os").environ["MLSCHED_TEST_MARKER"], "w").close(), t)[1]
@@ -549,7 +549,7 @@ def _custom_layer_model():
         def call(self, x):
             return x * 2.0
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name="features")
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(Twice()(inputs)))
 
 
@@ -559,7 +559,7 @@ def _custom_activation_model():
     def cube(x):
         return x * x * x
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name="features")
     return keras.Model(inputs, keras.layers.Dense(1, activation=cube)(inputs))
 
 
@@ -638,7 +638,7 @@ def _contract_breaker(kind: str):
     import keras
 
     dtype = "int32" if kind == "int32" else "float32"
-    width = 5 if kind == "width5" else contract.NR_FEATURES
+    width = 5 if kind == "width5" else schema.NR_FEATURES
     inputs = keras.Input(shape=(width,), name="features", dtype=dtype)
     x = keras.layers.Dense(4, activation="relu")(inputs)
     if kind == "two-outputs":
@@ -683,7 +683,7 @@ def test_non_dense_model_falls_back_to_tf(tmp_path, tf):
     """A model with a swish layer converts, gets no fast path, and `auto` picks TF."""
     import keras
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name="features")
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name="features")
     x = keras.layers.Dense(8, activation="swish")(inputs)
     src = tmp_path / "swish.h5"
     keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x)).save(src)
@@ -713,7 +713,7 @@ def linear4_h5(models, tf) -> Path:
         keras.layers.Dense(10, activation="relu", name="hidden"),
         keras.layers.Dense(1, name="regression"),
     ])
-    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    x = schema.unpack_keys(schema.feature_grid(4, 2))
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
     model.fit(x[:, 1:5], fallback.heuristic_from_features(x).astype(np.float32), epochs=5,
               batch_size=128, verbose=0)
@@ -749,18 +749,18 @@ def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
     backend, reason = open_backend(info, "auto")
     assert isinstance(backend, NumpyBackend), reason  # a Dense stack: the fast path runs it
     for grid in GRIDS + [(32, 8)]:
-        x = contract.unpack_keys(contract.feature_grid(*grid))
+        x = schema.unpack_keys(schema.feature_grid(*grid))
         want_tf = TFBackend(out).predict(x)
         got = backend.predict(x)
         assert np.max(np.abs(want_tf - got)) <= MAX_ABS_DIFF
         assert np.array_equal(want_tf > 0.5, got > 0.5)
         # And the decisions are the original model's: migrate exactly when y > 0.5.
         assert np.array_equal(got > 0.5, _linear4_outputs(linear4_h5, x) > 0.5)
-    decided = backend.predict(contract.unpack_keys(contract.feature_grid(4, 2))) > 0.5
+    decided = backend.predict(schema.unpack_keys(schema.feature_grid(4, 2))) > 0.5
     assert 0 < decided.mean() < 1  # both decisions: the test can tell a wrong mapping
     # Three Dense layers of <= 64 units: --inference kernel can run it too.
     q = kernel_mlp.quantize(NumpyModel.load(out))
-    keys = contract.feature_grid(8, 4)
+    keys = schema.feature_grid(8, 4)
     assert kernel_mlp.agreement(q, NumpyModel.load(out), keys) >= kernel_mlp.MIN_AGREEMENT
 
 
@@ -777,7 +777,7 @@ def test_transfer_selection_layer_for_a_functional_model(tmp_path, tf):
     transfer.transfer(src, dst, ("src_dom_load", "dst_dom_load"), "sigmoid")
     assert describe_stack(NumpyModel.load(dst)) == (
         "10 -> 2 linear -> 4 relu -> 1 linear -> 1 sigmoid")
-    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    x = schema.unpack_keys(schema.feature_grid(4, 2))
     model = keras.models.load_model(src, compile=False)
     y = model.predict(x[:, 3:5], verbose=0).ravel()
     assert np.max(np.abs(NumpyBackend(dst).predict(x) - 1 / (1 + np.exp(-y)))) <= 1e-5
@@ -803,7 +803,7 @@ def test_threshold_map_is_exact_at_the_threshold(tf):
 def test_transfer_sigmoid_map(tmp_path, linear4_h5):
     out = tmp_path / "m"
     transfer.transfer(linear4_h5, out, tuple(LINEAR4_FEATURES.split(",")), "sigmoid")
-    x = contract.unpack_keys(contract.feature_grid(4, 2))
+    x = schema.unpack_keys(schema.feature_grid(4, 2))
     got = NumpyBackend(out).predict(x)
     y = _linear4_outputs(linear4_h5, x)
     assert np.max(np.abs(got - 1 / (1 + np.exp(-y)))) <= 1e-5  # sigmoid(y): y is a logit
@@ -851,7 +851,7 @@ def test_transfer_features_argument_errors(tmp_path, keras3_h5):
 def test_backends_agree_on_grid(request, model, grid):
     path = request.getfixturevalue(model)
     info = check_model_dir(path)
-    x = contract.unpack_keys(contract.feature_grid(*grid))
+    x = schema.unpack_keys(schema.feature_grid(*grid))
     want = open_backend(info, "tf")[0].predict(x)
     got = open_backend(info, "numpy")[0].predict(x)
     assert np.array_equal(want > contract.MIGRATE_THRESHOLD, got > contract.MIGRATE_THRESHOLD)

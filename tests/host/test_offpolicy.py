@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loader import contract
+from loader import contract, schema
 from model_dir import dataset, fallback, offpolicy, synthetic
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,7 +235,7 @@ def test_safe_finer_buckets_override_coarser_ones() -> None:
     fine = int(offpolicy.bucket_ids(cols, 1)[cols["src_load_q"] == 6][0])
     decided = offpolicy.safe_decide(cols, {(2, coarse): True, (1, fine): False})
     assert not decided[cols["src_load_q"] == 6].any()
-    keys = contract.pack_keys(cols["cpu"], cols["cpu_idle"], cols["cpu_not_idle"],
+    keys = schema.pack_keys(cols["cpu"], cols["cpu_idle"], cols["cpu_not_idle"],
                               cols["src_load_q"], cols["dst_load_q"])
     back = offpolicy.key_columns(keys)
     for name in ("cpu", "cpu_idle", "cpu_not_idle", "src_load_q", "dst_load_q"):

@@ -1,7 +1,7 @@
 """The scheduler's arithmetic as compiled C (bpf/mlsched_policy.h via policy_harness.c).
 
 The same header is included by bpf/mlsched.bpf.c, so these are the functions the kernel runs;
-the Python mirrors in loader/contract.py are checked against them.
+the Python mirrors in loader/schema.py and contract.py are checked against them.
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def test_slice_shrinks_with_the_queue_to_the_minimum(harness) -> None:
 def test_load_quantization(harness) -> None:
     got = harness([f"load {r} {n}" for r, n in ((0, 2), (1, 1), (4, 1), (8, 2), (100, 2),
                                                 (3, 0))])
-    per = contract.LOAD_SCALE // contract.LOAD_FULL_PER_CPU
-    assert got == [0, per, contract.LOAD_SCALE, contract.LOAD_SCALE, contract.LOAD_SCALE,
-                   contract.LOAD_SCALE]
+    per = schema.LOAD_SCALE // schema.LOAD_FULL_PER_CPU
+    assert got == [0, per, schema.LOAD_SCALE, schema.LOAD_SCALE, schema.LOAD_SCALE,
+                   schema.LOAD_SCALE]
     grid = list(itertools.product(range(0, 70), range(0, 9)))
     got = harness([f"load {r} {n}" for r, n in grid])
     runnable, nr_cpus = (np.array(col) for col in zip(*grid, strict=True))
@@ -87,7 +87,7 @@ def test_load_quantization(harness) -> None:
 
 
 def test_heuristic_matches_python_on_the_whole_grid(harness) -> None:
-    grid = list(itertools.product(range(contract.LOAD_SCALE + 1), range(contract.LOAD_SCALE + 1),
+    grid = list(itertools.product(range(schema.LOAD_SCALE + 1), range(schema.LOAD_SCALE + 1),
                                   range(3)))
     got = np.array(harness([f"heuristic {s} {d} {i}" for s, d, i in grid]), dtype=bool)
     src, dst, idle = (np.array(col) for col in zip(*grid, strict=True))
@@ -98,11 +98,11 @@ def test_heuristic_matches_python_on_the_whole_grid(harness) -> None:
 
 def test_key_packing_matches_python(harness) -> None:
     rng = np.random.default_rng(7)
-    rows = [(int(rng.integers(0, contract.MAX_CPUS)), int(rng.integers(0, 400)),
-             int(rng.integers(0, 400)), int(rng.integers(0, contract.LOAD_SCALE + 1)),
-             int(rng.integers(0, contract.LOAD_SCALE + 1))) for _ in range(300)]
+    rows = [(int(rng.integers(0, schema.MAX_CPUS)), int(rng.integers(0, 400)),
+             int(rng.integers(0, 400)), int(rng.integers(0, schema.LOAD_SCALE + 1)),
+             int(rng.integers(0, schema.LOAD_SCALE + 1))) for _ in range(300)]
     got = harness(["key " + " ".join(map(str, r)) for r in rows])
-    assert got == [contract.pack_key(*r) for r in rows]
+    assert got == [schema.pack_key(*r) for r in rows]
 
 
 def test_propensity_matches_python(harness) -> None:
@@ -121,16 +121,18 @@ def test_propensity_matches_python(harness) -> None:
 def test_grid_index_matches_python_and_enumerates_every_key(harness) -> None:
     """The dense grid: the kernel's index of each key equals its place in grid_keys()."""
     for nr_cpus, dom_cpus in ((2, 1), (4, 2), (3, 2)):
-        keys = contract.grid_keys(nr_cpus, dom_cpus)
+        keys = schema.grid_keys(nr_cpus, dom_cpus)
         size, = harness([f"gridsize {nr_cpus} {dom_cpus}"])
-        assert size == len(keys) == contract.grid_size(nr_cpus, dom_cpus)
-        x = contract.unpack_keys(keys)
-        fields = np.column_stack([x[:, 0], x[:, 1], x[:, 2], x[:, 3] * contract.LOAD_SCALE,
-                                  x[:, 4] * contract.LOAD_SCALE]).round().astype(int)
+        assert size == len(keys) == schema.grid_size(nr_cpus, dom_cpus)
+        x = schema.unpack_keys(keys)
+        fields = np.column_stack([x[:, 0], x[:, 1], x[:, 2], x[:, 3] * schema.LOAD_SCALE,
+                                  x[:, 4] * schema.LOAD_SCALE]).round().astype(int)
         sample = fields[:: max(1, len(fields) // 400)]
         got = harness([f"grid {nr_cpus} {dom_cpus} " + " ".join(map(str, f)) for f in sample])
-        want = [contract.grid_index(*map(int, f), nr_cpus, dom_cpus) for f in sample]
+        want = schema.grid_indices(schema.pack_keys(*sample.T), nr_cpus, dom_cpus).tolist()
         assert got == want
         assert got == [int(np.flatnonzero((fields == f).all(axis=1))[0]) for f in sample]
     # Outside the bounds: not in the grid.
     assert harness(["grid 2 1 2 0 0 0 0", "grid 2 1 0 2 0 0 0", "grid 2 1 0 0 0 17 0"]) == [-1] * 3
+    outside = schema.pack_keys([2, 0, 0], [0, 2, 0], [0, 0, 0], [0, 0, 17], [0, 0, 0])
+    assert schema.grid_indices(outside, 2, 1).tolist() == [-1] * 3

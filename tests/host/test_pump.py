@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.pipeline import DecisionPipeline, pump
 
 
@@ -74,16 +74,16 @@ def make(batch: int = 64) -> tuple[DecisionPipeline, ScriptedRing, Table]:
 
 def test_a_lone_candidate_is_decided_in_the_same_turn() -> None:
     p, ring, table = make()
-    ring.push(contract.pack_key(3, 1, 1, 8, 2))
+    ring.push(schema.pack_key(3, 1, 1, 8, 2))
     pump(ring, p, idle_ms=100, filling_ms=2)
-    assert table.written == [contract.pack_key(3, 1, 1, 8, 2)]
+    assert table.written == [schema.pack_key(3, 1, 1, 8, 2)]
     assert not p.filling()
 
 
 def test_a_backlog_is_taken_in_batches_without_waiting() -> None:
     p, ring, table = make(batch=4)
     for cpu in range(10):
-        ring.push(contract.pack_key(cpu, 1, 1, 8, 2))
+        ring.push(schema.pack_key(cpu, 1, 1, 8, 2))
     pump(ring, p, idle_ms=100, filling_ms=2)
     assert len(table.written) == 10  # flush() takes the whole backlog, batch by batch
     assert p.stats.batches == 3
@@ -91,13 +91,13 @@ def test_a_backlog_is_taken_in_batches_without_waiting() -> None:
 
 def test_records_without_a_wakeup_are_picked_up_while_the_stream_flows() -> None:
     p, ring, table = make()
-    ring.push(contract.pack_key(0, 1, 1, 8, 2))
+    ring.push(schema.pack_key(0, 1, 1, 8, 2))
     pump(ring, p, idle_ms=100, filling_ms=2)
     ring.announced = False  # the kernel held the wakeup (fewer than a batch, young)
-    ring.push(contract.pack_key(1, 1, 1, 8, 2))
+    ring.push(schema.pack_key(1, 1, 1, 8, 2))
     pump(ring, p, idle_ms=100, filling_ms=2)
     assert ring.polls[-1] == 2, "a flowing stream is polled at max-wait, not idle"
-    assert contract.pack_key(1, 1, 1, 8, 2) in table.written
+    assert schema.pack_key(1, 1, 1, 8, 2) in table.written
 
 
 def test_an_idle_loop_sleeps_long() -> None:
@@ -109,7 +109,7 @@ def test_an_idle_loop_sleeps_long() -> None:
 
 def test_keys_already_decided_are_not_asked_again() -> None:
     p, ring, table = make()
-    key = contract.pack_key(5, 1, 1, 8, 2)
+    key = schema.pack_key(5, 1, 1, 8, 2)
     ring.push(key)
     pump(ring, p, idle_ms=100, filling_ms=2)
     ring.push(key)

@@ -25,7 +25,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from loader import contract
+from loader import contract, schema
 from loader.backends import import_tensorflow
 from model_dir.export_verified import write_manifest
 
@@ -37,10 +37,10 @@ def build(out: Path, name: str, raise_on_nan: bool) -> Path:
 
     class HalfBroken(tf.Module):
         def __init__(self) -> None:
-            self.w = tf.Variable(tf.linspace(-1.0, 1.0, contract.NR_FEATURES)[:, None])
+            self.w = tf.Variable(tf.linspace(-1.0, 1.0, schema.NR_FEATURES)[:, None])
 
         @tf.function(input_signature=[
-            tf.TensorSpec([None, contract.NR_FEATURES], tf.float32, name="features")])
+            tf.TensorSpec([None, schema.NR_FEATURES], tf.float32, name="features")])
         def serve(self, features):
             p = tf.sigmoid(tf.matmul(features, self.w))
             busy = features[:, 3:4] >= 0.5
@@ -85,10 +85,10 @@ def build_constant(out: Path, name: str, migrate: bool) -> Path:
 
     from model_dir.export_verified import export_verified
 
-    inputs = keras.Input(shape=(contract.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
+    inputs = keras.Input(shape=(schema.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     dense = keras.layers.Dense(1, activation="sigmoid")
     model = keras.Model(inputs, dense(inputs))
-    dense.set_weights([np.zeros((contract.NR_FEATURES, 1), np.float32),
+    dense.set_weights([np.zeros((schema.NR_FEATURES, 1), np.float32),
                        np.array([8.0 if migrate else -8.0], np.float32)])
     path = out / name
     if path.exists():

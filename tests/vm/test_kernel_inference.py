@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from loader import contract, libbpf
+from loader import contract, libbpf, schema
 from loader.kernel_mlp import prepare
 from loader.table import DecisionGrid
 from tests.vm.conftest import MODEL, Loader, running_loader, stress
@@ -58,7 +58,7 @@ def test_kernel_decides_every_miss_even_with_the_loader_stopped() -> None:
             os.close(fd)
         decided = np.flatnonzero(codes)
         assert len(decided) > 0
-        keys = contract.grid_keys(nr_cpus, dom_cpus)[decided]
+        keys = schema.grid_keys(nr_cpus, dom_cpus)[decided]
         want = np.where(prepare(MODEL, nr_cpus, dom_cpus).decide(keys),
                         contract.GridCode.MIGRATE, contract.GridCode.KEEP)
         print(f"{len(decided)} keys decided in the kernel; checked against the Python mirror")

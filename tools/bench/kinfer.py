@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract, kernel_mlp, libbpf
+from loader import contract, kernel_mlp, libbpf, schema
 from loader.backends import DenseLayer, NumpyModel
 from loader.bpfmaps import write_struct
 
@@ -62,7 +62,7 @@ def net_64_64(seed: int = 5) -> NumpyModel:
 
 
 def numpy_rate(model: NumpyModel, batch: int, seconds: float) -> float:
-    x = np.asarray(contract.unpack_keys(contract.grid_keys(*GRID)), np.float32)
+    x = np.asarray(schema.unpack_keys(schema.grid_keys(*GRID)), np.float32)
     reps = max(1, 4096 // batch)
     for i in range(5):
         model.predict(x[i * batch % len(x):][:batch])
@@ -79,7 +79,7 @@ def kernel_cost(obj: libbpf.BpfObject, model: NumpyModel, reps: int) -> dict[str
     q = kernel_mlp.quantize(model)
     write_struct(obj.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=3))
     fd = obj.prog_fd("mlp_run")
-    keys = contract.grid_keys(*GRID)
+    keys = schema.grid_keys(*GRID)
     want = q.decide(keys).astype(int).tolist()
     got, ns = [], []
     for key in keys.tolist():

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract
+from loader import contract, schema
 from loader.bpfmaps import DecisionMap, RingBufferReader
 from loader.main import IDLE_POLL_MS
 from loader.pipeline import DecisionPipeline, Predictor, pump
@@ -99,7 +99,7 @@ class NaiveConsumer:
     def on_record(self, data: bytes) -> None:
         rec = contract.Candidate.from_buffer_copy(data)
         self.records += 1
-        x = contract.unpack_keys(np.array([rec.key], dtype=np.uint64))
+        x = schema.unpack_keys(np.array([rec.key], dtype=np.uint64))
         prob = float(self.model.predict(x)[0])
         self._key.value = rec.key
         self._val.value = int(prob > contract.MIGRATE_THRESHOLD)
@@ -125,7 +125,7 @@ def realistic_keys(n: int, seed: int = 1) -> np.ndarray:
     seq = rng.permutation(1 << 22)[:n].astype(np.uint64)
     cpu, idle = seq & np.uint64(255), (seq >> np.uint64(8)) & np.uint64(31)
     busy, dst = (seq >> np.uint64(13)) & np.uint64(31), (seq >> np.uint64(18)) & np.uint64(15)
-    return contract.pack_keys(cpu, idle, busy, contract.LOAD_SCALE, dst)
+    return schema.pack_keys(cpu, idle, busy, schema.LOAD_SCALE, dst)
 
 
 class Bench:
