@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from loader.domains import parse_cpu_list
+
 BCC_BPF_LIB = "libbcc_bpf.so.0"
 bcc = ctypes.CDLL(BCC_BPF_LIB, use_errno=True)
 _vp, _int, _u32p = ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_uint32)
@@ -22,13 +24,10 @@ for _name, _res, _args in (
     ("bpf_update_elem", _int, [_int, _vp, _vp, ctypes.c_ulonglong]),
     ("bpf_lookup_elem", _int, [_int, _vp, _vp]),
     ("bpf_update_batch", _int, [_int, _vp, _vp, _u32p]),
-    ("bpf_new_ringbuf", _vp, [_int, _vp, _vp]),
-    ("bpf_free_ringbuf", None, [_vp]),
-    ("bpf_poll_ringbuf", _int, [_vp, _int]),
-    ("bpf_consume_ringbuf", _int, [_vp]),
+    ("bpf_new_ringbuf", _vp, [_int, _vp, _vp]), ("bpf_free_ringbuf", None, [_vp]),
+    ("bpf_poll_ringbuf", _int, [_vp, _int]), ("bpf_consume_ringbuf", _int, [_vp]),
 ):
-    _fn = getattr(bcc, _name)
-    _fn.restype, _fn.argtypes = _res, _args
+    getattr(bcc, _name).restype, getattr(bcc, _name).argtypes = _res, _args
 # ring_buffer_sample_fn: int (*)(void *ctx, void *data, size_t size)
 _RINGBUF_CB_TYPE = ctypes.CFUNCTYPE(_int, _vp, _vp, ctypes.c_size_t)
 
@@ -46,81 +45,66 @@ def _check(res: int, what: str) -> None:
 def possible_cpus() -> int:
     """Number of possible CPUs: the stride of per-CPU map values."""
     with open("/sys/devices/system/cpu/possible") as f:
-        text = f.read().strip()
-    last = 0
-    for part in text.split(","):
-        last = max(last, int(part.split("-")[-1]))
-    return last + 1
+        return max(parse_cpu_list(f.read())) + 1
 
 
-class U64Array:
-    """An ARRAY map of u64 values (counters, config)."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
-
-    def get(self, index: int) -> int:
-        key = ctypes.c_uint32(index)
-        val = ctypes.c_uint64()
-        _check(bcc.bpf_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(val)), "lookup")
-        return val.value
-
-    def set(self, index: int, value: int) -> None:
-        key = ctypes.c_uint32(index)
-        val = ctypes.c_uint64(value)
-        _check(bcc.bpf_update_elem(self.fd, ctypes.byref(key), ctypes.byref(val), 0), "update")
-
-    def read_all(self) -> list[int]:
-        return [self.get(i) for i in range(self.size)]
-
-    def write_all(self, values: np.ndarray) -> None:
-        """Write values[i] at every index i, in one batch update."""
-        keys = np.arange(len(values), dtype=np.uint32)
-        vals = np.ascontiguousarray(values, dtype=np.uint64)
-        count = ctypes.c_uint32(len(keys))
-        res = bcc.bpf_update_batch(self.fd, keys.ctypes.data_as(ctypes.c_void_p),
-                                   vals.ctypes.data_as(ctypes.c_void_p), ctypes.byref(count))
-        _check(res, "batch update")
+def write_elem(fd: int, index: int, value: ctypes._CData) -> None:
+    """Write one ARRAY map element, a ctypes value of the map's value size."""
+    key = ctypes.c_uint32(index)
+    _check(bcc.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "update")
 
 
-class PerCpuU64Array:
-    """A PERCPU_ARRAY map of u64 counters; read() sums over CPUs."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd = fd
-        self.size = size
-        self._ncpu = possible_cpus()
-        self._buf = (ctypes.c_uint64 * self._ncpu)()
-
-    def get(self, index: int) -> int:
-        key = ctypes.c_uint32(index)
-        _check(bcc.bpf_lookup_elem(self.fd, ctypes.byref(key), self._buf), "lookup")
-        return int(sum(self._buf))
-
-    def read_all(self) -> list[int]:
-        return [self.get(i) for i in range(self.size)]
+def _update_batch(fd: int, keys: np.ndarray, values: np.ndarray, what: str) -> None:
+    """One batch update of contiguous arrays of keys and values."""
+    count = ctypes.c_uint32(len(keys))
+    _check(bcc.bpf_update_batch(fd, keys.ctypes.data_as(_vp), values.ctypes.data_as(_vp),
+                                ctypes.byref(count)), what)
 
 
 class StructArray:
-    """An ARRAY map whose values are a ctypes structure."""
+    """An ARRAY map whose values are value_type, a ctypes type (a structure, say)."""
 
-    def __init__(self, fd: int, size: int, value_type: type[ctypes.Structure]) -> None:
+    def __init__(self, fd: int, size: int, value_type: type) -> None:
         self.fd = fd
         self.size = size
         self.value_type = value_type
 
-    def get(self, index: int) -> ctypes.Structure:
+    def get(self, index: int) -> ctypes._CData:
         key = ctypes.c_uint32(index)
         val = self.value_type()
         _check(bcc.bpf_lookup_elem(self.fd, ctypes.byref(key), ctypes.byref(val)), "lookup")
         return val
 
+    def read_all(self) -> list:
+        return [self.get(i) for i in range(self.size)]
 
-def write_struct(fd: int, index: int, value: ctypes.Structure) -> None:
-    """Write one ARRAY map element whose value is a C struct."""
-    key = ctypes.c_uint32(index)
-    _check(bcc.bpf_update_elem(fd, ctypes.byref(key), ctypes.byref(value), 0), "update")
+
+class U64Array(StructArray):
+    """An ARRAY map of u64 values (counters, config)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(fd, size, ctypes.c_uint64)
+
+    def get(self, index: int) -> int:
+        return super().get(index).value
+
+    def set(self, index: int, value: int) -> None:
+        write_elem(self.fd, index, ctypes.c_uint64(value))
+
+    def write_all(self, values: np.ndarray) -> None:
+        """Write values[i] at every index i, in one batch update."""
+        _update_batch(self.fd, np.arange(len(values), dtype=np.uint32),
+                      np.ascontiguousarray(values, dtype=np.uint64), "batch update")
+
+
+class PerCpuU64Array(StructArray):
+    """A PERCPU_ARRAY map of u64 counters; get() sums over CPUs."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__(fd, size, ctypes.c_uint64 * possible_cpus())
+
+    def get(self, index: int) -> int:
+        return int(sum(super().get(index)))
 
 
 class DecisionMap:
@@ -130,18 +114,10 @@ class DecisionMap:
         self.fd = fd
 
     def update_batch(self, keys: np.ndarray, values: np.ndarray) -> None:
-        keys = np.ascontiguousarray(keys, dtype=np.uint64)
-        values = np.ascontiguousarray(values, dtype=np.uint32)
-        count = ctypes.c_uint32(len(keys))
-        if not len(keys):
-            return
-        res = bcc.bpf_update_batch(
-            self.fd,
-            keys.ctypes.data_as(ctypes.c_void_p),
-            values.ctypes.data_as(ctypes.c_void_p),
-            ctypes.byref(count),
-        )
-        _check(res, f"batch update of {len(keys)} decisions")
+        if len(keys):
+            _update_batch(self.fd, np.ascontiguousarray(keys, dtype=np.uint64),
+                          np.ascontiguousarray(values, dtype=np.uint32),
+                          f"batch update of {len(keys)} decisions")
 
 
 class RingBufferReader:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
 import shutil
@@ -12,7 +11,7 @@ import threading
 import time
 
 from loader import contract, libbpf, schema
-from loader.bpfmaps import DecisionMap, PerCpuU64Array, U64Array, write_struct
+from loader.bpfmaps import DecisionMap, PerCpuU64Array, U64Array, write_elem
 from loader.domains import DomainPlan
 from loader.kernel_mlp import QuantizedMlp
 from loader.table import DecisionGrid, DecisionTable, GridDims, grid_words
@@ -30,58 +29,38 @@ class SchedulerError(Exception):
     """The scheduler could not be attached; str() is one line."""
 
 
-def scx_state() -> str:
-    """'enabled', 'disabled', ... or 'unsupported' on a kernel without sched_ext."""
+def _read_scx(name: str, default: str) -> str:
+    """A file of /sys/kernel/sched_ext, stripped; default when the kernel has no such file."""
     try:
-        with open(os.path.join(SCX_SYSFS, "state")) as f:
+        with open(os.path.join(SCX_SYSFS, name)) as f:
             return f.read().strip()
     except OSError:
-        return "unsupported"
+        return default
+
+
+def scx_state() -> str:
+    """'enabled', 'disabled', ... or 'unsupported' on a kernel without sched_ext."""
+    return _read_scx("state", "unsupported")
 
 
 def scx_ops_name() -> str:
-    try:
-        with open(os.path.join(SCX_SYSFS, "root", "ops")) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    return _read_scx(os.path.join("root", "ops"), "")
 
 
 def hotplug_seq() -> int:
     """The kernel's CPU hotplug sequence number: attach fails if it moved since."""
-    try:
-        with open(os.path.join(SCX_SYSFS, "hotplug_seq")) as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 0
+    seq = _read_scx("hotplug_seq", "0")
+    return int(seq) if seq.isdigit() else 0
 
 
-def enums_path(obj_path: str) -> str:
-    """The list of scx enum constants `make bpf` writes beside the object."""
-    return os.path.splitext(obj_path)[0] + ".enums"
-
-
-def read_enum_list(path: str) -> list[tuple[str, str]]:
-    """Lines "NAME enum-type" -> [(NAME, type)]."""
+def scx_enums(obj_path: str) -> list[tuple[str, str]]:
+    """(NAME, enum type) of the scx enum constants `make bpf` lists beside the object."""
+    path = os.path.splitext(obj_path)[0] + ".enums"
     try:
         with open(path) as f:
             return [tuple(line.split()[:2]) for line in f if len(line.split()) >= 2]
     except OSError as e:
         raise SchedulerError(f"cannot read {path} ({e.strerror}): run `make bpf`") from None
-
-
-@functools.cache
-def kernel_enum_values(enum_types: tuple[str, ...]) -> dict[str, int]:
-    """Members of these enums in the running kernel's BTF; read once per process (a restart
-    after hotplug reuses them: parsing the kernel's BTF takes seconds under TCG)."""
-    kbtf = libbpf.Btf.vmlinux()
-    try:
-        values: dict[str, int] = {}
-        for enum_type in enum_types:
-            values.update(kbtf.enum_values(enum_type))
-        return values
-    finally:
-        kbtf.close()
 
 
 def clean_stale_pins(pin_dir: str) -> None:
@@ -123,27 +102,24 @@ def write_settings(obj: libbpf.BpfObject, config: dict[str, int | list[int]]) ->
 
 
 class Scheduler:
-    """Owns the BPF object, its maps and the struct_ops link."""
+    """Owns the BPF object (and through it the struct_ops link) and its maps."""
 
     def __init__(self, obj_path: str, config: dict[str, int | list[int]], ringbuf_bytes: int,
                  verbose: bool) -> None:
         """Open, set the .rodata settings (see settings()) and load the object."""
         libbpf.set_print(verbose)
-        enums = read_enum_list(enums_path(obj_path))
+        enums = scx_enums(obj_path)
         self.obj = libbpf.BpfObject(obj_path)
-        self.link: libbpf.StructOpsLink | None = None
         self.pin_dir: str | None = None
-        self.restart_code = SCX_ECODE_ACT_RESTART_DFL
         self.config = config
         grid = (config["grid_cpus"], config["grid_dom_cpus"]) if config["grid_cpus"] else None
         try:
             self.obj.set_max_entries(contract.MAP_CANDIDATES, ringbuf_bytes)
             self.obj.set_max_entries(contract.MAP_DECISION_GRID, grid_words(grid))
             self._set_kernel_constants(enums)
-            write_settings(self.obj, config)
             # scx's UEI_SET_SIZE: room for the kernel's debug dump at exit.
             self.obj.set_value_size(contract.UEI_DUMP_SECTION, contract.UEI_DUMP_LEN)
-            self.obj.var(".rodata", contract.UEI_DUMP_LEN_VAR).value = contract.UEI_DUMP_LEN
+            write_settings(self.obj, config | {contract.UEI_DUMP_LEN_VAR: contract.UEI_DUMP_LEN})
             t0 = time.monotonic()
             self.obj.load()
             log.debug("loaded %s in %.2f s", obj_path, time.monotonic() - t0)
@@ -160,62 +136,44 @@ class Scheduler:
         self.loader_stats = U64Array(fd(contract.MAP_LOADER_STATS), contract.NR_LOADER_STATS)
         self.loader_stats.set(contract.LoaderStat.GRID_KEYS,
                               schema.grid_size(*grid) if grid else 0)
-        self.latency_hist = U64Array(
-            fd(contract.MAP_LATENCY_HIST), contract.NR_HISTS * contract.HIST_BUCKETS
-        )
-        self.table = DecisionTable(
-            DecisionMap(fd(contract.MAP_DECISIONS)),
-            DecisionGrid(fd(contract.MAP_DECISION_GRID), grid) if grid else None,
-            model_gen,
-        )
+        self.latency_hist = U64Array(fd(contract.MAP_LATENCY_HIST),
+                                     contract.NR_HISTS * contract.HIST_BUCKETS)
+        grid_map = DecisionGrid(fd(contract.MAP_DECISION_GRID), grid) if grid else None
+        self.table = DecisionTable(DecisionMap(fd(contract.MAP_DECISIONS)), grid_map, model_gen)
 
     def _set_kernel_constants(self, enums: list[tuple[str, str]]) -> None:
-        """What scx's SCX_ENUM_INIT and SCX_OPS_OPEN do before load, from the kernel's BTF.
-
-        The scx headers turn each enum constant the program uses into a .rodata variable
-        __NAME, filled here with the running kernel's value, so one object serves every
-        sched_ext kernel. hotplug_seq makes the attach fail if a CPU came or went since
-        the domains were planned.
-        """
+        """scx's SCX_ENUM_INIT and SCX_OPS_OPEN: each enum constant the program uses (.rodata
+        __NAME) gets the running kernel's value, so one object serves every sched_ext kernel;
+        hotplug_seq makes the attach fail if a CPU came or went since the domains were planned."""
         t0 = time.monotonic()
-        values = kernel_enum_values(tuple(sorted({t for _, t in enums} | {"scx_exit_code"})))
+        values = libbpf.kernel_enum_values(tuple(sorted({t for _, t in enums} | {"scx_exit_code"})))
         self.restart_code = values.get("SCX_ECODE_ACT_RESTART", SCX_ECODE_ACT_RESTART_DFL)
-        obj_btf = self.obj.btf()
-        rodata = obj_btf.datasec_vars(".rodata")
-        missing = 0
-        for name, _ in enums:
-            if "__" + name not in rodata:
-                continue  # a constant this program does not use
-            if name not in values:
-                missing += 1  # this kernel lacks it: scx leaves it 0, so do we
-            off, _size = rodata["__" + name]
-            self.obj.view(".rodata", off, ctypes.c_uint64).value = values.get(name, 0)
+        used = [name for name, _ in enums if "__" + name in self.obj.vars(".rodata")]
+        for name in used:  # a constant this kernel lacks stays 0, as scx leaves it
+            self.obj.var(".rodata", "__" + name, ctypes.c_uint64).value = values.get(name, 0)
         log.debug("set %d scx constants from the kernel's BTF in %.2f s (%d unknown to it)",
-                  len(values), time.monotonic() - t0, missing)
-        off = obj_btf.member_offset("sched_ext_ops", "hotplug_seq")
+                  len(values), time.monotonic() - t0, sum(name not in values for name in used))
+        off = self.obj.btf().member_offset("sched_ext_ops", "hotplug_seq")
         if off >= 0:
             self.obj.view(contract.STRUCT_OPS_MAP, off, ctypes.c_uint64).value = hotplug_seq()
 
     def load_kernel_mlp(self, q: QuantizedMlp, generation: int = 0) -> None:
         """--inference kernel: the weights into the slot of `generation` (see mlsched.h)."""
-        write_struct(self.obj.map_fd(contract.MAP_MLP_WEIGHTS), generation & 1,
-                     q.to_struct(generation))
+        write_elem(self.obj.map_fd(contract.MAP_MLP_WEIGHTS), generation & 1,
+                   q.to_struct(generation))
 
     def attach(self) -> None:
-        state = scx_state()
         # After an exit the kernel disables the old scheduler asynchronously: give it time.
         deadline = time.monotonic() + DISABLE_WAIT_S
-        while state == "disabling" and time.monotonic() < deadline:
+        while (state := scx_state()) == "disabling" and time.monotonic() < deadline:
             time.sleep(0.02)
-            state = scx_state()
         if state == "unsupported":
             raise SchedulerError("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT)")
         if state != "disabled":
-            raise SchedulerError(
-                f"another sched_ext scheduler is {state}: {scx_ops_name() or 'unknown'}"
-            )
+            raise SchedulerError(f"another sched_ext scheduler is {state}: "
+                                 f"{scx_ops_name() or 'unknown'}")
         try:
-            self.link = self.obj.attach_struct_ops(contract.STRUCT_OPS_MAP)
+            self.obj.attach_struct_ops(contract.STRUCT_OPS_MAP)
         except libbpf.LibbpfError as e:
             raise SchedulerError(f"{e} (see dmesg)") from None
         self.loader_stats.set(contract.LoaderStat.START_NS, time.monotonic_ns())
@@ -251,9 +209,7 @@ class Scheduler:
 
     def close(self) -> None:
         """Detach, unpin and free; safe to call twice."""
-        if self.link:
-            self.link.destroy()
-            self.link = None
+        self.obj.detach()
         self.table.close()
         if self.pin_dir and os.path.isdir(self.pin_dir):
             shutil.rmtree(self.pin_dir, ignore_errors=True)

@@ -23,21 +23,14 @@ GridDims = tuple[int, int]  # (nr_cpus, dom_cpus) of the grid
 
 def grid_dims(nr_cpus: int, max_dom_cpus: int) -> GridDims | None:
     """The grid for this machine's domains, or None when it is too large (the hash serves)."""
-    if max_dom_cpus > schema.KEY_FIELD_MAX:
-        return None
-    if schema.grid_size(nr_cpus, max_dom_cpus) > contract.GRID_MAX_KEYS:
-        return None
-    return nr_cpus, max_dom_cpus
+    fits = (max_dom_cpus <= schema.KEY_FIELD_MAX
+            and schema.grid_size(nr_cpus, max_dom_cpus) <= contract.GRID_MAX_KEYS)
+    return (nr_cpus, max_dom_cpus) if fits else None
 
 
 def grid_words(dims: GridDims | None) -> int:
     """u64 words of the decision_grid map (at least one: BPF arrays are never empty)."""
     return 1 if dims is None else max(1, -(-schema.grid_size(*dims) // 8))
-
-
-def grid_indices(keys: np.ndarray, dims: GridDims) -> np.ndarray:
-    """Vectorised mlsched_grid_index(): each packed key's grid index, -1 outside the grid."""
-    return schema.grid_indices(keys, *dims)
 
 
 class DecisionGrid:
@@ -46,9 +39,8 @@ class DecisionGrid:
     def __init__(self, fd: int, dims: GridDims) -> None:
         self.dims = dims
         self.size = schema.grid_size(*dims)
-        length = grid_words(dims) * 8
-        page = mmap.PAGESIZE
-        self._mm = mmap.mmap(fd, -(-length // page) * page, mmap.MAP_SHARED,
+        pages = -(-grid_words(dims) * 8 // mmap.PAGESIZE)
+        self._mm = mmap.mmap(fd, pages * mmap.PAGESIZE, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         self.codes = np.frombuffer(self._mm, dtype=np.uint8, count=self.size)
 
@@ -80,7 +72,7 @@ class DecisionTable:
         migrate = np.asarray(migrate, dtype=bool)
         rest = np.ones(len(keys), dtype=bool)
         if self.grid is not None:
-            idx = grid_indices(keys, self.grid.dims)
+            idx = schema.grid_indices(keys, *self.grid.dims)
             rest = idx < 0
             self.grid.codes[idx[~rest]] = np.where(migrate[~rest], contract.GridCode.MIGRATE,
                                                    contract.GridCode.KEEP)

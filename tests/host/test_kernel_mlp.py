@@ -15,7 +15,8 @@ import pytest
 
 from loader import contract, kernel_mlp, libbpf, schema
 from loader.backends import NumpyModel
-from loader.bpfmaps import write_struct
+from loader.bpfmaps import write_elem
+from tools.bench.producer import prog_test_run
 
 REPO = Path(__file__).resolve().parents[2]
 MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"
@@ -70,7 +71,7 @@ def mlp_prog():
 @pytest.mark.parametrize("model_dir", MODELS, ids=lambda p: p.name)
 def test_bpf_code_decides_as_the_python_mirror(mlp_prog, model_dir: Path) -> None:
     q = kernel_mlp.quantize(NumpyModel.load(model_dir))
-    write_struct(mlp_prog.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=7))
+    write_elem(mlp_prog.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=7))
     fd = mlp_prog.prog_fd("mlp_run")
     keys = schema.grid_keys(4, 2)
     rng = np.random.default_rng(3)
@@ -79,7 +80,7 @@ def test_bpf_code_decides_as_the_python_mirror(mlp_prog, model_dir: Path) -> Non
     got, ns = [], []
     for key in sample.tolist():
         args = RunArgs(key=key, slot=1, gen=7, reps=1)
-        libbpf.test_run(fd, args)
+        prog_test_run(fd, args)
         got.append(args.result)
         ns.append(args.ns)
     assert got == want.astype(int).tolist()
@@ -87,5 +88,5 @@ def test_bpf_code_decides_as_the_python_mirror(mlp_prog, model_dir: Path) -> Non
     print(f"{model_dir.name}: BPF inference median {np.median(ns) / 1000:.1f} us per key")
     # A slot of another generation does not serve.
     args = RunArgs(key=int(sample[0]), slot=1, gen=8, reps=1)
-    libbpf.test_run(fd, args)
+    prog_test_run(fd, args)
     assert args.result == -1

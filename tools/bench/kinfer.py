@@ -29,7 +29,8 @@ import numpy as np
 
 from loader import contract, kernel_mlp, libbpf, schema
 from loader.backends import DenseLayer, NumpyModel
-from loader.bpfmaps import write_struct
+from loader.bpfmaps import write_elem
+from tools.bench.producer import prog_test_run
 
 REPO = Path(__file__).resolve().parents[2]
 MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"
@@ -77,14 +78,14 @@ def numpy_rate(model: NumpyModel, batch: int, seconds: float) -> float:
 
 def kernel_cost(obj: libbpf.BpfObject, model: NumpyModel, reps: int) -> dict[str, Any]:
     q = kernel_mlp.quantize(model)
-    write_struct(obj.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=3))
+    write_elem(obj.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=3))
     fd = obj.prog_fd("mlp_run")
     keys = schema.grid_keys(*GRID)
     want = q.decide(keys).astype(int).tolist()
     got, ns = [], []
     for key in keys.tolist():
         a = RunArgs(key=key, slot=1, gen=3, reps=reps)
-        libbpf.test_run(fd, a)
+        prog_test_run(fd, a)
         got.append(a.result)
         ns.append(a.ns / reps)
     arr = np.array(ns)

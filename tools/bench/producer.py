@@ -39,7 +39,34 @@ _lib = libbpf._lib
 _vp = ctypes.c_void_p
 _lib.bpf_map_lookup_elem.restype = ctypes.c_int
 _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, _vp, _vp]
-TestRunOpts = libbpf.TestRunOpts
+_lib.bpf_prog_test_run_opts.restype = ctypes.c_int
+_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, _vp]
+
+
+class TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf >= 1.0)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", _vp), ("data_out", _vp),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", _vp), ("ctx_out", _vp),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
+def prog_test_run(prog_fd: int, ctx: ctypes.Structure) -> int:
+    """Run a syscall program once on ctx (the kernel writes it back in place, ctx_out must be
+    unset for this program type); returns the program's return value."""
+    opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
+    opts.ctx_in = ctypes.addressof(ctx)
+    opts.ctx_size_in = ctypes.sizeof(ctx)
+    if _lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)) != 0:
+        err = ctypes.get_errno()
+        raise libbpf.LibbpfError(f"BPF_PROG_TEST_RUN: {os.strerror(err)} (errno {err})")
+    return opts.retval
 
 
 class ProduceArgs(ctypes.Structure):
