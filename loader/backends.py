@@ -1,4 +1,4 @@
-"""Model backends: one predict() over TensorFlow or over the verified numpy fast path.
+"""Model backends: predict() over TensorFlow or over the verified numpy fast path.
 
 NumpyModel runs assets/mlsched_fastpath.npz, a plain Dense stack that model_dir/fastpath_verify.py
 writes only when numpy and TF agree on every decision of a probe grid, stamped with
@@ -9,10 +9,9 @@ TensorFlow (72 s under TCG).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -30,6 +29,15 @@ ACTIVATIONS = {"linear": lambda h: h, "relu": lambda h: np.maximum(h, 0.0),
                "sigmoid": _sigmoid, "tanh": np.tanh}
 
 
+class Predictor(Protocol):
+    """A backend: float32 [n, 10] features -> float32 [n] migrate probabilities."""
+
+    name: str
+    kind: contract.Backend
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+
 def import_tensorflow() -> ModuleType:
     """Import TensorFlow late and quietly (its C++ INFO lines would bury ours)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -41,15 +49,16 @@ def import_tensorflow() -> ModuleType:
     return tf
 
 
-@dataclass(frozen=True)
-class DenseLayer:
+class DenseLayer(NamedTuple):
     kernel: np.ndarray  # [in, out]: h @ kernel
     bias: np.ndarray  # [out]
     activation: str  # a key of ACTIVATIONS
 
 
 class NumpyModel:
-    """A Dense stack in numpy: predict(float32 [n, 10]) -> float32 [n] probabilities."""
+    """The numpy backend: a Dense stack, float32 [n, 10] -> float32 [n] probabilities."""
+
+    name, kind = "numpy", contract.Backend.NUMPY
 
     def __init__(self, layers: list[DenseLayer]) -> None:
         self.layers = [DenseLayer(np.asarray(la.kernel, np.float32),
@@ -64,9 +73,13 @@ class NumpyModel:
             raise ValueError("a Dense stack ending in one unit is needed")
 
     @classmethod
-    def load(cls, path: str | Path) -> NumpyModel:
-        """The network of a fast-path file, or of a model directory's."""
-        return mc.read_fastpath(Path(path), lambda npz: cls(
+    def load(cls, path: str | Path, *, verified: bool = False) -> NumpyModel:
+        """The network of a model directory's fast-path file; verified: only while it is stamped
+        for this very model (checked here too, not only by check_model_dir)."""
+        path = Path(path)
+        if verified and (reason := mc.fastpath_reason(path, mc.model_digest(path))):
+            raise ModelError(f"cannot use the numpy backend: {reason}")
+        return mc.read_fastpath(path, lambda npz: cls(
             [DenseLayer(npz[f"kernel_{i}"], npz[f"bias_{i}"], str(act))
              for i, act in enumerate(npz["activations"])]))
 
@@ -79,16 +92,9 @@ class NumpyModel:
         return h.reshape(-1)
 
 
-class Predictor(Protocol):
-    name: str
-    kind: contract.Backend
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """float32 [n, 10] features -> float32 [n] migrate probabilities."""
-        ...
-
-
 class TFBackend:
+    """The SavedModel's serving signature, run by TensorFlow."""
+
     name, kind = "tf", contract.Backend.TF
 
     def __init__(self, path: str | Path, input_key: str = contract.MODEL_INPUT_KEY,
@@ -105,19 +111,6 @@ class TFBackend:
         return self._sig(**{self._input_key: x})[self._output_key].numpy().reshape(-1)
 
 
-class NumpyBackend:
-    name, kind = "numpy", contract.Backend.NUMPY
-
-    def __init__(self, path: str | Path) -> None:
-        # Checked again here, not only by check_model_dir: never run another model's weights.
-        if reason := mc.fastpath_reason(Path(path), mc.model_digest(Path(path))):
-            raise ModelError(f"cannot use the numpy backend: {reason}")
-        self.model = NumpyModel.load(path)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict(x)
-
-
 def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
     """The backend for a checked model and why, in one line: want "auto" (numpy while the fast
     path is verified for this model, else tf), "tf" or "numpy" (ModelError if not verified)."""
@@ -125,6 +118,6 @@ def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
         raise ValueError(f"backend must be auto, tf or numpy, not {want!r}")
     if want == "numpy" or want == "auto" and info.fastpath_ok:
         why = f"verified fast-path weights (digest {info.digest[:8]})"
-        return NumpyBackend(info.path), f"numpy: {why}"
+        return NumpyModel.load(info.path, verified=True), f"numpy: {why}"
     why = "requested" if want == "tf" else info.fastpath_reason
     return TFBackend(info.path, info.input_key, info.output_key), f"tf: {why}"

@@ -12,9 +12,8 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from loader import contract, schema
 
@@ -31,8 +30,7 @@ class ModelError(Exception):
     """A model the loader cannot use; str() is one line for the user, with the fix."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(NamedTuple):
     path: Path
     input_key: str
     output_key: str
@@ -49,30 +47,31 @@ def saved_model_class() -> Any:
     from tensorboard.compat.proto import meta_graph_pb2
 
     field = descriptor_pb2.FieldDescriptorProto
-    pool = descriptor_pool.Default()
-    pool.Add(descriptor_pb2.FileDescriptorProto(
-        name="mlsched/saved_model.proto", package="mlsched", syntax="proto3",
-        dependency=[meta_graph_pb2.DESCRIPTOR.name],
-        message_type=[descriptor_pb2.DescriptorProto(name="SavedModel", field=[
-            field(name="saved_model_schema_version", number=1, type=field.TYPE_INT64),
-            field(name="meta_graphs", number=2, type=field.TYPE_MESSAGE,
-                  label=field.LABEL_REPEATED, type_name=".tensorboard.MetaGraphDef")])]))
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("mlsched.SavedModel"))
+    proto = descriptor_pb2.FileDescriptorProto(name="mlsched/saved_model.proto", package="mlsched",
+                                               dependency=[meta_graph_pb2.DESCRIPTOR.name],
+                                               syntax="proto3")
+    proto.message_type.add(name="SavedModel", field=[
+        field(name="saved_model_schema_version", number=1, type=field.TYPE_INT64),
+        field(name="meta_graphs", number=2, type=field.TYPE_MESSAGE, label=field.LABEL_REPEATED,
+              type_name=".tensorboard.MetaGraphDef")])
+    file = descriptor_pool.Default().AddSerializedFile(proto.SerializeToString())
+    return message_factory.GetMessageClass(file.message_types_by_name["SavedModel"])
 
 
-def read_meta_graph(data: bytes) -> Any:
-    """The serving MetaGraphDef, chosen as tf.saved_model.load does; ValueError if malformed."""
+def read_meta_graph(path: Path) -> Any:
+    """The serving MetaGraphDef of path/saved_model.pb, chosen as tf.saved_model.load does: the
+    only one, else the first tagged 'serve'."""
     from google.protobuf.message import DecodeError
 
+    invalid = f"invalid SavedModel format at {path}: saved_model.pb:"
     try:
-        graphs = list(saved_model_class().FromString(data).meta_graphs)
+        graphs = saved_model_class().FromString((path / "saved_model.pb").read_bytes()).meta_graphs
     except DecodeError as e:
-        raise ValueError("not a SavedModel protobuf (corrupt or truncated)") from e
-    if len(graphs) > 1:
-        graphs = [g for g in graphs if "serve" in g.meta_info_def.tags]
-    if not graphs:
-        raise ValueError("no meta graph tagged 'serve'")
-    return graphs[0]
+        raise ModelError(f"{invalid} not a SavedModel protobuf (corrupt or truncated)") from e
+    serving = [g for g in graphs if len(graphs) == 1 or "serve" in g.meta_info_def.tags]
+    if not serving:
+        raise ModelError(f"{invalid} no meta graph tagged 'serve'")
+    return serving[0]
 
 
 def _check_tensor(path: Path, what: str, info: Any, width: int, fix: str) -> None:
@@ -84,13 +83,13 @@ def _check_tensor(path: Path, what: str, info: Any, width: int, fix: str) -> Non
         got = names[info.dtype].name[3:].lower() if info.dtype in names else f"dtype {info.dtype}"
         raise ModelError(f"{path}: expected float32 {what}, got {got} ({fix})")
     dims = None if info.tensor_shape.unknown_rank else [d.size for d in info.tensor_shape.dim]
-    if dims is None or len(dims) != 2 or dims[0] >= 0 or dims[1] != width:
+    got = "unknown rank" if dims is None else (
+        f"[{', '.join('?' if d < 0 else str(d) for d in dims)}]")
+    if got != f"[?, {width}]":
         if what == "input":
             narrow = dims is not None and len(dims) == 2 and 0 <= dims[1] < width
             fix = "pad with zeros" if narrow else (
                 f"the contract is {width} features and a free batch dimension")
-        got = "unknown rank" if dims is None else (
-            f"[{', '.join('?' if d < 0 else str(d) for d in dims)}]")
         raise ModelError(f"{path}: expected {what} shape [?, {width}], got {got} ({fix})")
 
 
@@ -99,10 +98,9 @@ def model_digest(path: Path) -> str:
     name and size: it names the model a fast-path file was verified for."""
     var_dir = path / "variables"
     shards = sorted(p for p in var_dir.glob("variables.data-*") if _SHARD.fullmatch(p.name))
-    total = int(shards[0].name[-5:]) if shards else 0
+    total = int(shards[0].name[-5:]) if shards else 1  # no shard: the first one is missing
     names = {f"variables.data-{i:05d}-of-{total:05d}" for i in range(total)}
-    if not (var_dir / "variables.index").is_file() or not shards or \
-            not names <= {p.name for p in shards}:
+    if not (var_dir / "variables.index").is_file() or not names <= {p.name for p in shards}:
         raise ModelError(f"missing variables at {var_dir} (re-export the model: model.export(DIR))")
     h = hashlib.sha256()
     for file in [path / "saved_model.pb", var_dir / "variables.index", *shards]:
@@ -137,13 +135,13 @@ def verify_manifest(path: Path) -> None:
         found = file_digests(path)
     except OSError as e:
         raise ModelError(f"{path}: {e.filename} unreadable ({e.strerror})") from e
+    changed = [rel for rel in listed.keys() & found.keys() if listed[rel] != found[rel]]
     problems = []
-    for rels, what in ((sorted(k for k in listed.keys() & found.keys() if listed[k] != found[k]),
-                        "changed"), (sorted(listed.keys() - found.keys()), "missing"),
-                       (sorted(found.keys() - listed.keys()), "not listed")):
+    for rels, what in ((changed, "changed"), (listed.keys() - found.keys(), "missing"),
+                       (found.keys() - listed.keys(), "not listed")):
         if rels:
             more = f" and {len(rels) - 3} more" if len(rels) > 3 else ""
-            problems.append(f"{', '.join(rels[:3])}{more} {what}")
+            problems.append(f"{', '.join(sorted(rels)[:3])}{more} {what}")
     if problems:
         raise ModelError(f"corrupt model at {path}: {'; '.join(problems)} since {MANIFEST_FILE} "
                          f"was written (damaged, or modified after export: re-export the model, "
@@ -151,10 +149,10 @@ def verify_manifest(path: Path) -> None:
 
 
 def read_fastpath(path: Path, parse: Callable[[Any], T]) -> T:
-    """parse(npz) of a fast-path file, or of a model directory's; ModelError on any damage."""
+    """parse(npz) of a model directory's fast-path file; ModelError on any damage."""
     import numpy as np  # here: keeps this module's import cheap
 
-    file = path / FASTPATH_FILE if path.is_dir() else path
+    file = path / FASTPATH_FILE
     try:
         with np.load(file, allow_pickle=False) as npz:
             if int(npz["version"]) != FASTPATH_VERSION:
@@ -190,13 +188,10 @@ def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
     if not pb.is_file():
         what = "no saved_model.pb" if path.is_dir() else "not a directory"
         raise ModelError(f"invalid SavedModel format at {path}: {what} ({fix})")
-    try:
-        sigs = read_meta_graph(pb.read_bytes()).signature_def
-    except ValueError as e:
-        raise ModelError(f"invalid SavedModel format at {path}: saved_model.pb: {e}") from e
+    sigs = read_meta_graph(path).signature_def
     if (sig := sigs.get(SIGNATURE_KEY)) is None:
-        found_sigs = ", ".join(sorted(sigs)) or "none"
-        raise ModelError(f"{path}: no {SIGNATURE_KEY!r} signature (found: {found_sigs}; {fix})")
+        raise ModelError(f"{path}: no {SIGNATURE_KEY!r} signature (found: "
+                         f"{', '.join(sorted(sigs)) or 'none'}; {fix})")
     if len(sig.inputs) != 1 or len(sig.outputs) != 1:
         raise ModelError(f"{path}: expected 1 input and 1 output, got {len(sig.inputs)} and "
                          f"{len(sig.outputs)} (the contract is features "

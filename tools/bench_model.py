@@ -8,7 +8,7 @@ loader does (check_model_dir, then open_backend), so its RSS is the backend's ow
 numpy child proves that it never imports TensorFlow:
   tf               TFBackend.predict: the SavedModel signature called by keyword on a batch
   tf-per-decision  the same, one call per decision (a batch of b is b calls of batch 1)
-  numpy            NumpyBackend.predict: the verified fast path
+  numpy            NumpyModel.predict: the verified fast path
 It records the import time (process start to backend modules imported), the load time
 (check_model_dir + open_backend) and the RSS once the backend has run (VmRSS, and the peak
 VmHWM so far), before the benchmark builds its own inputs. Then, for batch sizes 1, 64, 512,

@@ -36,7 +36,7 @@ class RunArgs(ctypes.Structure):
 def test_quantized_network_agrees_with_the_float_model(model_dir: Path, grid) -> None:
     model = NumpyModel.load(model_dir)
     keys = schema.grid_keys(*grid)
-    share = kernel_mlp.agreement(kernel_mlp.quantize(model), model, keys)
+    share = kernel_mlp.agreement(kernel_mlp.QuantizedMlp(model), model, keys)
     print(f"{model_dir.name} on the {grid[0]}-CPU grid ({len(keys)} keys): {share:.5%} agree")
     assert share >= kernel_mlp.MIN_AGREEMENT
 
@@ -49,11 +49,11 @@ def test_quantize_refuses_what_the_kernel_cannot_run() -> None:
     tanh = NumpyModel([DenseLayer(z((10, 4)), z(4), "tanh"),
                        DenseLayer(z((4, 1)), z(1), "sigmoid")])
     with pytest.raises(ModelError, match="hidden activation 'tanh'"):
-        kernel_mlp.quantize(tanh)
+        kernel_mlp.QuantizedMlp(tanh)
     wide = NumpyModel([DenseLayer(z((10, 65)), z(65), "relu"),
                        DenseLayer(z((65, 1)), z(1), "linear")])
     with pytest.raises(ModelError, match="at most 64 units"):
-        kernel_mlp.quantize(wide)
+        kernel_mlp.QuantizedMlp(wide)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def mlp_prog():
 
 @pytest.mark.parametrize("model_dir", MODELS, ids=lambda p: p.name)
 def test_bpf_code_decides_as_the_python_mirror(mlp_prog, model_dir: Path) -> None:
-    q = kernel_mlp.quantize(NumpyModel.load(model_dir))
+    q = kernel_mlp.QuantizedMlp(NumpyModel.load(model_dir))
     write_elem(mlp_prog.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=7))
     fd = mlp_prog.prog_fd("mlp_run")
     keys = schema.grid_keys(4, 2)

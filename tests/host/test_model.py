@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from loader import contract, schema
-from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
+from loader.backends import DenseLayer, NumpyModel, TFBackend, open_backend
 from loader.model_check import (
     FASTPATH_FILE,
     MANIFEST_FILE,
@@ -154,14 +154,14 @@ def test_parse_agrees_with_tf(request, model):
     data = (request.getfixturevalue(model) / "saved_model.pb").read_bytes()
     saved = saved_model_pb2.SavedModel.FromString(data)
     assert len(saved.meta_graphs) == 1
-    ours = read_meta_graph(data)
+    ours = read_meta_graph(request.getfixturevalue(model))
     assert list(ours.meta_info_def.tags) == list(saved.meta_graphs[0].meta_info_def.tags)
     assert _summary(ours.signature_def) == _summary(saved.meta_graphs[0].signature_def)
     assert "serving_default" in ours.signature_def
 
 
 def test_bundled_signature():
-    meta_graph = read_meta_graph((BUNDLED / "saved_model.pb").read_bytes())
+    meta_graph = read_meta_graph(BUNDLED)
     assert list(meta_graph.meta_info_def.tags) == ["serve"]
     assert _summary(meta_graph.signature_def)["serving_default"] == (
         {"features": (1, (-1, 10))},
@@ -346,7 +346,7 @@ def test_dummy_model(dummy):
     assert (info.input_key, info.output_key) == ("features", "output_0")
     assert info.fastpath_ok and info.fastpath_reason == ""
     backend, reason = open_backend(info, "auto")
-    assert isinstance(backend, NumpyBackend) and backend.kind == contract.Backend.NUMPY
+    assert isinstance(backend, NumpyModel) and backend.kind == contract.Backend.NUMPY
     assert reason == f"numpy: verified fast-path weights (digest {info.digest[:8]})"
 
 
@@ -457,7 +457,7 @@ def test_stale_fastpath(tmp_path, dummy, tf, change):
     with pytest.raises(ModelError, match="stale"):
         open_backend(info, "numpy")
     with pytest.raises(ModelError, match="stale"):
-        NumpyBackend(path)
+        NumpyModel.load(path, verified=True)
 
     # Re-verifying fixes it, with the new weights.
     assert write_fastpath(path, nr_cpus_probe=2, max_dom_cpus_probe=1, nr_random=100).written

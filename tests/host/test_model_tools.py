@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from loader import contract, kernel_mlp, schema
-from loader.backends import DenseLayer, NumpyBackend, NumpyModel, TFBackend, open_backend
+from loader.backends import DenseLayer, NumpyModel, TFBackend, open_backend
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
 from model_dir import dataset, fallback, model_export, synthetic, transfer
 from model_dir.architecture import describe_stack
@@ -306,7 +306,7 @@ def test_model_export_synthetic(trained):
     info = check_model_dir(trained)
     assert info.input_key == contract.MODEL_INPUT_KEY and info.fastpath_ok
     backend, reason = open_backend(info, "auto")
-    assert isinstance(backend, NumpyBackend) and reason.startswith("numpy: verified")
+    assert isinstance(backend, NumpyModel) and reason.startswith("numpy: verified")
     assert describe_stack(NumpyModel.load(trained)) == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
     # It learned the rule, on the grid of a machine it never saw as such.
     x = schema.unpack_keys(schema.feature_grid(8, 4))
@@ -386,7 +386,7 @@ def test_imitation_reaches_99_percent_on_held_out_keys(tmp_path, tf):
     _, held_out = model_export.split(len(keys), 0)
     x = schema.unpack_keys(keys[held_out])
     backend, _ = open_backend(check_model_dir(out), "auto")
-    assert isinstance(backend, NumpyBackend)
+    assert isinstance(backend, NumpyModel)
     assert describe_stack(NumpyModel.load(out)) == "10 -> 64 relu -> 64 relu -> 1 sigmoid"
     agree = np.mean((backend.predict(x) > 0.5) == fallback.heuristic_from_features(x))
     assert agree == pytest.approx(figures["heldout_agreement"]) and agree >= 0.99
@@ -496,7 +496,7 @@ def _assert_same_model(path: Path, want: np.ndarray) -> None:
 def test_transfer_keras3_h5(keras3_h5, keras3_converted):
     info = check_model_dir(keras3_converted)
     assert info.input_key == "features" and info.fastpath_ok
-    assert isinstance(open_backend(info, "auto")[0], NumpyBackend)
+    assert isinstance(open_backend(info, "auto")[0], NumpyModel)
     _assert_same_model(keras3_converted, keras3_h5[1])
 
 
@@ -522,7 +522,7 @@ def test_transfer_keras2_h5(keras2_converted):
     assert info.input_key == "features" and info.fastpath_ok  # it was `dense_input`
     want_stack = "10 -> 8 relu -> 4 tanh -> 1 sigmoid"
     assert describe_stack(NumpyModel.load(keras2_converted)) == want_stack
-    for backend in (TFBackend(keras2_converted), NumpyBackend(keras2_converted)):
+    for backend in (TFBackend(keras2_converted), NumpyModel.load(keras2_converted, verified=True)):
         assert np.max(np.abs(backend.predict(x) - want)) <= 1e-6  # tf_keras' own outputs
 
 
@@ -747,7 +747,7 @@ def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
     info = check_model_dir(out)  # what mlsched-load checks before attaching
     assert info.input_key == "features" and info.fastpath_ok
     backend, reason = open_backend(info, "auto")
-    assert isinstance(backend, NumpyBackend), reason  # a Dense stack: the fast path runs it
+    assert isinstance(backend, NumpyModel), reason  # a Dense stack: the fast path runs it
     for grid in GRIDS + [(32, 8)]:
         x = schema.unpack_keys(schema.feature_grid(*grid))
         want_tf = TFBackend(out).predict(x)
@@ -759,7 +759,7 @@ def test_transfer_maps_a_4_input_linear_model(tmp_path, linear4_h5, caplog):
     decided = backend.predict(schema.unpack_keys(schema.feature_grid(4, 2))) > 0.5
     assert 0 < decided.mean() < 1  # both decisions: the test can tell a wrong mapping
     # Three Dense layers of <= 64 units: --inference kernel can run it too.
-    q = kernel_mlp.quantize(NumpyModel.load(out))
+    q = kernel_mlp.QuantizedMlp(NumpyModel.load(out))
     keys = schema.feature_grid(8, 4)
     assert kernel_mlp.agreement(q, NumpyModel.load(out), keys) >= kernel_mlp.MIN_AGREEMENT
 
@@ -780,7 +780,8 @@ def test_transfer_selection_layer_for_a_functional_model(tmp_path, tf):
     x = schema.unpack_keys(schema.feature_grid(4, 2))
     model = keras.models.load_model(src, compile=False)
     y = model.predict(x[:, 3:5], verbose=0).ravel()
-    assert np.max(np.abs(NumpyBackend(dst).predict(x) - 1 / (1 + np.exp(-y)))) <= 1e-5
+    got = NumpyModel.load(dst, verified=True).predict(x)
+    assert np.max(np.abs(got - 1 / (1 + np.exp(-y)))) <= 1e-5
 
 
 def test_threshold_map_is_exact_at_the_threshold(tf):
@@ -804,7 +805,7 @@ def test_transfer_sigmoid_map(tmp_path, linear4_h5):
     out = tmp_path / "m"
     transfer.transfer(linear4_h5, out, tuple(LINEAR4_FEATURES.split(",")), "sigmoid")
     x = schema.unpack_keys(schema.feature_grid(4, 2))
-    got = NumpyBackend(out).predict(x)
+    got = NumpyModel.load(out, verified=True).predict(x)
     y = _linear4_outputs(linear4_h5, x)
     assert np.max(np.abs(got - 1 / (1 + np.exp(-y)))) <= 1e-5  # sigmoid(y): y is a logit
 

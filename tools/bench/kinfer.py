@@ -77,7 +77,7 @@ def numpy_rate(model: NumpyModel, batch: int, seconds: float) -> float:
 
 
 def kernel_cost(obj: libbpf.BpfObject, model: NumpyModel, reps: int) -> dict[str, Any]:
-    q = kernel_mlp.quantize(model)
+    q = kernel_mlp.QuantizedMlp(model)
     write_elem(obj.map_fd(contract.MAP_MLP_WEIGHTS), 1, q.to_struct(generation=3))
     fd = obj.prog_fd("mlp_run")
     keys = schema.grid_keys(*GRID)

@@ -146,10 +146,10 @@ class Bench:
         """numpy: the verified fast path; tf and naive: the SavedModel called by keyword."""
         kind = "tf" if backend == "naive" else backend
         if kind not in self._models:
-            from loader.backends import NumpyBackend, TFBackend
+            from loader.backends import NumpyModel, TFBackend
 
             t0 = time.monotonic()
-            self._models[kind] = (NumpyBackend(self.model_dir) if kind == "numpy"
+            self._models[kind] = (NumpyModel.load(self.model_dir, verified=True) if kind == "numpy"
                                   else TFBackend(self.model_dir))
             log.info("bench: %s backend ready in %.1f s", kind, time.monotonic() - t0)
         return self._models[kind]
