@@ -126,8 +126,10 @@ def checked_model(args: argparse.Namespace) -> tuple[Any, Any]:
     from loader.model_check import ModelError, check_model_dir
 
     info = check_model_dir(args.model)
-    if args.backend == "numpy" and not info.fastpath_ok:
-        raise ModelError(f"--backend numpy: {info.fastpath_reason}")
+    # Both run the fast-path weights: never another model's (a stale stamp).
+    needs = "--backend numpy" if args.backend == "numpy" else "--inference kernel"
+    if not info.fastpath_ok and (args.backend == "numpy" or args.inference == "kernel"):
+        raise ModelError(f"{needs}: {info.fastpath_reason}")
     return info, prepare(info.path, *args.dims) if args.inference == "kernel" else None
 
 

@@ -6,6 +6,7 @@ the loader reaches the attach step, with one line on stderr and no traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -127,3 +128,20 @@ def test_stats_when_nothing_attached() -> None:
     assert res.returncode == 1
     assert res.stderr.strip() == ("mlsched-stats: mlsched is not attached (no stats socket at "
                                   "/var/run/scx/root/stats); this kernel has no sched_ext")
+
+
+@pytest.mark.parametrize("flag", [("--backend", "numpy"), ("--inference", "kernel")])
+def test_fast_path_modes_refuse_a_model_without_verified_weights(tmp_path: Path,
+                                                                 flag: tuple[str, str]) -> None:
+    """Both run the fast-path weights: without a verified stamp they would run no model or
+    another model's weights, so the run is refused before attach."""
+    from loader.model_check import FASTPATH_FILE, MANIFEST_FILE, file_digests
+
+    model = tmp_path / "model"
+    shutil.copytree(BUNDLED, model)
+    (model / FASTPATH_FILE).unlink()
+    manifest = {"version": 1, "files": file_digests(model)}
+    (model / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert run_loader("--check", "--model", str(model)).returncode == 0  # tf would serve it
+    assert_refused(run_loader("--check", "--model", str(model), *flag), 2,
+                   f"{flag[0]} {flag[1]}: no verified fast-path weights")

@@ -29,7 +29,8 @@ LOG_DIR = Path(os.environ.get("MLSCHED_VM_OUT", ROOT / "build" / "vm-out"))
 
 # Upper bounds so that a broken run fails instead of hanging; not performance targets.
 ATTACH_WAIT_S = 60
-MODEL_WAIT_S = 240
+# TensorFlow in the guest: 210 s from start to a TF model ready on a fresh machine (2026-12-02).
+MODEL_WAIT_S = 480
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
