@@ -1,11 +1,11 @@
 """Command-line pieces shared by mlsched-load, mlsched-collect and mlsched-stats."""
 
-from __future__ import annotations
-
 import argparse
 import logging
 import os
 import signal
+from collections.abc import Callable
+from typing import Any, Self
 
 from loader import paths
 from loader.domains import DomainError, DomainPlan, plan_domains
@@ -49,73 +49,63 @@ def preflight(args: argparse.Namespace, root: bool = True, kernel: bool = True) 
     return plan
 
 
-def number_in(text: str, lo: float, hi: float, unit: str = "", lo_open: bool = True) -> float:
-    """A float in (lo, hi] (or [lo, hi]), as argparse's one-line error otherwise."""
+def _arg(kind: Callable[[str], Any], text: str, ok: Callable[[Any], bool], want: str) -> Any:
+    """text as kind when ok(it), else argparse's one-line error: must be {want}, got {text}."""
     try:
-        v = float(text)
+        v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not (lo < v if lo_open else lo <= v) or not v <= hi:
-        bracket = "(" if lo_open else "["
-        suffix = f" {unit}" if unit else ""
-        raise argparse.ArgumentTypeError(f"must be in {bracket}{lo:g}, {hi:g}]{suffix}, got {v:g}")
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
     return v
+
+
+def number_in(text: str, lo: float, hi: float, unit: str = "", lo_open: bool = True) -> float:
+    """A float in (lo, hi], or in [lo, hi] when not lo_open."""
+    return _arg(float, text, lambda v: lo < v <= hi or v == lo and not lo_open,
+                f"in {'(' if lo_open else '['}{lo:g}, {hi:g}] {unit}".rstrip())
 
 
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+    return _arg(int, text, lambda v: v > 0, "a positive integer")
 
 
 def ringbuf_size(text: str) -> int:
     """A BPF ring buffer size: a power of two of at least one page."""
-    v = positive_int(text)
-    page = os.sysconf("SC_PAGE_SIZE")
-    if v < page or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two >= {page} bytes, got {v}")
-    return v
+    p = os.sysconf("SC_PAGE_SIZE")
+    return _arg(int, text, lambda v: v >= p and not v & (v - 1), f"a power of two >= {p} bytes")
 
 
 def interval_s(text: str) -> float:
     return number_in(text, 0, 3600, "seconds")
 
 
-class Stop:
-    """Set by SIGINT/SIGTERM; a main loop checks it between polls."""
+class SignalFlag:
+    """Set by one of its signals (requested, and the signal's name) once installed."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self.signame = ""
+    requested, signame, signals = False, "", ()
 
     def __call__(self, signum: int, _frame: object) -> None:
-        self.requested = True
-        self.signame = signal.Signals(signum).name
+        self.requested, self.signame = True, signal.Signals(signum).name
 
-    def install(self) -> Stop:
-        signal.signal(signal.SIGINT, self)
-        signal.signal(signal.SIGTERM, self)
+    def install(self) -> Self:
+        for signum in self.signals:
+            signal.signal(signum, self)
         return self
 
 
-class Reload:
-    """Set by SIGHUP: the loader checks its model directory again at its next turn."""
+class Stop(SignalFlag):
+    """SIGINT/SIGTERM: a main loop checks it between polls."""
 
-    def __init__(self) -> None:
-        self._requested = False
+    signals = (signal.SIGINT, signal.SIGTERM)
 
-    def __call__(self, _signum: int, _frame: object) -> None:
-        self._requested = True
 
-    def install(self) -> Reload:
-        signal.signal(signal.SIGHUP, self)
-        return self
+class Reload(SignalFlag):
+    """SIGHUP: the loader checks its model directory again at its next turn."""
+
+    signals = (signal.SIGHUP,)
 
     def take(self) -> bool:
         """True once per SIGHUP received."""
-        requested, self._requested = self._requested, False
+        requested, self.requested = self.requested, False
         return requested

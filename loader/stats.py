@@ -16,41 +16,30 @@ import errno
 import grp
 import json
 import logging
-import math
 import os
 import socket
 import socketserver
 import struct
+import tempfile
 import threading
 import time
+from collections import namedtuple
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from itertools import accumulate
+from typing import Any
 
 from loader import contract, schema
 from loader.cli import interval_s
 
-if TYPE_CHECKING:
-    from loader.bpfmaps import U64Array
-    from loader.pipeline import DecisionPipeline, Predictor
-
 C, LS = contract.Counter, contract.LoaderStat
 TOP, DOM = "mlsched_stats", "dom_stats"  # the scx_stats structs
-PUBLISH_INTERVAL_S = 0.2
 DEFAULT_PATH = "/var/run/scx/root/stats"
-MAX_CLIENTS, MAX_LINE, SEND_TIMEOUT_S = 16, 64 << 10, 2
+MAX_CLIENTS, MAX_LINE, SEND_TIMEOUT_S, PUBLISH_INTERVAL_S = 16, 64 << 10, 2, 0.2
 log = logging.getLogger("mlsched.stats")
-
-
-@dataclass(frozen=True)
-class Field:
-    name: str  # JSON key; the OpenMetrics name is "mlsched_" + name
-    unit: str
-    kind: str  # "meta" (JSON only), "label", "gauge" or "counter" (name ends in _total)
-    help: str
-    datum: str = "float"  # scx_stats type: u64, float or string
-
+# name: the JSON key, "mlsched_" + name in OpenMetrics; kind: "meta" (JSON only), "label", "gauge"
+# or "counter" (name ends in _total); datum: the scx_stats type (u64, float or string)
+Field = namedtuple("Field", "name unit kind help datum")
 
 # name, unit, kind, scx_stats datum, description. An event, a Counter (the kernel's) or a
 # LoaderStat (the loader's) of that name, gives NAME_total (a counter) and NAME_per_s (a gauge);
@@ -123,24 +112,24 @@ domains.nr_cpus      CPUs    gauge u64    CPUs in the domain
 domains.load         0..1    gauge float  domain load: busy CPUs plus queued tasks, per CPU, scaled
 domains.queued       tasks   gauge u64    tasks waiting in the domain's queue
 """
-_ROWS = [line.split(None, 4) for line in _TABLE.strip().split("\n")]
-# The events: (name, "counters" or "loader", index in that array).
+_ROWS = [row.split(None, 4) for row in _TABLE.strip().splitlines()]
+# The events: (name, "counters" or "loader", its index there: a Counter or a LoaderStat).
 COUNTED = tuple((n, "counters", C[n.upper()]) if n.upper() in C.__members__
                 else (n, "loader", LS[n.upper()]) for n, _, kind, *_ in _ROWS if kind == "event")
 
 
-def _fields(rows: list[list[str]]) -> tuple[Field, ...]:
+def _fields(struct: str) -> tuple[Field, ...]:
+    """The fields of one struct ("": the top one, or "domains"), an event as its two."""
     out: list[Field] = []
-    for name, unit, kind, datum, desc in rows:
-        unit = "" if unit == "-" else unit
+    for path, unit, kind, datum, desc in (r for r in _ROWS if r[0].rpartition(".")[0] == struct):
+        name, unit = path.rpartition(".")[2], unit.strip("-")  # "-": no unit
         out += ([Field(f"{name}_total", unit, "counter", f"{desc}, since attach", datum),
-                 Field(f"{name}_per_s", "1/s", "gauge", f"{desc}, per second")]
+                 Field(f"{name}_per_s", "1/s", "gauge", f"{desc}, per second", "float")]
                 if kind == "event" else [Field(name, unit, kind, desc, datum)])
     return tuple(out)
 
 
-FIELDS = _fields([row for row in _ROWS if "." not in row[0]])
-DOM_FIELDS = _fields([[row[0][8:], *row[1:]] for row in _ROWS if row[0].startswith("domains.")])
+FIELDS, DOM_FIELDS = _fields(""), _fields("domains")
 FIELD_NAMES = tuple(f.name for f in FIELDS)
 
 
@@ -159,77 +148,56 @@ def meta() -> dict[str, Any]:
                   "user": {"_om_prefix": "mlsched_dom_", "_om_label": "dom"}}}
 
 
-@dataclass
-class Sample:
-    """The maps at one moment (counts since attach)."""
-
-    mono_ns: int  # CLOCK_MONOTONIC, like the loader's START_NS
-    wall_s: float
-    state: str
-    ops: str
-    model: str
-    counters: list[int]  # by contract.Counter
-    loader: list[int]  # by contract.LoaderStat
-    config: dict[str, int]  # the scheduler's settings: nr_cpus, nr_doms, fallback_policy
-    hist: list[list[int]]  # [contract.Hist][HIST_BUCKETS]
-    doms: list[tuple[int, int, int]] = field(default_factory=list)  # nr_cpus, load_q, queued
-    table_capacity: int = 0
+# The maps at one moment, counts since attach: mono_ns (CLOCK_MONOTONIC, like START_NS), wall_s,
+# state, ops, model; counters and loader (by Counter, LoaderStat); config (the scheduler's int
+# settings: nr_cpus, nr_doms, fallback_policy...); hist [Hist][HIST_BUCKETS]; doms: (nr_cpus,
+# load_q, queued) by domain; table_capacity.
+Sample = namedtuple("Sample", "mono_ns wall_s state ops model counters loader config hist doms "
+                    "table_capacity", defaults=((), 0))
 
 
 def percentile_us(counts: list[int], q: float) -> float | None:
     """The q-quantile (0 < q <= 1) of a log2 histogram: its bucket's upper bound, in µs."""
-    total, seen = sum(counts), 0
-    for b, n in enumerate(counts):
-        seen += n
-        if total > 0 and seen >= max(1, math.ceil(q * total)):
-            return 2.0 ** (b + 1) / 1000
-    return None
+    need = max(1, q * sum(counts))  # seen >= need is seen >= ceil(need): seen counts
+    return next((2.0 ** (b + 1) / 1000 for b, seen in enumerate(accumulate(counts))
+                 if seen >= need), None)
 
 
 def compute(prev: Sample, cur: Sample) -> dict[str, Any]:
     """One interval's figures by FIELDS name, plus "domains": {"<dom>": {DOM_FIELDS}}."""
     dt, ls, start = max(cur.mono_ns - prev.mono_ns, 1) / 1e9, cur.loader, cur.loader[LS.START_NS]
 
-    def d(src: str, i: int) -> int:  # a restart resets the counts: never below 0
-        return max(getattr(cur, src)[i] - getattr(prev, src)[i], 0)
+    def d(k: C | LS) -> int:  # over the interval; a restart resets the counts: never below 0
+        src = "counters" if isinstance(k, C) else "loader"
+        return max(getattr(cur, src)[k] - getattr(prev, src)[k], 0)
 
     def ratio(num: float, den: float, digits: int) -> float | None:
         return round(num / den, digits) if den > 0 else None
 
-    def pct(h: contract.Hist, q: float) -> float | None:
-        return percentile_us([max(b - a, 0) for a, b in zip(prev.hist[h], cur.hist[h],
-                                                              strict=True)], q)
-
-    def name(enum: Any, v: int) -> str:
-        return {m.value: m.name.lower() for m in enum}.get(v, str(v))
-
-    batches, decisions = d("loader", LS.BATCHES), d("loader", LS.DECISIONS)
-    cross = d("counters", C.RAN_CROSS)
-    out: dict[str, Any] = {
-        "time": round(cur.wall_s, 3), "interval_s": round(dt, 3), "state": cur.state,
-        "ops": cur.ops, "model": cur.model, "backend": name(contract.Backend, ls[LS.BACKEND]),
-        "fallback": name(contract.Fallback, cur.config["fallback_policy"]),
-        "uptime_s": round(max(cur.mono_ns - start, 0) / 1e9, 1) if start else None}
-    out |= {f.name: ls[LS[f.name.upper()]] for f in FIELDS  # gauges read as they are
-            if f.kind == "gauge" and f.name.upper() in LS.__members__}
-    out |= {f.name: cur.config[f.name] for f in FIELDS if f.name in cur.config}
-    for n, src, i in COUNTED:
-        out[f"{n}_total"], out[f"{n}_per_s"] = getattr(cur, src)[i], round(d(src, i) / dt, 2)
-    out |= {
-        "hit_rate": ratio(d("counters", C.HITS), d("counters", C.CANDIDATES), 4),
-        "decided_share": ratio(min(d("counters", C.RAN_CROSS_DECIDED), cross), cross, 4),
-        "kinfer_avg_ns": ratio(d("counters", C.KINFER_NS), d("counters", C.KINFER), 0),
-        "model_digest": f"{ls[LS.MODEL_DIGEST]:016x}", "table_capacity": cur.table_capacity,
+    # Figures named as a LoaderStat, a setting or a field of the sample go as they are; then
+    # the others, the events and the percentiles.
+    out = {n: ls[LS[n.upper()]] for n in FIELD_NAMES if n.upper() in LS.__members__}
+    out |= cur.config | cur._asdict() | {
+        "time": round(cur.wall_s, 3), "interval_s": round(dt, 3),
+        "backend": contract.Backend(ls[LS.BACKEND]).name.lower(),
+        "fallback": contract.Fallback(cur.config["fallback_policy"]).name.lower(),
+        "uptime_s": round(max(cur.mono_ns - start, 0) / 1e9, 1) if start else None,
+        "hit_rate": ratio(d(C.HITS), d(C.CANDIDATES), 4),
+        "decided_share": ratio(min(d(C.RAN_CROSS_DECIDED), d(C.RAN_CROSS)), d(C.RAN_CROSS), 4),
+        "kinfer_avg_ns": ratio(d(C.KINFER_NS), d(C.KINFER), 0),
+        "model_digest": f"{ls[LS.MODEL_DIGEST]:016x}",
         "table_occupancy": ratio(ls[LS.TABLE_ENTRIES], cur.table_capacity, 4),
-        "batch_size_avg": ratio(decisions, batches, 2),
-        "batch_latency_p50_us": pct(contract.Hist.BATCH, 0.50),
-        "batch_latency_p99_us": pct(contract.Hist.BATCH, 0.99),
-        "batch_latency_avg_us": ratio(d("loader", LS.BATCH_NS_SUM) / 1000, batches, 3),
+        "batch_size_avg": ratio(d(LS.DECISIONS), d(LS.BATCHES), 2),
+        "batch_latency_avg_us": ratio(d(LS.BATCH_NS_SUM) / 1000, d(LS.BATCHES), 3),
         "batch_latency_max_us": round(ls[LS.BATCH_NS_MAX] / 1000, 3) if ls[LS.BATCHES] else None,
-        "event_latency_p50_us": pct(contract.Hist.EVENT, 0.50),
-        "event_latency_p99_us": pct(contract.Hist.EVENT, 0.99),
-        "event_latency_avg_us": ratio(d("loader", LS.EV_LAT_NS_SUM) / 1000, decisions, 3)}
-    return {f.name: out[f.name] for f in FIELDS if out.get(f.name) is not None} | {"domains": {
+        "event_latency_avg_us": ratio(d(LS.EV_LAT_NS_SUM) / 1000, d(LS.DECISIONS), 3)}
+    for n, src, i in COUNTED:
+        out[f"{n}_total"], out[f"{n}_per_s"] = getattr(cur, src)[i], round(d(i) / dt, 2)
+    for h in contract.Hist:
+        delta = [max(b - a, 0) for a, b in zip(prev.hist[h], cur.hist[h], strict=True)]
+        for q in (50, 99):
+            out[f"{h.name.lower()}_latency_p{q}_us"] = percentile_us(delta, q / 100)
+    return {n: out[n] for n in FIELD_NAMES if out.get(n) is not None} | {"domains": {
         str(i): {"nr_cpus": nr, "load": round(q / schema.LOAD_SCALE, 4), "queued": queued}
         for i, (nr, q, queued) in enumerate(cur.doms)}}
 
@@ -239,8 +207,7 @@ class MapSampler:
     the loader closed (and something reused) around a hotplug restart."""
 
     def __init__(self, sched: Any, model: str) -> None:
-        self.model, self._lock = model, threading.Lock()
-        self._maps: tuple[Any, ...] = ()
+        self.model, self._lock, self._maps = model, threading.Lock(), ()
         self.rebind(sched)
 
     def rebind(self, sched: Any) -> None:
@@ -253,7 +220,7 @@ class MapSampler:
                 U64Array(dup(sched.loader_stats.fd), c.NR_LOADER_STATS),
                 U64Array(dup(sched.latency_hist.fd), c.NR_HISTS * c.HIST_BUCKETS),
                 StructArray(dup(sched.obj.map_fd(c.MAP_DOM_STATS)), c.MAX_DOMS, c.DomStat))
-        with self._lock:
+        with self._lock:  # a sample under way ends before the old fds are closed
             old, self._maps = self._maps, maps
             self._capacity = libbpf.map_max_entries(sched.table.hash.fd)
             self._config = {k: v for k, v in sched.config.items() if isinstance(v, int)}
@@ -275,29 +242,24 @@ class MapSampler:
 
 
 class StatsPublisher:
-    """Writes the loader's figures into loader_stats and latency_hist: the stats read only maps."""
+    """Writes the loader's figures into loader_stats and latency_hist: the stats read only maps.
+    The loop counts restarts, reloads and reload_failures; the model thread sets model_failed."""
 
-    def __init__(self, loader_stats: U64Array, latency_hist: U64Array,
-                 pipeline: DecisionPipeline) -> None:
-        self.map, self.hist_map, self.pipeline = loader_stats, latency_hist, pipeline
-        self.model_failed: str | None = None  # set by the model thread when loading fails
-        self.restarts = self.reloads = self.reload_failures = self.model_digest = 0
-        self._backend: Predictor | None = None
-        self._last = 0.0
+    def __init__(self, loader_stats: Any, latency_hist: Any, pipeline: Any) -> None:
+        self.pipeline, self.model_failed, self._backend = pipeline, None, None
+        self.restarts = self.reloads = self.reload_failures = self.model_digest = self._last = 0
+        self.rebind(loader_stats, latency_hist)
 
-    def rebind(self, loader_stats: U64Array, latency_hist: U64Array) -> None:
-        """A new attach's maps: what was published goes there from now on."""
+    def rebind(self, loader_stats: Any, latency_hist: Any) -> None:
+        """A new attach's maps (U64Array): what was published goes there from now on."""
         self.map, self.hist_map = loader_stats, latency_hist
-        if self._backend is not None:
-            self.model_ready(self._backend)
         self.publish()
 
-    def model_ready(self, backend: Predictor, digest_hex: str = "") -> None:
+    def model_ready(self, backend: Any, digest_hex: str = "") -> None:
         """The loop switched to this model (its sha256 in hex; the first 8 bytes are shown)."""
         self._backend = backend
         self.model_digest = int(digest_hex[:16], 16) if digest_hex else self.model_digest
-        self.map.set(LS.BACKEND, int(backend.kind))
-        self.map.set(LS.MODEL_READY, 1)
+        self.publish()
 
     def maybe_publish(self) -> None:
         if (now := time.monotonic()) - self._last >= PUBLISH_INTERVAL_S:
@@ -305,13 +267,15 @@ class StatsPublisher:
             self.publish()
 
     def publish(self) -> None:
-        s, grid = self.pipeline.stats, self.pipeline.table.grid
-        figures = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "hist"} | {
-            n: getattr(self, n) for n in ("restarts", "reloads", "reload_failures", "model_digest")}
-        figures["grid_decided"] = grid.decided() if grid is not None else 0
-        for name, value in figures.items():
-            self.map.set(LS[name.upper()], value)
-        self.hist_map.write_all(s.hist.reshape(-1))
+        """Every LoaderStat named by a figure here or in the pipeline's stats (the scheduler's
+        own, start_ns say, as they are), and the latency histograms."""
+        b, grid, stats = self._backend, self.pipeline.table.grid, self.pipeline.stats
+        figures = vars(stats) | vars(self) | {
+            "model_ready": int(b is not None), "backend": int(b.kind) if b is not None else 0,
+            "grid_decided": grid.decided() if grid is not None else 0}
+        self.map.write_all([figures.get(k.name.lower(), v) for k, v in zip(
+            LS, self.map.read_all(), strict=True)])
+        self.hist_map.write_all(stats.hist.reshape(-1))
 
 
 def answer(err: int, resp: Any) -> bytes:
@@ -322,35 +286,20 @@ class _Client(socketserver.StreamRequestHandler):
     server: StatsServer
 
     def handle(self) -> None:
+        """A JSON line each way until the peer leaves, sends a line over MAX_LINE or reads no
+        answer for SEND_TIMEOUT_S; each `stats` since the one before, the first since connect."""
         timeval = struct.pack("ll", SEND_TIMEOUT_S, 0)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
-        with self.server.lock:
-            got = self.server.sample()
-            self.prev = got if isinstance(got, Sample) else None  # the next answer's start
-        with suppress(OSError):  # the peer left, or stopped reading: its connection ends
-            while line := self.rfile.readline(MAX_LINE + 1):
-                if not line.endswith(b"\n"):  # a line of megabytes, or the peer left mid-line
-                    if len(line) > MAX_LINE:
-                        self.wfile.write(answer(errno.E2BIG, f"request over {MAX_LINE} bytes"))
-                    return
+        prev = None
+        with self.server.lock, suppress(Exception):
+            prev = self.server.sample()
+        with suppress(OSError):
+            while (line := self.rfile.readline(MAX_LINE + 1)).endswith(b"\n"):
                 with self.server.lock:
-                    reply = self.reply(line)
+                    reply, prev = self.server.reply(line, prev)
                 self.wfile.write(reply)
-
-    def reply(self, line: bytes) -> bytes:
-        try:
-            req = json.loads(line)
-            name, args = req["req"], dict(req.get("args") or {})
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            return answer(errno.EINVAL, f'malformed request, want {{"req": ...}}: {e}')
-        if name == "stats_meta":
-            return answer(0, meta())
-        if name != "stats" or args.get("target", "top") != "top":
-            return answer(errno.EINVAL, f"unknown request {name!r:.64} {args!r:.64}")
-        if isinstance(cur := self.server.sample(), str):
-            return answer(errno.EIO, cur)
-        resp, self.prev = compute(self.prev or cur, cur), cur
-        return answer(0, resp)
+            if len(line) > MAX_LINE:  # not a peer that left mid-line: a line of megabytes
+                self.wfile.write(answer(errno.E2BIG, f"request over {MAX_LINE} bytes"))
 
 
 class StatsServer(socketserver.ThreadingUnixStreamServer):
@@ -360,23 +309,20 @@ class StatsServer(socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, path: str, sample: Callable[[], Sample], gid: int | None = None) -> None:
         super().__init__(path, _Client, bind_and_activate=False)
-        self.path, self._sample_fn, self._gid = path, sample, gid
+        self.path, self.sample, self._gid = path, sample, gid
         self.lock, self._clients = threading.Lock(), set[socket.socket]()
 
     def start(self) -> StatsServer:
-        """Replace a stale socket (a loader that died left it); bind under a umask that gives
-        the final mode, so the socket is never reachable with a looser one."""
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), 0o755, exist_ok=True)
-        with suppress(FileNotFoundError):
-            os.unlink(self.path)
-        umask = os.umask(0o177 if self._gid is None else 0o117)  # process-wide, for one bind
-        try:
-            self.server_bind()
-        finally:
-            os.umask(umask)
-        if self._gid is not None:
-            os.chown(self.path, 0, self._gid)
-        self.server_activate()
+        """Bind in a private (0700) directory, give the socket its mode there, then rename it
+        over the path (a stale socket a dead loader left too): never reachable looser."""
+        os.makedirs(parent := os.path.dirname(os.path.abspath(self.path)), 0o755, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent) as private:
+            bound = os.path.join(private, "stats")
+            self.socket.bind(bound)
+            os.chown(bound, -1, -1 if self._gid is None else self._gid)
+            os.chmod(bound, 0o600 if self._gid is None else 0o660)
+            self.server_activate()
+            os.rename(bound, self.path)
         threading.Thread(target=self._serve, name="mlsched-stats", daemon=True).start()
         return self
 
@@ -388,26 +334,24 @@ class StatsServer(socketserver.ThreadingUnixStreamServer):
     def close(self) -> None:
         """Stop, hang up on every client, remove the socket."""
         self.shutdown()
-        with self.lock:
+        with self.lock:  # a connected UNIX socket's shutdown does not fail
             for sock in self._clients:
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
         self.server_close()
         with suppress(OSError):
             os.unlink(self.path)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         cred = request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # pid, uid, gid
-        if struct.unpack("3i", cred)[1] != 0 and self._gid is None:
-            refusal = answer(errno.EACCES, "stats are for root (see mlsched-load --stats-group)")
-        elif len(self._clients) >= MAX_CLIENTS:  # only this thread adds: never past the limit
-            refusal = answer(errno.EBUSY, f"too many stats clients (at most {MAX_CLIENTS})")
-        else:
-            with self.lock:
+        stranger = struct.unpack("3i", cred)[1] != 0 and self._gid is None
+        with self.lock:
+            if not stranger and len(self._clients) < MAX_CLIENTS:
                 self._clients.add(request)
-            return True
-        with suppress(OSError):
-            request.send(refusal)
+                return True
+        with suppress(OSError):  # the peer may have left
+            request.send(answer(*(
+                (errno.EACCES, "stats are for root (see mlsched-load --stats-group)") if stranger
+                else (errno.EBUSY, f"too many stats clients (at most {MAX_CLIENTS})"))))
         return False
 
     def shutdown_request(self, request: Any) -> None:
@@ -415,12 +359,22 @@ class StatsServer(socketserver.ThreadingUnixStreamServer):
             self._clients.discard(request)
         super().shutdown_request(request)
 
-    def sample(self) -> Sample | str:
-        """The maps now, or why they cannot be read."""
+    def reply(self, line: bytes, prev: Sample | None) -> tuple[bytes, Sample | None]:
+        """The answer to a request, and the sample the connection's next interval starts at."""
         try:
-            return self._sample_fn()
+            req = json.loads(line)
+            name, args = req["req"], dict(req.get("args") or {})
+        except (ValueError, TypeError, KeyError) as e:
+            return answer(errno.EINVAL, f'malformed request, want {{"req": ...}}: {e}'), prev
+        if name == "stats_meta":
+            return answer(0, meta()), prev
+        if name != "stats" or args.get("target", "top") != "top":
+            return answer(errno.EINVAL, f"unknown request {name!r:.64} {args!r:.64}"), prev
+        try:
+            cur = self.sample()
         except Exception as e:  # the maps went away mid-restart, say
-            return f"cannot read the scheduler's maps: {e}"
+            return answer(errno.EIO, f"cannot read the scheduler's maps: {e}"), prev
+        return answer(0, compute(prev or cur, cur)), cur
 
 
 def _gid(group: str) -> int:
@@ -440,19 +394,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stats every SECS seconds, a JSON line each")
 
 
-def serve_stats(args: argparse.Namespace, sample: Callable[[], Sample]) -> StatsServer | None:
+def serve_stats(args: argparse.Namespace, sample: Callable[[], Sample]) -> None:
     """The server and the --stats printer, until exit; no server when the socket cannot be made
     (the scheduler matters more than its stats)."""
-    server = None
     try:
-        server = StatsServer(args.stats_socket, sample, args.stats_group).start()
-        atexit.register(server.close)
+        atexit.register(StatsServer(args.stats_socket, sample, args.stats_group).start().close)
         log.info("stats at %s (scx_stats protocol; mlsched-stats reads it)", args.stats_socket)
     except OSError as e:
         log.error("stats server not started: %s: %s", args.stats_socket, e.strerror or e)
     if args.stats:  # like scx_rusty --stats; the sampler's fds outlive any restart
         threading.Thread(target=_print_every, args=(args.stats, sample), daemon=True).start()
-    return server
 
 
 def _print_every(interval: float, sample: Callable[[], Sample]) -> None:
