@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -93,8 +93,12 @@ class U64Array(StructArray):
 
     def write_all(self, values: np.ndarray) -> None:
         """Write values[i] at every index i, in one batch update."""
-        _update_batch(self.fd, np.arange(len(values), dtype=np.uint32),
-                      np.ascontiguousarray(values, dtype=np.uint64), "batch update")
+        self.write_at(range(len(values)), values)
+
+    def write_at(self, indices: Iterable[int], values: Iterable[int]) -> None:
+        """Write each value at its index, in one batch update."""
+        _update_batch(self.fd, np.fromiter(indices, dtype=np.uint32),
+                      np.fromiter(values, dtype=np.uint64), "batch update")
 
 
 class PerCpuU64Array(StructArray):

@@ -98,9 +98,8 @@ class Candidate(ctypes.Structure):
 
     _fields_ = [
         *struct_fields("key ts_ns", ctypes.c_uint64),
-        *struct_fields("pid cpu cpu_idle cpu_not_idle src_dom dst_dom src_load_q dst_load_q",
-                       ctypes.c_uint32),
-        *struct_fields("action source path prob_q16", ctypes.c_uint32),
+        *struct_fields("pid cpu cpu_idle cpu_not_idle src_dom dst_dom src_load_q dst_load_q "
+                       "action source path prob_q16", ctypes.c_uint32),
     ]
 
 

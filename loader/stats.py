@@ -267,14 +267,14 @@ class StatsPublisher:
             self.publish()
 
     def publish(self) -> None:
-        """Every LoaderStat named by a figure here or in the pipeline's stats (the scheduler's
-        own, start_ns say, as they are), and the latency histograms."""
+        """Every LoaderStat named by a figure here or in the pipeline's stats (the scheduler
+        writes its own, start_ns say, once), and the latency histograms."""
         b, grid, stats = self._backend, self.pipeline.table.grid, self.pipeline.stats
         figures = vars(stats) | vars(self) | {
             "model_ready": int(b is not None), "backend": int(b.kind) if b is not None else 0,
             "grid_decided": grid.decided() if grid is not None else 0}
-        self.map.write_all([figures.get(k.name.lower(), v) for k, v in zip(
-            LS, self.map.read_all(), strict=True)])
+        ours = [k for k in LS if k.name.lower() in figures]
+        self.map.write_at(ours, (figures[k.name.lower()] for k in ours))
         self.hist_map.write_all(stats.hist.reshape(-1))
 
 
