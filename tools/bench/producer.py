@@ -63,9 +63,7 @@ def prog_test_run(prog_fd: int, ctx: ctypes.Structure) -> int:
     opts = TestRunOpts(sz=ctypes.sizeof(TestRunOpts))
     opts.ctx_in = ctypes.addressof(ctx)
     opts.ctx_size_in = ctypes.sizeof(ctx)
-    if _lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)) != 0:
-        err = ctypes.get_errno()
-        raise libbpf.LibbpfError(f"BPF_PROG_TEST_RUN: {os.strerror(err)} (errno {err})")
+    libbpf._check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return opts.retval
 
 
