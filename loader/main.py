@@ -163,6 +163,7 @@ class Loader:
         self.pipeline: Any = None
         self.publisher: Any = None
         self.sampler: Any = None
+        self.printer: Any = None  # --stats
 
     def attach(self) -> Any:
         """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
@@ -211,7 +212,7 @@ class Loader:
                 self.publisher = StatsPublisher(sched.loader_stats, sched.latency_hist,
                                                 self.pipeline)
                 self.sampler = MapSampler(sched, os.path.abspath(a.model))
-                serve_stats(a, self.sampler.sample)  # until the process exits
+                self.printer = serve_stats(a, self.sampler.sample)  # until the process exits
             else:
                 log.info("re-attached in %.2f s", time.monotonic() - t0)
                 self.pipeline.rebind(sched.table)
@@ -292,6 +293,8 @@ class Loader:
         finally:
             reader.close()
             publisher.publish()
+            if not restart and self.printer is not None:
+                self.printer.stop()  # its last line is of the attached scheduler
             sched.close()
         return status, restart
 

@@ -394,21 +394,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the stats every SECS seconds, a JSON line each")
 
 
-def serve_stats(args: argparse.Namespace, sample: Callable[[], Sample]) -> None:
-    """The server and the --stats printer, until exit; no server when the socket cannot be made
-    (the scheduler matters more than its stats)."""
+def serve_stats(args: argparse.Namespace, sample: Callable[[], Sample]) -> Printer | None:
+    """The server and the --stats printer (returned, to be stopped before the detach), until
+    exit; no server when the socket cannot be made (the scheduler matters more than its stats)."""
     try:
         atexit.register(StatsServer(args.stats_socket, sample, args.stats_group).start().close)
         log.info("stats at %s (scx_stats protocol; mlsched-stats reads it)", args.stats_socket)
     except OSError as e:
         log.error("stats server not started: %s: %s", args.stats_socket, e.strerror or e)
-    if args.stats:  # like scx_rusty --stats; the sampler's fds outlive any restart
-        threading.Thread(target=_print_every, args=(args.stats, sample), daemon=True).start()
+    if not args.stats:
+        return None
+    printer = Printer(args.stats, sample)  # like scx_rusty --stats; the sampler's fds outlive
+    printer.start()  # any restart
+    return printer
 
 
-def _print_every(interval: float, sample: Callable[[], Sample]) -> None:
-    cur = sample()
-    while True:
-        time.sleep(interval)
-        prev, cur = cur, sample()
-        print(json.dumps(compute(prev, cur)), flush=True)
+class Printer(threading.Thread):
+    """--stats: a JSON line of compute() every interval, until stop()."""
+
+    def __init__(self, interval: float, sample: Callable[[], Sample]) -> None:
+        super().__init__(name="mlsched-stats-print", daemon=True)
+        self.interval, self.sample = interval, sample
+        self._lock, self._stopped = threading.Lock(), False
+
+    def run(self) -> None:
+        cur = self.sample()
+        while True:
+            time.sleep(self.interval)
+            with self._lock:  # stop() waits for a line under way: none comes after it
+                if self._stopped:
+                    return
+                prev, cur = cur, self.sample()
+                print(json.dumps(compute(prev, cur)), flush=True)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
