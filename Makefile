@@ -2,12 +2,20 @@
 SHELL := /bin/bash
 VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
-CACHE ?= $(HOME)/.cache/mlsched
-KERNEL_DIR = $(shell cat $(CACHE)/kernel/current 2>/dev/null)
+# One cache directory for this Makefile and every script (scripts/setup.sh, vm-run.sh, tools/).
+MLSCHED_CACHE ?= $(HOME)/.cache/mlsched
+export MLSCHED_CACHE
+# The paths below are written by `make setup`: they are read only inside recipes (recursive
+# variables, expanded when a recipe runs, after `setup`), never in a target or a prerequisite,
+# which make expands when it parses, before setup could have written them on a fresh machine.
+KERNEL_DIR = $(shell cat $(MLSCHED_CACHE)/kernel/current 2>/dev/null)
 # The kernel's own scx headers (tools/sched_ext/include), from Debian's linux-source-7.3,
 # cached by `make setup`; never copied into the repo.
-SCX_SRC = $(shell cat $(CACHE)/linux-source/current 2>/dev/null)
+SCX_SRC = $(shell cat $(MLSCHED_CACHE)/linux-source/current 2>/dev/null)
 SCX_INC = $(SCX_SRC)/tools/sched_ext/include
+# The two files setup writes last that the BPF build needs: their rule is setup itself, so
+# `make bpf` alone works on a fresh machine too.
+SETUP_STAMPS := $(MLSCHED_CACHE)/kernel/current $(MLSCHED_CACHE)/linux-source/current
 # clang-14 emits no btf_type_tag, which the __kptr cpumasks need: clang-19 (bookworm) does.
 CLANG ?= clang-19
 BPF_CFLAGS := -target bpf -O2 -g -D__TARGET_ARCH_x86 -mcpu=v3 -fms-extensions \
@@ -27,7 +35,10 @@ setup:
 bpf: bpf/mlsched.bpf.o bpf/mlsched.bpf.enums
 
 # vmlinux.h comes from the sched_ext kernel's BTF, not the host's (which lacks sched_ext).
-bpf/vmlinux.h: $(CACHE)/kernel/current
+$(SETUP_STAMPS) &:
+	@bash scripts/setup.sh
+
+bpf/vmlinux.h: $(MLSCHED_CACHE)/kernel/current
 	@echo "bpf: generating vmlinux.h from $(KERNEL_DIR)/vmlinux"
 	@bpftool btf dump file $(KERNEL_DIR)/vmlinux format c > $@.tmp && mv $@.tmp $@
 
@@ -39,8 +50,9 @@ bpf/mlsched.bpf.o: bpf/mlsched.bpf.c bpf/mlsched.h bpf/mlsched_policy.h bpf/mlsc
 
 # The scx headers replace the kernel's enum constants with .rodata variables the loader fills
 # from the running kernel's BTF at load (scx's SCX_ENUM_INIT): this lists "NAME enum-type".
-bpf/mlsched.bpf.enums: $(SCX_INC)/scx/enums.autogen.h
-	@sed -n 's/.*SCX_ENUM_SET(skel, *\([a-z_0-9]*\), *\([A-Z_0-9]*\)).*/\2 \1/p' $< > $@.tmp
+bpf/mlsched.bpf.enums: $(MLSCHED_CACHE)/linux-source/current
+	@sed -n 's/.*SCX_ENUM_SET(skel, *\([a-z_0-9]*\), *\([A-Z_0-9]*\)).*/\2 \1/p' \
+		$(SCX_INC)/scx/enums.autogen.h > $@.tmp
 	@test -s $@.tmp && mv $@.tmp $@
 
 model: model_dir/model_path/saved_model.pb
@@ -84,7 +96,7 @@ SCX_PEERS := scx_simple scx_central
 SCX_OUT := $(CURDIR)/build/scx
 scx-peers: setup
 	@[ -n "$(SCX_SRC)" ] && [ -d "$(SCX_SRC)/tools/sched_ext" ] || \
-		{ echo "scx-peers: no kernel source in $(CACHE)/linux-source: run make setup" >&2; exit 2; }
+		{ echo "scx-peers: no kernel source in $(MLSCHED_CACHE)/linux-source: run make setup" >&2; exit 2; }
 	@echo "scx-peers: building $(SCX_PEERS) from $(SCX_SRC)/tools/sched_ext"
 	@mkdir -p $(SCX_OUT)/obj
 	@$(MAKE) -s -C $(SCX_SRC)/tools/sched_ext -j2 O=$(SCX_OUT)/obj CLANG=$(CLANG) \

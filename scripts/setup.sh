@@ -2,7 +2,8 @@
 # Install everything mlsched needs on a Debian 12 host; idempotent.
 #
 # Steps (each skipped when already done):
-#   1. Debian packages (bookworm) + libbpf1/libbpf-dev/bpftool from bookworm-backports
+#   1. Debian packages (bookworm) + libbpf1/libbpf-dev/bpftool from bookworm-backports, through
+#      a private apt state (scripts/apt-backports.sh): the system's apt sources are never edited
 #   2. the project virtualenv (.venv) with tensorflow-cpu, numpy, pyroute2, virtme-ng, pytest,
 #      ruff, and bcc reachable through a .pth file
 #   3. trixie's virtiofsd, run through trixie's own loader (bookworm has none)
@@ -34,7 +35,9 @@ BOOKWORM_PKGS=(clang-19 llvm-19 make qemu-system-x86 udev kmod busybox-static py
 	bpfcc-tools stress-ng zstd xz-utils binutils ca-certificates procps python3-venv
 	util-linux gcc linux-perf libelf-dev zlib1g-dev systemd)  # systemd: systemd-analyze verify
 BACKPORTS_PKGS=(libbpf1 libbpf-dev bpftool)
-BACKPORTS_LIST=/etc/apt/sources.list.d/mlsched-bookworm-backports.list
+# An earlier setup added this source to the system; with a machine's own bookworm-backports entry
+# it breaks every apt command. Backports now come through a private apt state.
+OLD_BACKPORTS_LIST=/etc/apt/sources.list.d/mlsched-bookworm-backports.list
 
 backports_ok() {
 	# libbpf >= 1.2 is needed for .struct_ops.link.
@@ -45,31 +48,29 @@ backports_ok() {
 		grep -qx 2
 }
 
+if [ -f "$OLD_BACKPORTS_LIST" ]; then
+	say "removing $OLD_BACKPORTS_LIST, which an earlier setup added (backports come privately now)"
+	rm -f "$OLD_BACKPORTS_LIST"
+fi
 missing=()
 for p in "${BOOKWORM_PKGS[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
 done
-if [ ${#missing[@]} -gt 0 ] || ! backports_ok; then
+if [ ${#missing[@]} -gt 0 ]; then
 	did_something=1
-	if [ ! -f "$BACKPORTS_LIST" ]; then
-		say "adding bookworm-backports to apt sources ($BACKPORTS_LIST)"
-		echo "deb $MIRROR bookworm-backports main" >"$BACKPORTS_LIST"
-	fi
 	say "apt-get update"
 	apt-get update -q >/dev/null
-	if [ ${#missing[@]} -gt 0 ]; then
-		say "installing Debian packages: ${missing[*]}"
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			"${missing[@]}" >/dev/null
-	fi
-	if ! backports_ok; then
-		say "installing from bookworm-backports: ${BACKPORTS_PKGS[*]}"
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			-t bookworm-backports "${BACKPORTS_PKGS[@]}" >/dev/null
-	fi
-else
-	say "Debian packages: already installed"
+	say "installing Debian packages: ${missing[*]}"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		"${missing[@]}" >/dev/null
 fi
+if ! backports_ok; then
+	did_something=1
+	MLSCHED_CACHE=$CACHE MLSCHED_DEBIAN_MIRROR=$MIRROR \
+		bash "$ROOT/scripts/apt-backports.sh" "${BACKPORTS_PKGS[@]}"
+	backports_ok || die "libbpf1 >= 1.2, libbpf-dev and bpftool are still not installed"
+fi
+[ $did_something = 1 ] || say "Debian packages: already installed"
 
 # --- 2. virtualenv ----------------------------------------------------------------------------
 # pip's status survives the filter (pipefail); the filter drops warnings about local indexes
