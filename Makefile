@@ -58,7 +58,7 @@ bpf/mlsched.bpf.enums: $(MLSCHED_CACHE)/linux-source/current
 model: model_dir/model_path/saved_model.pb
 
 model_dir/model_path/saved_model.pb:
-	$(PY) model_dir/create_dummy_model.py --output model_dir/model_path
+	$(VENV)/bin/mlsched-dummy --output model_dir/model_path
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -152,7 +152,8 @@ install: bpf
 	$(SYSTEM_PYTHON) -m venv $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip install -q --disable-pip-version-check "$(CURDIR)$(INSTALL_EXTRAS)"
 	install -d $(PREFIX)/bin $(UNITDIR) $(dir $(DEFAULTS))
-	for c in mlsched-load mlsched-stats mlsched-collect mlsched-evaluate; do \
+	for c in mlsched-load mlsched-stats mlsched-collect mlsched-evaluate mlsched-export \
+		mlsched-transfer mlsched-verify mlsched-dummy mlsched-bench-model; do \
 		ln -sfn $(INSTALL_VENV)/bin/$$c $(PREFIX)/bin/$$c; done
 	sed 's|@BINDIR@|$(PREFIX)/bin|' scripts/mlsched.service > $(UNITDIR)/mlsched.service
 	test -e $(DEFAULTS) || install -m 644 scripts/mlsched.default $(DEFAULTS)
@@ -166,7 +167,7 @@ clean:
 # Model backends side by side on one core (CPU 0): a table, and JSON in bench-results/.
 # Then the three networks' numpy rate and in-kernel inference time (tools/bench/kinfer.py).
 bench-model: setup $(MLP_BENCH)
-	taskset -c 0 $(PY) tools/bench_model.py --cpu 0
+	taskset -c 0 $(VENV)/bin/mlsched-bench-model --cpu 0
 	@mkdir -p bench-results
 	taskset -c 0 $(PY) -m tools.bench.kinfer --json bench-results/kinfer.json
 

@@ -21,7 +21,7 @@ SIGNATURE_KEY = "serving_default"
 FASTPATH_FILE, FASTPATH_VERSION = "assets/mlsched_fastpath.npz", 1
 MANIFEST_FILE, MANIFEST_VERSION = "mlsched_manifest.json", 1
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
-VERIFY = "run model_dir/verify_model.py"
+VERIFY = "run mlsched-verify"
 T = TypeVar("T")
 _SHARD = re.compile(r"variables\.data-\d{5}-of-\d{5}")
 
@@ -179,12 +179,12 @@ def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
     manifest=False: only for the model tools, about to (re)write the manifest."""
     path, fix = Path(path), "export with model.export(DIR)"
     if not path.exists():
-        raise ModelError(f"model not found at {path} (run model_dir/create_dummy_model.py)")
+        raise ModelError(f"model not found at {path} (make one: mlsched-export --output DIR)")
     pb = path / "saved_model.pb"
     found = [path] if path.is_file() else [] if pb.is_file() else sorted(path.glob("*"))
     if keras := [p for p in found if p.suffix.lower() in KERAS_SUFFIXES]:
         raise ModelError(f"{keras[0]} is a Keras file, not a SavedModel directory (convert it: "
-                         f"model_dir/transfer.py --input {keras[0]} --output DIR)")
+                         f"mlsched-transfer --input {keras[0]} --output DIR)")
     if not pb.is_file():
         what = "no saved_model.pb" if path.is_dir() else "not a directory"
         raise ModelError(f"invalid SavedModel format at {path}: {what} ({fix})")

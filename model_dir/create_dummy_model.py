@@ -1,6 +1,6 @@
 """Create the dummy model: a seeded, untrained Dense stack that honours the model contract.
 
-usage: model_dir/create_dummy_model.py [--output DIR] [--seed N] [--hidden 64,64]
+usage: mlsched-dummy [--output DIR] [--seed N] [--hidden 64,64]
 
 The model is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the hidden
 widths) on a keras.Input named `features`, exported by export_verified.py as the other model
@@ -45,9 +45,9 @@ OUTPUT_LOGIT_STD = 2.0  # spread of the final logit over the VM grid: decisive p
 MIN_CLASS_SHARE = 0.2  # either decision on either grid, or the seed is refused
 
 EXAMPLES = """examples:
-  model_dir/create_dummy_model.py                      # the bundled model_dir/model_path
-  model_dir/create_dummy_model.py --output /tmp/m --seed 3
-  model_dir/create_dummy_model.py --output /tmp/small --hidden 16,8
+  mlsched-dummy                      # the bundled model_dir/model_path
+  mlsched-dummy --output /tmp/m --seed 3
+  mlsched-dummy --output /tmp/small --hidden 16,8
 """
 
 
@@ -133,7 +133,7 @@ def create(output: Path, seed: int = 0, hidden: tuple[int, ...] = DEFAULT_HIDDEN
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("create_dummy_model.py", "Create mlsched's dummy model (a seeded random "
+    parser = cli.parser("mlsched-dummy", "Create mlsched's dummy model (a seeded random "
                         "Dense stack) as a SavedModel.", EXAMPLES)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
                         help="SavedModel directory to (re)create")

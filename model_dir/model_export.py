@@ -1,6 +1,6 @@
 """Train mlsched's migration model and export it as a SavedModel with a verified fast path.
 
-usage: model_dir/model_export.py [--objective label|imitate|policy] [--data FILE] [--output DIR]
+usage: mlsched-export [--objective label|imitate|policy] [--data FILE] [--output DIR]
                                  [--hidden 64,64] [--epochs N] [--seed N] [--history FILE]
 
 The network is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the
@@ -94,12 +94,12 @@ RULE_GRID = (16, 8)
 VM_GRID = (2, 1)
 
 EXAMPLES = """examples:
-  model_dir/model_export.py                        # synthetic data -> model_dir/model_path
-  model_dir/model_export.py --output /tmp/m --epochs 20 --seed 3 --hidden 32,16
-  model_dir/model_export.py --data candidates.csv --output /tmp/m   # mlsched-collect labels
-  model_dir/model_export.py --objective imitate --output /tmp/imitate
-  model_dir/model_export.py --objective policy --output /tmp/sim    # simulated, known costs
-  model_dir/model_export.py --objective policy --data train.csv --estimator dr \\
+  mlsched-export                        # synthetic data -> model_dir/model_path
+  mlsched-export --output /tmp/m --epochs 20 --seed 3 --hidden 32,16
+  mlsched-export --data candidates.csv --output /tmp/m   # mlsched-collect labels
+  mlsched-export --objective imitate --output /tmp/imitate
+  mlsched-export --objective policy --output /tmp/sim    # simulated, known costs
+  mlsched-export --objective policy --data train.csv --estimator dr \\
       --history /tmp/history.json --output /tmp/learned
   mlsched-evaluate --data heldout.csv --model /tmp/learned --history /tmp/history.json \\
       --plot /tmp/eval.png                         # judge it on another collection run
@@ -739,7 +739,7 @@ def _non_negative(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("model_export.py", "Train mlsched's migration model and export it as a "
+    parser = cli.parser("mlsched-export", "Train mlsched's migration model and export it as a "
                         "verified SavedModel.", EXAMPLES)
     add = parser.add_argument
     add("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",

@@ -1,6 +1,6 @@
 """Convert a Keras model file (.h5 of Keras 2 or 3, or .keras) into a SavedModel for mlsched.
 
-usage: model_dir/transfer.py --input MODEL.h5 --output DIR [--features NAME,...]
+usage: mlsched-transfer --input MODEL.h5 --output DIR [--features NAME,...]
                              [--output-map threshold|sigmoid] [--strict]
 
 A model file must not run code. Before Keras sees the file, its model config is read (h5py,
@@ -60,9 +60,9 @@ from model_dir.tool import report_on_stdout, run_or_refuse
 log = logging.getLogger("transfer")
 
 EXAMPLES = """examples:
-  model_dir/transfer.py --input old_model.h5 --output /tmp/m
-  model_dir/transfer.py --input model.keras --output model_dir/model_path --strict
-  model_dir/transfer.py --input research.h5 --output /tmp/m \
+  mlsched-transfer --input old_model.h5 --output /tmp/m
+  mlsched-transfer --input model.keras --output model_dir/model_path --strict
+  mlsched-transfer --input research.h5 --output /tmp/m \
       --features cpu_idle,cpu_not_idle,src_dom_load,dst_dom_load --output-map threshold
   sudo mlsched-load --model /tmp/m                 # then use it
 """
@@ -338,8 +338,8 @@ def transfer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("transfer.py", "Convert a Keras .h5/.keras model file into a SavedModel "
-                        "for mlsched.", EXAMPLES)
+    parser = cli.parser("mlsched-transfer", "Convert a Keras .h5/.keras model file into a "
+                        "SavedModel for mlsched.", EXAMPLES)
     add = parser.add_argument
     add("--input", type=Path, required=True, metavar="MODEL.h5", help="Keras .h5 or .keras file")
     add("--output", type=Path, required=True, metavar="DIR", help="SavedModel directory to write")

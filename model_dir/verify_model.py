@@ -1,6 +1,6 @@
 """Check a SavedModel against the model contract, verify its fast path, write its manifest.
 
-usage: model_dir/verify_model.py DIR [--nr-cpus-probe N] [--max-dom-cpus-probe M] [--strict]
+usage: mlsched-verify DIR [--nr-cpus-probe N] [--max-dom-cpus-probe M] [--strict]
 
 Run it after anything else that writes a model (a training script, model.export(DIR)): it
 checks DIR as the loader will (loader/model_check.py), loads it with TensorFlow, and for a
@@ -26,13 +26,13 @@ from model_dir.fastpath_verify import grid_decisions, write_fastpath
 log = logging.getLogger("verify_model")
 
 EXAMPLES = """examples:
-  model_dir/verify_model.py model_dir/model_path
-  model_dir/transfer.py --input old.h5 --output /tmp/m && model_dir/verify_model.py /tmp/m
+  mlsched-verify model_dir/model_path
+  mlsched-transfer --input old.h5 --output /tmp/m && mlsched-verify /tmp/m
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("verify_model.py", "Check a model for mlsched and write its verified "
+    parser = cli.parser("mlsched-verify", "Check a model for mlsched and write its verified "
                         "fast-path weights.", EXAMPLES)
     parser.add_argument("model_dir", type=Path, help="SavedModel directory")
     parser.add_argument("--nr-cpus-probe", type=int, default=32,

@@ -32,6 +32,7 @@ cd "$ROOT"
 # The tools run from this tree even when the venv's editable install points at another one.
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-$ROOT/.venv/bin/python}
+VENV_BIN=$(dirname "$PY")
 CPUS=${TRAIN_CPUS:-4}
 TRAIN_S=${TRAIN_SECONDS:-210}
 HELDOUT_S=${HELDOUT_SECONDS:-$TRAIN_S}
@@ -125,7 +126,7 @@ fi
 step 3 "training on the training run: model_export.py --objective policy --estimator $ESTIMATOR${SAFE:+ --safe $SAFE}"
 safe_args=()
 [ -z "$SAFE" ] || safe_args=(--safe "$SAFE")
-if ! "$PY" model_dir/model_export.py --objective policy --estimator "$ESTIMATOR" \
+if ! "$VENV_BIN/mlsched-export" --objective policy --estimator "$ESTIMATOR" \
 	"${safe_args[@]}" --cost "$COST" --data "$OUT/train.csv" --history "$OUT/history.json" \
 	--output "$MODEL" 2>&1 | tee "$OUT/train.log"; then
 	die "training failed ($OUT/train.log)"
@@ -134,7 +135,7 @@ compare=()
 if [ -n "$SAFE" ]; then
 	# The same objective learning from every row, for comparison: $OUT/unconstrained.log.
 	say "and without --safe, for comparison: $OUT/unconstrained (output in $OUT/unconstrained.log)"
-	if "$PY" model_dir/model_export.py --objective policy --estimator "$ESTIMATOR" \
+	if "$VENV_BIN/mlsched-export" --objective policy --estimator "$ESTIMATOR" \
 		--cost "$COST" --data "$OUT/train.csv" --output "$OUT/unconstrained" \
 		>"$OUT/unconstrained.log" 2>&1; then
 		compare=("$OUT/unconstrained")

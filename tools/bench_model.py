@@ -1,6 +1,6 @@
 """Benchmark mlsched's model backends side by side: throughput, latency, load time, memory.
 
-usage: tools/bench_model.py [--model DIR] [--json PATH] [--seconds S] [--batches 1,64,512]
+usage: mlsched-bench-model [--model DIR] [--json PATH] [--seconds S] [--batches 1,64,512]
                             [--backends tf,tf-per-decision,numpy] [--grid 32x8] [--cpu N]
 
 Each backend runs in a fresh child process that loads only that backend, exactly as the
@@ -52,8 +52,8 @@ PROGRESS = "bench: "
 
 EXAMPLES = """examples:
   make bench-model                                  # all backends, JSON in bench-results/
-  tools/bench_model.py --model /tmp/m --seconds 0.5
-  tools/bench_model.py --backends numpy --batches 1,64 --json /tmp/numpy.json
+  mlsched-bench-model --model /tmp/m --seconds 0.5
+  mlsched-bench-model --backends numpy --batches 1,64 --json /tmp/numpy.json
 """
 
 
@@ -490,8 +490,8 @@ def _grid(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     from loader import cli
 
-    parser = cli.parser("bench_model.py", "Benchmark mlsched's model backends (tf, tf one call "
-                        "per decision, numpy).", EXAMPLES)
+    parser = cli.parser("mlsched-bench-model", "Benchmark mlsched's model backends (tf, tf one "
+                        "call per decision, numpy).", EXAMPLES)
     add = parser.add_argument
     add("--model", metavar="DIR", type=Path, default=REPO / "model_dir" / "model_path",
         help="SavedModel directory (default model_dir/model_path)")

@@ -49,7 +49,7 @@ def _refused(path: Path, pattern: str) -> str:
 
 
 def test_missing_dir(tmp_path):
-    _refused(tmp_path / "nope", r"^model not found at .*nope \(run model_dir/create_dummy_model")
+    _refused(tmp_path / "nope", r"^model not found at .*nope \(make one: mlsched-export")
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
