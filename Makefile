@@ -55,10 +55,11 @@ bpf/mlsched.bpf.enums: $(MLSCHED_CACHE)/linux-source/current
 		$(SCX_INC)/scx/enums.autogen.h > $@.tmp
 	@test -s $@.tmp && mv $@.tmp $@
 
-model: model_dir/model_path/saved_model.pb
+# The tests' dummy (random weights); model_dir/model_path is the trained model, never rebuilt here.
+model: tests/models/dummy/saved_model.pb
 
-model_dir/model_path/saved_model.pb:
-	$(VENV)/bin/mlsched-dummy --output model_dir/model_path
+tests/models/dummy/saved_model.pb:
+	$(VENV)/bin/mlsched-dummy --output tests/models/dummy
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -132,7 +133,7 @@ TRAIN_EXPLORE ?= 0.5
 TRAIN_ESTIMATOR ?= dr
 TRAIN_SAFE ?= 1.96
 TRAIN_COLLECT ?= 1
-TRAINED_MODEL ?= model_dir/model_path_trained
+TRAINED_MODEL ?= build/train/model
 train: setup bpf
 	TRAIN_CPUS=$(TRAIN_CPUS) TRAIN_SECONDS=$(TRAIN_SECONDS) HELDOUT_SECONDS=$(HELDOUT_SECONDS) \
 	TRAIN_EXPLORE=$(TRAIN_EXPLORE) TRAIN_ESTIMATOR=$(TRAIN_ESTIMATOR) TRAIN_SAFE=$(TRAIN_SAFE) \

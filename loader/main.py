@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlsched-load: ok: model {info.path} (digest {info.digest[:12]}, {backend}); "
               f"BPF object {args.bpf_obj}; {plan.reason}")
         return 0
+    # Which weights will decide, and where they came from: the manifest's provenance.
+    log.info("model %s (digest %s): %s", info.path, info.digest[:12], info.provenance)
     return Loader(args, plan).run(info)
 
 
@@ -323,8 +325,8 @@ class Loader:
         publisher.reloads += reload
         self.pipeline.set_model(backend, info)
         if reload:
-            log.info("reload: switching to %s (digest %s), backend %s", self.args.model,
-                     info.digest[:8], how)
+            log.info("reload: switching to %s (digest %s), backend %s: %s", self.args.model,
+                     info.digest[:8], how, info.provenance)
         else:
             log.info("model ready in %.1f s (%.1f s after start), backend %s",
                      time.monotonic() - t0, since_start_s(), how)

@@ -37,6 +37,7 @@ class ModelInfo(NamedTuple):
     digest: str  # model_digest()
     fastpath_ok: bool  # verified fast-path weights for exactly these files
     fastpath_reason: str  # why not; "" when ok
+    provenance: str  # how the model was made, one line (the manifest's "provenance")
 
 
 @functools.cache
@@ -113,6 +114,20 @@ def file_digests(path: Path) -> dict[str, str]:
     """sha256 of every file under path but the manifest, by relative POSIX path: the manifest."""
     return {f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(path.rglob("*")) if f.is_file() and f != path / MANIFEST_FILE}
+
+
+def provenance(path: Path) -> str:
+    """The manifest's provenance as one line: what made the model, when, from what, and how it
+    was judged; a warning when the weights are untrained or nothing says where they came from."""
+    try:
+        p = json.loads((path / MANIFEST_FILE).read_bytes()).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        p = None
+    if not isinstance(p, dict):
+        return "no provenance in its manifest: made by hand or by an older tool"
+    made = ", ".join(str(p[k]) for k in ("tool", "date") if p.get(k))
+    line = f"{p.get('summary', 'no summary')} ({made})" if made else str(p.get("summary", ""))
+    return line if p.get("trained", True) else f"UNTRAINED, random weights: {line}"
 
 
 def verify_manifest(path: Path) -> None:
@@ -204,4 +219,4 @@ def check_model_dir(path: str | Path, *, manifest: bool = True) -> ModelInfo:
     if manifest:
         verify_manifest(path)
     reason = fastpath_reason(path, digest)
-    return ModelInfo(path, input_key, output_key, digest, not reason, reason)
+    return ModelInfo(path, input_key, output_key, digest, not reason, reason, provenance(path))

@@ -1,6 +1,6 @@
 """Create the dummy model: a seeded, untrained Dense stack that honours the model contract.
 
-usage: mlsched-dummy [--output DIR] [--seed N] [--hidden 64,64]
+usage: mlsched-dummy --output DIR [--seed N] [--hidden 64,64]
 
 The model is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the hidden
 widths) on a keras.Input named `features`, exported by export_verified.py as the other model
@@ -25,7 +25,7 @@ from loader import cli, contract, schema
 from loader.backends import DenseLayer, NumpyModel, import_tensorflow
 from loader.model_check import ModelError, ModelInfo
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
-from model_dir.export_verified import export_verified, report_export
+from model_dir.export_verified import export_verified, made_by, report_export
 from model_dir.fastpath_verify import grid_decisions
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("create_dummy_model")
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "model_path"
 # The grids the balance is tuned for: (nr_cpus, max_dom_cpus).
 VM_GRID = (2, 1)
 WIDE_GRID = (8, 4)
@@ -45,7 +44,7 @@ OUTPUT_LOGIT_STD = 2.0  # spread of the final logit over the VM grid: decisive p
 MIN_CLASS_SHARE = 0.2  # either decision on either grid, or the seed is refused
 
 EXAMPLES = """examples:
-  mlsched-dummy                      # the bundled model_dir/model_path
+  mlsched-dummy --output tests/models/dummy     # the tests' dummy
   mlsched-dummy --output /tmp/m --seed 3
   mlsched-dummy --output /tmp/small --hidden 16,8
 """
@@ -118,7 +117,9 @@ def create(output: Path, seed: int = 0, hidden: tuple[int, ...] = DEFAULT_HIDDEN
     log.info("building a %s Dense stack, seed %d", describe(hidden), seed)
     model = build_model(seed, hidden)
     calibrate(model)
-    info, result = export_verified(model, output)
+    info, result = export_verified(model, output, made_by(
+        "mlsched-dummy", f"the dummy: a seeded random {describe(hidden)}, seed {seed}",
+        trained=False, seed=seed))
     backend = report_export(info, result, require_fastpath=True,
                             hint=f"try another --seed than {seed}")
     for name, (nr_cpus, per_dom) in (("VM", VM_GRID), ("wide", WIDE_GRID)):
@@ -135,7 +136,7 @@ def create(output: Path, seed: int = 0, hidden: tuple[int, ...] = DEFAULT_HIDDEN
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("mlsched-dummy", "Create mlsched's dummy model (a seeded random "
                         "Dense stack) as a SavedModel.", EXAMPLES)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
+    parser.add_argument("--output", type=Path, required=True, metavar="DIR",
                         help="SavedModel directory to (re)create")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument("--hidden", type=parse_hidden, default=DEFAULT_HIDDEN, metavar="W,W,...",

@@ -19,9 +19,11 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loader import contract, schema
 from loader.backends import Predictor, open_backend
@@ -51,20 +53,35 @@ def check_replaceable(output: Path) -> None:
     raise ModelError(f"{output} exists and is not a SavedModel; not replacing it")
 
 
-def write_manifest(path: Path) -> Path:
-    """Write path/mlsched_manifest.json: the sha256 of every other file of the directory.
+def made_by(tool: str, summary: str, trained: bool = True, **facts: Any) -> dict[str, Any]:
+    """A manifest's provenance: the tool, its command line, when (UTC), a one-line summary the
+    loader logs at start, whether the weights were trained, and any facts (data, figures)."""
+    return {"tool": tool, "command": " ".join([tool, *sys.argv[1:]]), "trained": trained,
+            "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"), "summary": summary, **facts}
+
+
+def write_manifest(path: Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write path/mlsched_manifest.json: the sha256 of every other file of the directory, and the
+    model's provenance (made_by(); None keeps the one the manifest already holds, if any).
 
     Call it last, once TensorFlow has loaded the model (write_fastpath does, and TF checks the
     variables' crc32c as it restores them): the loader then refuses, before attach, any file
     that changed since. Written then renamed, so a loader never reads half a manifest.
     """
     path = Path(path)
+    file = path / MANIFEST_FILE
+    if provenance is None:
+        try:
+            provenance = json.loads(file.read_bytes()).get("provenance")
+        except (OSError, ValueError, AttributeError):
+            provenance = None
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "files": file_digests(path),
     }
-    file = path / MANIFEST_FILE
+    if provenance:
+        manifest["provenance"] = provenance
     tmp = file.with_name(f".{MANIFEST_FILE}.{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     os.chmod(tmp, 0o644)
@@ -93,7 +110,8 @@ def with_contract_input(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, model(inputs), name=f"{model.name}_features")
 
 
-def export_verified(model: keras.Model, output: Path) -> tuple[ModelInfo, FastpathResult]:
+def export_verified(model: keras.Model, output: Path, provenance: dict[str, Any]
+                    ) -> tuple[ModelInfo, FastpathResult]:
     """Export, check, verify the fast path, then put the directory at output.
 
     Raises ModelError when the exported model breaks the contract (nothing is written then).
@@ -111,7 +129,7 @@ def export_verified(model: keras.Model, output: Path) -> tuple[ModelInfo, Fastpa
                 f"(name the keras.Input {contract.MODEL_INPUT_KEY!r})"
             )
         result = write_fastpath(tmp)
-        write_manifest(tmp)
+        write_manifest(tmp, provenance)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the model is shipped and read by others
         # The digest and the manifest cover paths relative to the directory: a rename keeps
         # them valid.

@@ -1,6 +1,6 @@
 """Train mlsched's migration model and export it as a SavedModel with a verified fast path.
 
-usage: mlsched-export [--objective label|imitate|policy] [--data FILE] [--output DIR]
+usage: mlsched-export [--objective label|imitate|policy] [--data FILE] --output DIR
                                  [--hidden 64,64] [--epochs N] [--seed N] [--history FILE]
 
 The network is the contract's 10 -> 64 relu -> 64 relu -> 1 sigmoid (--hidden changes the
@@ -55,7 +55,12 @@ from loader.model_check import ModelError
 from model_dir import fallback, offpolicy
 from model_dir.architecture import DEFAULT_HIDDEN, describe, parse_hidden
 from model_dir.dataset import Dataset, DatasetError, read_dataset
-from model_dir.export_verified import check_replaceable, export_verified, report_export
+from model_dir.export_verified import (
+    check_replaceable,
+    export_verified,
+    made_by,
+    report_export,
+)
 from model_dir.fastpath_verify import MAX_ABS_DIFF
 from model_dir.synthetic import (
     DEFAULT_SIM_EXPLORE,
@@ -75,7 +80,6 @@ __all__ = ["rule", "rule_from_features", "run", "split", "synthetic_dataset", "t
 
 log = logging.getLogger("model_export")
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "model_path"
 DEFAULT_EPOCHS = 40
 DEFAULT_SAMPLES = 40000
 OBJECTIVES = ("label", "imitate", "policy")
@@ -94,7 +98,7 @@ RULE_GRID = (16, 8)
 VM_GRID = (2, 1)
 
 EXAMPLES = """examples:
-  mlsched-export                        # synthetic data -> model_dir/model_path
+  mlsched-export --output /tmp/m          # synthetic data
   mlsched-export --output /tmp/m --epochs 20 --seed 3 --hidden 32,16
   mlsched-export --data candidates.csv --output /tmp/m   # mlsched-collect labels
   mlsched-export --objective imitate --output /tmp/imitate
@@ -333,16 +337,17 @@ def clear_threshold(model: keras.Model, hidden: tuple[int, ...], margin: float
     return best, int(np.count_nonzero((logits > 0) != (logits > best)))
 
 
-def _export(model: keras.Model, output: Path, hidden: tuple[int, ...] = DEFAULT_HIDDEN
+def _export(model: keras.Model, output: Path, opts: dict[str, Any]
             ) -> Callable[[np.ndarray], np.ndarray]:
     """Export and verify; the decisions the loader will take with it (bool [n])."""
+    hidden = opts["hidden"]
     for attempt, margin in enumerate(THRESHOLD_MARGINS):
         shift, changed = clear_threshold(model, hidden, margin)
         if shift:
             log.info("output bias moved by %.3g (logit) so that no fast-path probe row is "
                      "within %g of the threshold: %d of the probe rows change decision", -shift,
                      margin, changed)
-        info, result = export_verified(model, output)
+        info, result = export_verified(model, output, opts["provenance"])
         if result.written or attempt == len(THRESHOLD_MARGINS) - 1:
             break
         if not (result.max_abs_diff is not None and result.max_abs_diff <= MAX_ABS_DIFF):
@@ -391,7 +396,7 @@ def _run_label(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[str
     log.info("training on %d candidates, validating on %d", len(train_idx), len(val_idx))
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"])
-    decide = _export(model, output, opts["hidden"])
+    decide = _export(model, output, opts)
     _write_history(opts["history"], history, objective="label", hidden=list(opts["hidden"]))
 
     predicted_val = decide(x[val_idx]).astype(np.uint8)
@@ -437,7 +442,7 @@ def _run_imitate(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[s
     )
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"])
-    decide = _export(model, output, opts["hidden"])
+    decide = _export(model, output, opts)
     _write_history(opts["history"], history, objective="imitate", hidden=list(opts["hidden"]))
 
     held = decide(x[val_idx]) == y[val_idx].astype(bool)
@@ -517,7 +522,7 @@ def _run_policy(dataset: Dataset, output: Path, opts: dict[str, Any]) -> dict[st
 
     model, history = train(x_train, y_train, x_val, y_val, opts["epochs"], opts["seed"],
                            opts["hidden"], w_train / scale, w_val / scale, epoch_figures)
-    decide = _export(model, output, opts["hidden"])
+    decide = _export(model, output, opts)
     _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
                    estimator=estimator, cost=cost_kind, migrate_penalty=opts["migrate_penalty"],
                    data=dataset.source)
@@ -657,7 +662,7 @@ def _run_safe_policy(dataset: Dataset, output: Path, opts: dict[str, Any],
     model, history = train(x[train_idx], y[train_idx], x[val_idx], y[val_idx], opts["epochs"],
                            opts["seed"], opts["hidden"], epoch_figures=epoch_figures,
                            stop_when_exact=True)
-    decide = _export(model, output, opts["hidden"])
+    decide = _export(model, output, opts)
     _write_history(opts["history"], history, objective="policy", hidden=list(opts["hidden"]),
                    estimator=estimator, cost=opts["cost"], migrate_penalty=opts["migrate_penalty"],
                    data=dataset.source, safe=z,
@@ -730,6 +735,13 @@ def run(
     opts = {"epochs": epochs, "seed": seed, "hidden": hidden, "history": history, "data": data,
             "estimator": estimator, "cost": cost, "migrate_penalty": migrate_penalty,
             "bootstrap": bootstrap, "safe": safe}
+    source = f"{data} ({len(dataset)} rows)" if data is not None else (
+        f"{len(dataset)} simulated rows" if objective == "policy" else
+        f"{len(dataset)} synthetic rows")
+    safe_text = f", --safe {safe:g}" if safe is not None else ""
+    opts["provenance"] = made_by(
+        "mlsched-export", f"objective {objective}{safe_text}, trained on {source}, seed {seed}",
+        objective=objective, data=str(data) if data is not None else None, rows=len(dataset))
     runner = {"label": _run_label, "imitate": _run_imitate, "policy": _run_policy}[objective]
     return runner(dataset, output, opts)
 
@@ -742,8 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("mlsched-export", "Train mlsched's migration model and export it as a "
                         "verified SavedModel.", EXAMPLES)
     add = parser.add_argument
-    add("--output", type=Path, default=DEFAULT_OUTPUT, metavar="DIR",
-        help="SavedModel directory to (re)create (default model_dir/model_path)")
+    # No default: model_dir/model_path is the bundled model, replaced only on purpose.
+    add("--output", type=Path, required=True, metavar="DIR",
+        help="SavedModel directory to (re)create")
     add("--data", type=Path, metavar="FILE",
         help="dataset file (CSV, format v1 or v2 in model_dir/README.md)")
     add("--objective", choices=OBJECTIVES, default="label",

@@ -51,6 +51,7 @@ from loader.model_check import KERAS_SUFFIXES, ModelError, ModelInfo
 from model_dir.export_verified import (
     check_replaceable,
     export_verified,
+    made_by,
     report_export,
     with_contract_input,
 )
@@ -332,7 +333,8 @@ def transfer(
         log.info(
             "input %r renamed to 'features' (wrapped in a new keras.Input)", model.inputs[0].name
         )
-    info, result = export_verified(wrapped, output)
+    info, result = export_verified(wrapped, output, made_by(
+        "mlsched-transfer", f"converted from {source}", source=str(source)))
     report_export(info, result)
     return info, result
 

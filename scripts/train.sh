@@ -22,7 +22,7 @@
 # training run), HELDOUT_SECONDS (TRAIN_SECONDS), TRAIN_EXPLORE (0.5), TRAIN_ESTIMATOR (dr),
 # TRAIN_MAX_LATE_MS (50, half the outcome window), TRAIN_SAFE (1.96; "" trains MODEL without
 # --safe),
-# TRAIN_COST (delay-per-run), TRAINED_MODEL (model_dir/model_path_trained), TRAIN_COLLECT (1;
+# TRAIN_COST (delay-per-run), TRAINED_MODEL (build/train/model), TRAIN_COLLECT (1;
 # 0 trains and evaluates again on the datasets already in build/train), VM_LOCK (a file to
 # flock around each boot, so that two measurements never share the machine; unset: no lock),
 # PY (the venv's python).
@@ -41,7 +41,7 @@ MAX_LATE_MS=${TRAIN_MAX_LATE_MS:-50}
 SAFE=${TRAIN_SAFE-1.96}
 ESTIMATOR=${TRAIN_ESTIMATOR:-dr}
 COST=${TRAIN_COST:-delay-per-run}
-MODEL=${TRAINED_MODEL:-model_dir/model_path_trained}
+MODEL=${TRAINED_MODEL:-build/train/model}
 COLLECT=${TRAIN_COLLECT:-1}
 LOCK=${VM_LOCK:-}
 OUT=build/train

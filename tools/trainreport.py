@@ -29,7 +29,7 @@ from model_dir.tool import run_or_refuse
 log = logging.getLogger("trainreport")
 
 EXAMPLES = """examples:
-  python -m tools.trainreport --model model_dir/model_path_trained \\
+  python -m tools.trainreport --model model_dir/model_path \\
       --data build/vm-out/train/candidates.csv
   python -m tools.trainreport --model /tmp/m --data data.csv --grid 4x2
 """

@@ -68,7 +68,7 @@ def test_h5_file_as_model(tmp_path: Path) -> None:
     h5 = tmp_path / "model.h5"
     h5.write_bytes(b"\x89HDF\r\n\x1a\n")
     res = run_loader("--model", str(h5))
-    assert_refused(res, 2, "transfer.py")
+    assert_refused(res, 2, "mlsched-transfer")
 
 
 def test_wrong_input_shape(width5: Path) -> None:
@@ -105,7 +105,7 @@ def test_model_without_manifest(tmp_path: Path) -> None:
     (model / "mlsched_manifest.json").unlink()
     res = run_loader("--model", str(model))
     assert_refused(res, 2, f"{model}: no mlsched_manifest.json, so damaged files cannot be "
-                           f"detected before attach (run model_dir/verify_model.py {model}")
+                           f"detected before attach (run mlsched-verify {model}")
 
 
 @pytest.mark.parametrize("args,pattern", [

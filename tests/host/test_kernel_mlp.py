@@ -20,7 +20,7 @@ from tools.bench.producer import prog_test_run
 
 REPO = Path(__file__).resolve().parents[2]
 MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"
-MODELS = [REPO / "model_dir" / "model_path", REPO / "model_dir" / "model_path_trained"]
+MODELS = [REPO / "model_dir" / "model_path", REPO / "tests" / "models" / "dummy"]
 GRIDS = [(2, 1), (4, 2), (8, 4)]  # the 2- and 4-vCPU VMs, an 8-CPU machine in two domains
 
 

@@ -33,7 +33,8 @@ from model_dir.fastpath_verify import MAX_ABS_DIFF, write_fastpath
 from tests.host.conftest import _copy
 
 REPO = Path(__file__).resolve().parents[2]
-BUNDLED = REPO / "model_dir" / "model_path"
+BUNDLED = REPO / "model_dir" / "model_path"  # the trained model
+DUMMY = REPO / "tests" / "models" / "dummy"  # mlsched-dummy --output tests/models/dummy
 GRIDS = [(2, 1), (8, 4)]
 
 
@@ -58,7 +59,7 @@ def test_keras_file(tmp_path, suffix):
     path.write_bytes(b"\x89HDF\r\n")
     _refused(
         path,
-        rf"is a Keras file, not a SavedModel directory \(convert it: model_dir/transfer.py "
+        rf"is a Keras file, not a SavedModel directory \(convert it: mlsched-transfer "
         rf"--input .*model\{suffix} --output DIR\)",
     )
 
@@ -210,12 +211,12 @@ def _corrupt(path: Path, pattern: str) -> str:
     message = _refused(path, rf"^corrupt model at {re.escape(str(path))}: {pattern}")
     assert message.endswith(
         f"since {MANIFEST_FILE} was written (damaged, or modified after export: re-export the "
-        f"model, or run model_dir/verify_model.py {path})"
+        f"model, or run mlsched-verify {path})"
     ), message
     return message
 
 
-@pytest.mark.parametrize("model", [BUNDLED, BUNDLED.with_name("model_path_trained")],
+@pytest.mark.parametrize("model", [BUNDLED, DUMMY],
                          ids=lambda p: p.name)  # fmt: skip
 def test_bundled_models_have_manifests(model):
     listed = json.loads((model / MANIFEST_FILE).read_text())
@@ -295,7 +296,7 @@ def test_no_manifest(tmp_path, dummy):
     _refused(
         path,
         rf"^{re.escape(str(path))}: no {MANIFEST_FILE}, so damaged files cannot be detected "
-        rf"before attach \(run model_dir/verify_model.py {re.escape(str(path))}: ",
+        rf"before attach \(run mlsched-verify {re.escape(str(path))}: ",
     )
     assert check_model_dir(path, manifest=False).fastpath_ok  # what the model tools check
 
@@ -373,8 +374,8 @@ def test_dummy_model_uses_both_decisions(dummy, grid):
 @pytest.mark.parametrize("path", ["fixture", "bundled"])
 def test_dummy_is_the_contracts_network(dummy, path):
     """10 -> 64 relu -> 64 relu -> 1 sigmoid, fast path verified: the freshly made dummy and
-    the one shipped in model_dir/model_path (make it again with create_dummy_model.py)."""
-    model_dir = dummy if path == "fixture" else REPO / "model_dir" / "model_path"
+    the one committed in tests/models/dummy (make it again with mlsched-dummy)."""
+    model_dir = dummy if path == "fixture" else DUMMY
     info = check_model_dir(model_dir)
     assert info.fastpath_ok, info.fastpath_reason
     model = NumpyModel.load(model_dir)
@@ -422,7 +423,7 @@ def test_not_dense_stack_refused(tmp_path, not_dense, dummy):
     assert not info.fastpath_ok
     backend, reason = open_backend(info, "auto")
     assert isinstance(backend, TFBackend) and backend.kind == contract.Backend.TF
-    assert reason.startswith("tf: no verified fast-path weights (run model_dir/verify_model.py")
+    assert reason.startswith("tf: no verified fast-path weights (run mlsched-verify")
     with pytest.raises(ModelError, match="cannot use the numpy backend"):
         open_backend(info, "numpy")
 
@@ -509,6 +510,9 @@ assert not loaded, loaded
 
 
 def test_bundled_model():
-    """model_dir/model_path, committed with the repository, is valid and verified."""
+    """model_dir/model_path, committed with the repository, is valid, verified and trained,
+    with its provenance; the dummy says it is untrained."""
     info = check_model_dir(BUNDLED)
     assert info.fastpath_ok, info.fastpath_reason
+    assert "make train" in info.provenance and "UNTRAINED" not in info.provenance
+    assert check_model_dir(DUMMY).provenance.startswith("UNTRAINED")

@@ -25,6 +25,7 @@ from loader.backends import DenseLayer, NumpyModel, TFBackend, open_backend
 from loader.model_check import FASTPATH_FILE, ModelError, check_model_dir
 from model_dir import dataset, fallback, model_export, synthetic, transfer
 from model_dir.architecture import describe_stack
+from model_dir.export_verified import made_by
 from model_dir.fastpath_verify import MAX_ABS_DIFF
 from tests.host.conftest import _copy
 
@@ -467,7 +468,8 @@ def test_an_indifferent_model_gets_its_fast_path(tmp_path, tf, caplog):
     k2[0, 0] = 1e-9  # logit = 1e-9 cpu - 3e-9: zero at cpu 3, within rounding everywhere
     model.get_layer("dense_2").set_weights([k2, b2 * 0 - 3e-9])
     caplog.set_level(logging.INFO)
-    decide = model_export._export(model, tmp_path / "m", (4, 4))
+    decide = model_export._export(model, tmp_path / "m", {
+        "hidden": (4, 4), "provenance": made_by("test", "an indifferent model")})
     assert "output bias moved by" in caplog.text
     assert "fast path verified" in caplog.text
     assert check_model_dir(tmp_path / "m").fastpath_ok

@@ -83,7 +83,7 @@ def build_constant(out: Path, name: str, migrate: bool) -> Path:
     import keras
     import numpy as np
 
-    from model_dir.export_verified import export_verified
+    from model_dir.export_verified import export_verified, made_by
 
     inputs = keras.Input(shape=(schema.NR_FEATURES,), name=contract.MODEL_INPUT_KEY)
     dense = keras.layers.Dense(1, activation="sigmoid")
@@ -93,7 +93,8 @@ def build_constant(out: Path, name: str, migrate: bool) -> Path:
     path = out / name
     if path.exists():
         shutil.rmtree(path)
-    export_verified(model, path)
+    export_verified(model, path, made_by("tests.vm.make_models", f"constant: always "
+                                         f"{'migrate' if migrate else 'keep'}", trained=False))
     return path
 
 

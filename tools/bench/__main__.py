@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD = REPO_ROOT / "build" / "bench"
 CODEBASE = BUILD / "cbase"
 CODEBASE_UNITS, CODEBASE_FUNCS = 14, 2  # ~9 s of make -j4 in a TCG guest on a quiet host
-TRAINED = REPO_ROOT / "model_dir" / "model_path_trained"
+TRAINED = REPO_ROOT / "model_dir" / "model_path"
 VM_OUT = REPO_ROOT / "build" / "vm-out" / "bench"
 PRODUCER_OBJ = BUILD / "ringbuf_producer.bpf.o"
 NEEDED = (REPO_ROOT / "bpf" / "mlsched.bpf.o", PRODUCER_OBJ, BUILD / "wakeprobe",
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="", help="comma-separated (default: "
                     + ",".join(DEFAULT_WORKLOADS) + "; also build)")
     ap.add_argument("--trained", type=Path, default=TRAINED,
-                    help="the learned model (default: model_dir/model_path_trained)")
+                    help="the learned model (default: model_dir/model_path)")
     ap.add_argument("--skip-host", action="store_true", help="no host pipeline run")
     ap.add_argument("--skip-vm", action="store_true", help="no VM boot")
     ap.add_argument("--docs", action="store_true",

@@ -2,7 +2,7 @@
 
 usage: python -m tools.bench.kinfer [--json FILE] [--seconds S]
 
-For the bundled dummy (model_dir/model_path), the learned model (model_dir/model_path_trained)
+For the dummy (tests/models/dummy), the learned, bundled model (model_dir/model_path)
 and a 10-64-64-1 network (random weights, seeded: the widest the kernel mode takes):
 - numpy: NumpyModel.predict decisions/s at batch 1, 64 and 512 (the loader's fast path; pin the
   process to one CPU, as `make bench-model` does);
@@ -34,8 +34,8 @@ from tools.bench.producer import prog_test_run
 
 REPO = Path(__file__).resolve().parents[2]
 MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"
-MODELS = {"dummy": REPO / "model_dir" / "model_path",
-          "trained": REPO / "model_dir" / "model_path_trained"}
+MODELS = {"dummy": REPO / "tests" / "models" / "dummy",
+          "trained": REPO / "model_dir" / "model_path"}
 GRID = (4, 2)  # the 4-vCPU VM in two domains
 TARGET_RATE = 1e6  # issue 13: the 64-64 network, >= 1 M decisions/s at batch 64 on one core
 

@@ -596,8 +596,8 @@ make bench                 # 5 rounds, ≤ 45 min here; BENCH_ARGS='--rounds 3' 
 - **One boot, 4 vCPUs under TCG**, mlsched with `--domains 2` (two domains of two vCPUs).
   Configurations: `eevdf` (nothing attached), `scx_simple` and `scx_central` (built from the
   cached linux-source-7.3's tools/sched_ext into build/scx/, `make scx-peers`), mlsched
-  `fallback` (`--no-model`), `dummy` (model_dir/model_path), `trained`
-  (model_dir/model_path_trained), `kernel` (the trained model, `--inference kernel --table
+  `fallback` (`--no-model`), `dummy` (tests/models/dummy), `trained`
+  (model_dir/model_path), `kernel` (the trained model, `--inference kernel --table
   hash`: the scheduler evaluates the network on each table miss and caches it).
 - **Workloads** (sizes in the run's table below): `wakeup` — build/bench/wakeprobe (2 message
   threads × 2 workers, futex wakeups, 50 µs requests) beside `stress-ng --cpu 4` hogs: wakeup

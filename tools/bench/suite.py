@@ -8,8 +8,8 @@ Schedulers (configurations):
   scx_simple    the kernel's tools/sched_ext/scx_simple (build/scx/, `make scx-peers`)
   scx_central   the kernel's tools/sched_ext/scx_central
   fallback      mlsched-load --no-model: the fallback policy decides every candidate
-  dummy         mlsched-load --model model_dir/model_path (the bundled dummy)
-  trained       mlsched-load --model model_dir/model_path_trained (the learned model)
+  dummy         mlsched-load --model tests/models/dummy (random weights)
+  trained       mlsched-load --model model_dir/model_path (the bundled, learned model)
   kernel        mlsched-load --model <trained> --inference kernel --table hash: the scheduler
                 evaluates the network itself on every table miss (a hash, filled on demand, so
                 the in-kernel path is exercised; with the grid every key is decided at
@@ -57,7 +57,7 @@ from tools.bench.wakelat import calibrate
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCX_BIN = REPO_ROOT / "build" / "scx"
-DUMMY = REPO_ROOT / "model_dir" / "model_path"
+DUMMY = REPO_ROOT / "tests" / "models" / "dummy"
 ATTACH_TIMEOUT_S = 150
 MODEL_TIMEOUT_S = 300
 SMOKE_STRESS = ["stress-ng", "--temp-path", "/tmp", "-t", "60", "--aggressive", "-M",
@@ -100,7 +100,7 @@ def configs(trained: Path) -> list[Config]:
                (str(SCX_BIN / "scx_central"),), "central"),
         Config("fallback", "mlsched, fallback policy only (--no-model)",
                (*py, "--model", str(DUMMY), "--no-model"), "mlsched", True),
-        Config("dummy", "mlsched + the bundled dummy model (model_dir/model_path)",
+        Config("dummy", "mlsched + the dummy model (tests/models/dummy, random weights)",
                (*py, "--model", str(DUMMY)), "mlsched", True, True),
         Config("trained", f"mlsched + the learned model ({trained.name})",
                (*py, "--model", str(trained)), "mlsched", True, True),
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="example: python -m tools.bench.suite --out "
                                  "build/vm-out/bench/suite.json --trained "
-                                 "model_dir/model_path_trained --rounds 1 --scale 0.5")
+                                 "model_dir/model_path --rounds 1 --scale 0.5")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--trained", type=Path, required=True, help="the learned model")
     ap.add_argument("--codebase", type=Path, required=True, help="generated C code base")

@@ -47,7 +47,7 @@ from tools.bench.sched import STOP_TIMEOUT_S, SchedProcess, read_text, scx_ops, 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAKEPROBE = REPO_ROOT / "build" / "bench" / "wakeprobe"
-DUMMY_MODEL = REPO_ROOT / "model_dir" / "model_path"
+BUNDLED_MODEL = REPO_ROOT / "model_dir" / "model_path"
 SCHED_NAME = "mlsched"
 ATTACH_TIMEOUT_S = 120
 HOG_METHOD = "int64"  # one fixed stress-ng method: a bogo op is the same work in every run
@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wakeprobe workers per message thread (default: %(default)s)")
     ap.add_argument("--request-us", type=float, default=100,
                     help="work per request, µs on the idle guest (default: %(default)s)")
-    ap.add_argument("--model", type=Path, default=DUMMY_MODEL,
+    ap.add_argument("--model", type=Path, default=BUNDLED_MODEL,
                     help="mlsched's model (default: model_dir/model_path)")
     ap.add_argument("--domains", type=int, default=2, help="mlsched --domains (default: 2)")
     ap.add_argument("--config", type=parse_config, action="append", default=[],
