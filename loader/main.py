@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from loader import cli, contract, paths
+from loader import check, cli, contract, paths
 from loader.stats import add_arguments as add_stats_arguments
 
 log = logging.getLogger("mlsched")
@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
       metavar="BYTES", help="candidate ring buffer size, a power of two (default: %(default)s)")
     a("--bpf-obj", default=str(paths.BPF_OBJ), metavar="FILE",
       help="compiled scheduler (default: %(default)s; build with `make bpf`)")
-    a("--check", action="store_true", help="check the model, the BPF object and the domains "
-      "as before an attach, say what would run, and exit (no root needed)")
+    a("--check", action="store_true", help="say, one line each, whether a run would work: "
+      "the kernel's version, sched_ext and a scheduler already attached, the domains, the "
+      "model (not with --no-model) and TensorFlow when the tf backend serves it, the BPF "
+      "object loaded but not attached (tried as root on a sched_ext kernel); exit 0 when "
+      "nothing would fail the run, else its exit status")
     a("--pin-dir", default=contract.PIN_DIR, metavar="DIR",
       help="where the stats maps are pinned (default: %(default)s)")
     add_stats_arguments(p)
@@ -94,45 +97,19 @@ def fail(msg: str, status: int = 2) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.verbose)
+    if args.check:
+        return check.report(args)
     try:  # everything that can refuse the run does so before anything is attached
-        plan = cli.preflight(args, root=not args.check, kernel=False)
+        plan = check.planned(args)
+        # Until the first attach the loader runs real-time: on a loaded machine the imports and
+        # the BPF load would otherwise queue behind every CPU hog (Loader.run drops it).
+        realtime(True)
+        info = check.model(args)
     except cli.Refusal as e:
         return fail(str(e), e.status)
-    # Until the first attach the loader runs real-time: on a loaded machine the imports and the
-    # BPF load would otherwise queue behind every CPU hog (Loader.run drops it).
-    realtime(True)
-    from loader.model_check import ModelError
-    from loader.table import grid_dims
-
-    if args.table == "grid" and grid_dims(plan.nr_cpus, plan.max_dom_cpus) is None:
-        return fail("--table grid: this machine's keys do not fit a dense grid (use auto)")
-    args.dims = plan.nr_cpus, plan.max_dom_cpus
-    try:
-        info, args.kernel_mlp = checked_model(args)
-    except ModelError as e:
-        return fail(str(e))
-    if args.check:
-        backend = "numpy fast path" if info.fastpath_ok else info.fastpath_reason
-        print(f"mlsched-load: ok: model {info.path} (digest {info.digest[:12]}, {backend}); "
-              f"BPF object {args.bpf_obj}; {plan.reason}")
-        return 0
-    # Which weights will decide, and where they came from: the manifest's provenance.
-    log.info("model %s (digest %s): %s", info.path, info.digest[:12], info.provenance)
+    if info is not None:  # which weights will decide, and where they came from
+        log.info("model %s (digest %s): %s", info.path, info.digest[:12], info.provenance)
     return Loader(args, plan).run(info)
-
-
-def checked_model(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The model's checks (ModelError on a refusal): its ModelInfo, and with --inference
-    kernel its quantized network for this machine's key grid (else None)."""
-    from loader.kernel_mlp import prepare
-    from loader.model_check import ModelError, check_model_dir
-
-    info = check_model_dir(args.model)
-    # Both run the fast-path weights: never another model's (a stale stamp).
-    needs = "--backend numpy" if args.backend == "numpy" else "--inference kernel"
-    if not info.fastpath_ok and (args.backend == "numpy" or args.inference == "kernel"):
-        raise ModelError(f"{needs}: {info.fastpath_reason}")
-    return info, prepare(info.path, *args.dims) if args.inference == "kernel" else None
 
 
 def realtime(on: bool) -> None:
@@ -169,17 +146,12 @@ class Loader:
 
     def attach(self) -> Any:
         """Load, configure, attach and pin a fresh scheduler object; raises on failure."""
-        from loader.scheduler import Scheduler, clean_stale_pins, settings
-        from loader.table import grid_dims
+        from loader.scheduler import Scheduler, clean_stale_pins
 
-        a, plan = self.args, self.plan
+        a = self.args
         clean_stale_pins(a.pin_dir)
         # After a hotplug the plan changed: the grid follows it (unless --table hash).
-        grid = None if a.table == "hash" else grid_dims(plan.nr_cpus, plan.max_dom_cpus)
-        config = settings(plan, contract.Fallback[a.fallback.upper()], a.slice_us * 1000,
-                          a.resubmit_ms * 1_000_000, a.slice_min_us * 1000,
-                          a.starve_ms * 1_000_000, a.batch_size, int(a.max_wait_ms * 1e6), grid,
-                          a.kernel_mlp is not None)
+        config = check.scheduler_settings(a, self.plan)
         sched = Scheduler(a.bpf_obj, config, a.ringbuf_size, a.verbose)
         try:
             if a.kernel_mlp is not None:
@@ -311,7 +283,7 @@ class Loader:
         try:
             q = self.args.kernel_mlp
             if reload:
-                info, q = checked_model(self.args)
+                info, q = check.checked_model(self.args)
             backend, how = ((KernelBackend(q), "in-kernel fixed point") if q is not None
                             else open_backend(info, self.args.backend))
         except Exception as e:  # a refusal, or a model that passed the checks but will not load
