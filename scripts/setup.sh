@@ -11,7 +11,10 @@
 #      (kernel/current)
 #   5. that kernel's source, the parts tools/sched_ext needs (scx headers, example schedulers,
 #      libbpf, bpftool): linux-source/<version>/, its path in linux-source/current
-#   6. the newest 6.19.x cloud kernel (kernel/6.19), the oldest series the VM tests run on
+#   6. the newest 6.19.x and 7.2.x cloud kernels (kernel/6.19, kernel/7.2): the older series the
+#      VM tests run the walking skeleton on
+#   7. QEMU 10 from bookworm-backports, unpacked in the cache (qemu10/), beside the system's 7.2:
+#      its multi-threaded TCG runs one host thread per vCPU (scripts/vm-run.sh --tcg multi)
 #
 # All of it but the packages and the venv lives in $MLSCHED_CACHE (default ~/.cache/mlsched),
 # outside the repo.
@@ -301,8 +304,37 @@ else
 	say "extracted in $((SECONDS - start)) s ($(du -sh "$dest" | cut -f1))"
 fi
 
-# --- 6. the 6.19 kernel (after the source: it may need its extract-vmlinux) --------------------
+# --- 6. the 6.19 and 7.2 kernels (after the source: they may need its extract-vmlinux) ----------
 fetch_kernel 6.19 6.19
+fetch_kernel 7.2 7.2
+
+# --- 7. QEMU 10 (bookworm-backports), run from the cache ---------------------------------------
+# bookworm's QEMU 7.2 panics the guest under multi-threaded TCG (stale int3 after kernel text
+# patching, DESIGN.md); 10.0 does not. Installed system-wide it would pull mesa and libdrm from
+# backports, so its packages are unpacked here and run through a wrapper with its own firmware
+# and data (-L); vm-run.sh puts the wrapper first on PATH, where virtme-ng looks for qemu.
+QEMU10=$CACHE/qemu10
+qemu10_ok() { "$QEMU10/bin/qemu-system-x86_64" --version 2>/dev/null | grep -q 'version 1[0-9]\.'; }
+if qemu10_ok; then
+	say "QEMU 10: $("$QEMU10/bin/qemu-system-x86_64" --version | head -1) already unpacked"
+else
+	did_something=1
+	rm -rf "$QEMU10"
+	MLSCHED_CACHE=$CACHE MLSCHED_DEBIAN_MIRROR=$MIRROR bash "$ROOT/scripts/apt-backports.sh" \
+		--unpack "$QEMU10/root" qemu-system-x86 qemu-system-common qemu-system-data seabios
+	mkdir -p "$QEMU10/bin"
+	cat >"$QEMU10/bin/qemu-system-x86_64" <<WRAP
+#!/bin/sh
+# QEMU 10 from bookworm-backports (scripts/setup.sh), with its own firmware and data files.
+R=$QEMU10/root
+# Its own modules (audio, ui…), not the system 7.2 build's, which it refuses noisily.
+export QEMU_MODULE_DIR=\$R/usr/lib/x86_64-linux-gnu/qemu
+exec \$R/usr/bin/qemu-system-x86_64 -L \$R/usr/share/qemu -L \$R/usr/share/seabios "\$@"
+WRAP
+	chmod +x "$QEMU10/bin/qemu-system-x86_64"
+	qemu10_ok || die "QEMU 10 from bookworm-backports does not run: $("$QEMU10/bin/qemu-system-x86_64" --version 2>&1 | head -1)"
+	say "QEMU 10: $("$QEMU10/bin/qemu-system-x86_64" --version | head -1)"
+fi
 
 if [ $did_something = 0 ]; then
 	say "nothing to do: everything is already set up"

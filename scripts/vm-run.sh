@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a command inside a throw-away virtme-ng VM booted on the cached sched_ext kernel.
 #
-#   scripts/vm-run.sh [--kernel SERIES] [--cpus N] [--memory SIZE] [--] 'COMMAND'
+#   scripts/vm-run.sh [--kernel SERIES] [--cpus N] [--memory SIZE] [--tcg multi|single] [--] 'COMMAND'
 #
 # --kernel SERIES boots the cached kernel of that series, e.g. `--kernel 6.19` (the newest 6.19.x
 # that scripts/setup.sh cached in $MLSCHED_CACHE/kernel/6.19); the default is the newest kernel
@@ -9,6 +9,12 @@
 # The 6.19 kernel boots without modules (the mirror keeps only its image), so without overlayfs:
 # the guest's /tmp is then a tmpfs and /etc, /var, /usr are the host's, read-only.
 # The guest's /boot is a tmpfs holding the booted kernel's config-<kver>, when it is cached.
+#
+# --tcg multi (the default; MLSCHED_VM_TCG) runs QEMU 10 from the cache (scripts/setup.sh) with
+# multi-threaded TCG: one host thread per vCPU, so a 2-vCPU guest on 2 host cores runs two CPUs
+# in parallel and placement can change throughput. --tcg single runs every vCPU on one host
+# thread in turn (the guest gets one host core whatever the scheduler does). bookworm's QEMU 7.2
+# panics the guest under multi-threaded TCG on kernel text patching, so multi needs QEMU 10.
 #
 # The host kernel has no sched_ext, so everything that attaches a scheduler runs here: vng boots
 # the trixie-backports cloud kernel cached by scripts/setup.sh under TCG (no KVM), shares the
@@ -34,7 +40,7 @@ OUT_DIR=$ROOT/build/vm-out
 MARKER='mlsched-vm: guest up'
 
 usage() {
-	echo "usage: $0 [--kernel SERIES] [--cpus N] [--memory SIZE] [--] 'COMMAND'" >&2
+	echo "usage: $0 [--kernel SERIES] [--cpus N] [--memory SIZE] [--tcg multi|single] [--] 'COMMAND'" >&2
 	exit 2
 }
 say() { printf 'vm-run: %s\n' "$*" >&2; }
@@ -47,6 +53,7 @@ refuse() {
 cpus=2
 memory=2G
 series=current
+tcg=${MLSCHED_VM_TCG:-multi}
 while [ $# -gt 0 ]; do
 	case $1 in
 	--kernel) [ $# -ge 2 ] || usage; series=$2; shift 2 ;;
@@ -55,6 +62,8 @@ while [ $# -gt 0 ]; do
 	--cpus=*) cpus=${1#--cpus=}; shift ;;
 	--memory) [ $# -ge 2 ] || usage; memory=$2; shift 2 ;;
 	--memory=*) memory=${1#--memory=}; shift ;;
+	--tcg) [ $# -ge 2 ] || usage; tcg=$2; shift 2 ;;
+	--tcg=*) tcg=${1#--tcg=}; shift ;;
 	-h | --help) usage ;;
 	--) shift; break ;;
 	-*) say "unknown option: $1"; usage ;;
@@ -64,6 +73,7 @@ done
 [ $# -ge 1 ] || usage
 command=$*   # several words are joined with spaces, like ssh does
 [[ $cpus =~ ^[1-9][0-9]*$ ]] || refuse "--cpus wants a positive integer, not '$cpus'"
+[[ $tcg =~ ^(multi|single)$ ]] || refuse "--tcg wants multi or single, not '$tcg'"
 [ "$series" != newest ] || series=current
 [[ $series =~ ^([0-9]+\.[0-9]+|current)$ ]] ||
 	refuse "--kernel wants a series like 6.19, not '$series'"
@@ -96,6 +106,12 @@ VNG=$VENV/bin/vng
 
 # vng runs virtme-run from PATH, and the 7.3 cloud kernel has no 9p, so vng needs virtiofsd.
 export PATH="$CACHE/bin:$VENV/bin:$PATH"
+if [ "$tcg" = multi ]; then
+	[ -x "$CACHE/qemu10/bin/qemu-system-x86_64" ] ||
+		refuse "--tcg multi needs QEMU 10 in $CACHE/qemu10: run make setup (or --tcg single)"
+	export PATH="$CACHE/qemu10/bin:$PATH"
+fi
+qemu_version=$(qemu-system-x86_64 --version | sed -n '1s/.*version \([0-9.]*\).*/\1/p')
 mkdir -p "$OUT_DIR"
 
 # --- the guest script -------------------------------------------------------------------------
@@ -190,11 +206,8 @@ boot() {
 	# open starts again at offset 0, so lines are lost. tee passes the output on and keeps a copy.
 	tee "$log" <"$fifo" &
 	tee_pid=$!
-	# Single-threaded TCG: with one host thread per vCPU, a kernel text patch (static keys
-	# flip on every sched_ext attach/detach) can leave a stale int3 in another vCPU's
-	# translated code, and the guest panics ("Oops: int3", vng exits 255 with no output).
 	setsid "$VNG" -r "$vmlinuz" --disable-kvm --cpus "$cpus" --memory "$memory" \
-		--qemu-opts="-accel tcg,thread=single" \
+		--qemu-opts="-accel tcg,thread=$tcg" \
 		--rwdir="$OUT_DIR" -- "sh $(sq "$guest_file")" >"$fifo" 2>&1 </dev/null &
 	vng_pid=$!
 	booted=0
@@ -219,7 +232,7 @@ boot() {
 	if [ $booted = 0 ] && grep -q "^$MARKER" "$log"; then booted=1; fi
 }
 
-say "booting $kver ($cpus cpus, TCG)..."
+say "booting $kver ($cpus cpus, QEMU $qemu_version, $tcg-threaded TCG)..."
 boot
 if [ $booted = 0 ]; then
 	say "VM did not boot, retrying once"
