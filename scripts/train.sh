@@ -156,10 +156,13 @@ if ! "$PY" -m tools.evaluate --data "$OUT/heldout.csv" --model "$MODEL" "${compa
 fi
 step_done "evaluation"
 
-# The verdict on the target, from the figures: learned below the heuristic, interval < 0.
+# The verdict on the target, from the figures: learned below the heuristic, interval < 0. It
+# also goes into the model's provenance (its manifest), which the loader logs at start.
 verdict=$("$PY" - "$OUT/evaluation.json" "$MODEL" <<'EOF'
 import json, sys
 from pathlib import Path
+from loader.model_check import MANIFEST_FILE
+from model_dir.export_verified import write_manifest
 doc = json.loads(Path(sys.argv[1]).read_text())
 model = Path(sys.argv[2]).resolve()
 for p in doc["policies"]:
@@ -171,6 +174,12 @@ for p in doc["policies"]:
         parts.append(f"{e.upper()} {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] "
                      + ("met" if met else "NOT met"))
     print("target (learned - heuristic < 0, its 95 % interval excluding 0): " + "; ".join(parts))
+    prov = json.loads((model / MANIFEST_FILE).read_text()).get("provenance") or {}
+    prov["summary"] = (f"{prov.get('summary', 'trained')}; held-out learned - heuristic "
+                       + "; ".join(parts))
+    prov["evaluation"] = {"heldout": str(Path(sys.argv[1])), "vs_heuristic": p["vs_baseline"]}
+    prov["tool"] = "make train"
+    write_manifest(model, prov)
 EOF
 )
 say ""
