@@ -1,6 +1,7 @@
-"""Command-line pieces shared by mlsched-load, mlsched-collect and mlsched-stats."""
+"""Command-line pieces shared by mlsched-load, mlsched-collect, mlsched-stats and the tools."""
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -47,6 +48,18 @@ def preflight(args: argparse.Namespace, root: bool = True, kernel: bool = True) 
     if kernel and scx_state() == "unsupported":
         raise Refusal("this kernel has no sched_ext (CONFIG_SCHED_CLASS_EXT); see README: VM", 1)
     return plan
+
+
+def plot_refusal(what: str) -> str | None:
+    """Why `what` (a flag, a tool) cannot draw, else None: matplotlib is the optional [plot]
+    extra, asked for before the work so that a long run does not end in an ImportError."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError as e:
+        if e.name == "matplotlib":
+            return f"{what} needs matplotlib: pip install 'mlsched[plot]'"
+        return f"{what}: matplotlib does not import ({e})"
+    return None
 
 
 def _arg(kind: Callable[[str], Any], text: str, ok: Callable[[Any], bool], want: str) -> Any:

@@ -10,7 +10,7 @@ import stat
 import threading
 import time
 
-from loader import contract, libbpf, schema
+from loader import contract, libbpf, paths, schema
 from loader.bpfmaps import DecisionMap, PerCpuU64Array, U64Array, write_elem
 from loader.domains import DomainPlan
 from loader.kernel_mlp import QuantizedMlp
@@ -60,7 +60,7 @@ def scx_enums(obj_path: str) -> list[tuple[str, str]]:
         with open(path) as f:
             return [tuple(line.split()[:2]) for line in f if len(line.split()) >= 2]
     except OSError as e:
-        raise SchedulerError(f"cannot read {path} ({e.strerror}): run `make bpf`") from None
+        raise SchedulerError(f"cannot read {path} ({e.strerror}): {paths.BUILD_HINT}") from None
 
 
 def clean_stale_pins(pin_dir: str) -> None:

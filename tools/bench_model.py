@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from loader import paths
+
 BACKENDS = ("tf", "tf-per-decision", "numpy")
 DEFAULT_BATCHES = (1, 64, 512)
 MIN_CALLS = 5
@@ -227,7 +228,8 @@ def _spawn(name: str, args: argparse.Namespace, tmp: Path) -> tuple[dict[str, An
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
     other: deque[str] = deque(maxlen=20)  # TF's own chatter: shown only when the child fails
     with subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        cmd, cwd=paths.CHECKOUT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True
     ) as child:
         assert child.stderr is not None
         for line in child.stderr:
@@ -442,10 +444,13 @@ def run_parent(args: argparse.Namespace) -> int:
 
     lines = report(summary)
     print("\n".join(lines))
-    json_path = args.json or REPO / "bench-results" / f"model-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nwrote {json_path}")
+    json_path = args.json
+    if json_path is None and paths.BENCH_RESULTS is not None:
+        json_path = paths.BENCH_RESULTS / f"model-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"\nwrote {json_path}")
     missed = [t for t in summary["targets"] if not t["ok"]]
     return 1 if args.strict and missed else 0
 
@@ -493,10 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("mlsched-bench-model", "Benchmark mlsched's model backends (tf, tf one "
                         "call per decision, numpy).", EXAMPLES)
     add = parser.add_argument
-    add("--model", metavar="DIR", type=Path, default=REPO / "model_dir" / "model_path",
-        help="SavedModel directory (default model_dir/model_path)")
-    add("--json", metavar="PATH", type=Path,
-        help="where to write the JSON (default bench-results/model-<date>.json)")
+    add("--model", metavar="DIR", type=Path, default=paths.BUNDLED_MODEL,
+        help="SavedModel directory (default: the bundled %(default)s)")
+    add("--json", metavar="PATH", type=Path, help="where to write the JSON (default in a "
+        "checkout: bench-results/model-<date>.json; installed: none)")
     add("--seconds", metavar="S", type=lambda t: cli.number_in(t, 0, math.inf), default=1.0,
         help="time per backend and batch size (default 1.0)")
     add("--batches", metavar="B,B,...", type=_batches, default=DEFAULT_BATCHES,

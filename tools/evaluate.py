@@ -28,12 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract
-from loader.cli import parser, positive_int
+from loader import contract, paths
+from loader.cli import parser, plot_refusal, positive_int
 from model_dir import offpolicy
 
-REPO = Path(__file__).resolve().parent.parent
-DUMMY = REPO / "model_dir" / "model_path"
 BASELINE = "heuristic"
 
 EXAMPLES = """examples:
@@ -59,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset from mlsched-collect, format v2 (.csv or .csv.gz)")
     p.add_argument("--model", nargs="+", default=[], type=Path, metavar="DIR",
                    help="SavedModel directories to evaluate")
-    p.add_argument("--dummy", type=Path, default=DUMMY, metavar="DIR",
-                   help="the dummy model (default: the bundled model_dir/model_path)")
+    p.add_argument("--dummy", type=Path, default=paths.BUNDLED_MODEL, metavar="DIR",
+                   help="the dummy model (default: the bundled %(default)s)")
     p.add_argument("--no-dummy", action="store_true", help="leave the dummy model out")
     p.add_argument("--cost", choices=offpolicy.COST_KINDS, default=offpolicy.DEFAULT_COST,
                    help="a row's cost from its outcome (default: delay-per-run)")
@@ -294,6 +292,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             raise EvalError(f"{name}: directory {out.resolve().parent} does not exist")
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise EvalError(f"--plot: expected a .png file name, not {args.plot}")
+    if args.plot is not None and (why := plot_refusal("--plot")):
+        raise EvalError(why)  # now, not after the tables
     history = read_history(args.history) if args.history else None
     ds = read_dataset(args.data)
     ds.require_v2("propensities and outcomes, which off-policy evaluation needs")
@@ -305,8 +305,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         BASELINE: ds.heuristic(),
     }
     backends: dict[str, str] = {}
-    models = [] if args.no_dummy else [("dummy (" + _rel(args.dummy) + ")", args.dummy)]
-    models += [(_rel(m), m) for m in args.model]
+    models = [] if args.no_dummy else [(f"dummy ({paths.shown(args.dummy)})", args.dummy)]
+    models += [(paths.shown(m), m) for m in args.model]
     seen: set[Path] = set()
     for name, path in models:
         if path.resolve() in seen:
@@ -361,13 +361,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
              f"{args.data.name}: {n} candidates, cost {args.cost}{penalty}")
         print(f"\nwrote {args.plot}")
     return result
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

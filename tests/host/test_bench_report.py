@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from tools.bench import report
@@ -70,3 +72,14 @@ def test_markdown_and_plots(tmp_path: Path) -> None:
     text = md.read_text()
     assert "## Targets" in text and "**real**" in text
     assert {p.name for p in pngs} == {"run-build.png", "run-wakeup.png"}
+
+
+def test_without_matplotlib_one_line_before_reading(tmp_path: Path, monkeypatch, capsys) -> None:
+    """matplotlib is the [plot] extra: the report says so instead of failing half-written."""
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps(_result()))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it imports
+    assert report.main([str(results)]) == 2
+    out, err = capsys.readouterr()
+    assert err == "report: plotting needs matplotlib: pip install 'mlsched[plot]'\n" and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]

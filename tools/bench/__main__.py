@@ -30,19 +30,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loader import paths
 from tools.bench import report
 from tools.bench.host import LoadSampler, arg_parser, git_commit
 from tools.bench.suite import DEFAULT_CONFIGS
 from tools.bench.workloads import DEFAULT_WORKLOADS, generate_codebase
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = paths.CHECKOUT
 BUILD = REPO_ROOT / "build" / "bench"
 CODEBASE = BUILD / "cbase"
 CODEBASE_UNITS, CODEBASE_FUNCS = 14, 2  # ~9 s of make -j4 in a TCG guest on a quiet host
-TRAINED = REPO_ROOT / "model_dir" / "model_path"
+TRAINED = paths.BUNDLED_MODEL
 VM_OUT = REPO_ROOT / "build" / "vm-out" / "bench"
 PRODUCER_OBJ = BUILD / "ringbuf_producer.bpf.o"
-NEEDED = (REPO_ROOT / "bpf" / "mlsched.bpf.o", PRODUCER_OBJ, BUILD / "wakeprobe",
+NEEDED = (paths.BPF_OBJ, PRODUCER_OBJ, BUILD / "wakeprobe",
           REPO_ROOT / "build" / "scx" / "scx_simple", REPO_ROOT / "build" / "scx" / "scx_central")
 VM_BOOTS = 4
 WORKLOAD_TOOLS = (("gcc", "gcc"), ("make", "make"), ("perf", "linux-perf"),

@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 from typing import Self
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from loader import paths
+
+REPO_ROOT = paths.CHECKOUT
 
 
 def arg_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:

@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from loader import paths
+
+REPO_ROOT = paths.CHECKOUT
 CACHE = Path(os.environ.get("MLSCHED_CACHE", Path.home() / ".cache" / "mlsched"))
 SRC_ROOT = CACHE / "kbuild-src"
 TRIXIE = CACHE / "apt-trixie"

@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract, kernel_mlp, libbpf, schema
+from loader import contract, kernel_mlp, libbpf, paths, schema
 from loader.backends import DenseLayer, NumpyModel
 from loader.bpfmaps import write_elem
 from tools.bench.producer import prog_test_run
 
-REPO = Path(__file__).resolve().parents[2]
-MLP_OBJ = REPO / "build" / "bench" / "mlp_bench.bpf.o"
-MODELS = {"dummy": REPO / "tests" / "models" / "dummy",
-          "trained": REPO / "model_dir" / "model_path"}
+MLP_OBJ = paths.CHECKOUT / "build" / "bench" / "mlp_bench.bpf.o"
+MODELS = {"dummy": paths.DUMMY_MODEL, "trained": paths.BUNDLED_MODEL}
 GRID = (4, 2)  # the 4-vCPU VM in two domains
 TARGET_RATE = 1e6  # issue 13: the 64-64 network, >= 1 M decisions/s at batch 64 on one core
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from loader import contract, schema
+from loader import contract, paths, schema
 from loader.bpfmaps import DecisionMap, RingBufferReader
 from loader.main import IDLE_POLL_MS
 from loader.pipeline import DecisionPipeline, Predictor, pump
@@ -46,8 +46,8 @@ from tools.bench.producer import DEFAULT_OBJ, ProducerChild, RingProducer
 
 log = logging.getLogger("bench.pipeline")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO_ROOT / "model_dir" / "model_path"
+REPO_ROOT = paths.CHECKOUT
+DEFAULT_MODEL = paths.BUNDLED_MODEL
 RING_BYTES = 4 << 20  # holds ~75 k records: a pre-filled ring for the read stage
 READ_STAGE_RECORDS = 50_000
 DECIDE_BATCHES = (1, 16, 64, 256, 1024)

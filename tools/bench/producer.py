@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loader import contract, libbpf
+from loader import contract, libbpf, paths
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = paths.CHECKOUT
 DEFAULT_OBJ = REPO_ROOT / "build" / "bench" / "ringbuf_producer.bpf.o"
 PROG_NAME = "produce"
 MAX_PER_RUN = 1 << 20  # the program clamps nr to this

@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loader import paths
+from loader.cli import plot_refusal
+
 BASE = "eevdf"
 MLSCHED = ("fallback", "dummy", "trained", "kernel")
 BOOTSTRAP = 4000
@@ -577,7 +580,7 @@ def write(res: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, list[Pat
     return md, pngs
 
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOCS = paths.CHECKOUT / "docs"
 METHOD = """# Benchmarks
 
 `make bench` (tools/bench/): mlsched against the kernel's default scheduler (EEVDF) and the
@@ -669,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a tools.bench.pipeline JSON to use instead of the run's (say why)")
     ap.add_argument("--kinfer", type=Path, help="a tools.bench.kinfer JSON (make bench-model)")
     args = ap.parse_args(argv)
+    if why := plot_refusal("report: plotting"):
+        print(why, file=sys.stderr)
+        return 2
     res = json.loads(args.results.read_text())
     if args.host_pipeline:
         res["host_pipeline"] = json.loads(args.host_pipeline.read_text())

@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from loader import paths
+
+REPO_ROOT = paths.CHECKOUT
 SCX = Path("/sys/kernel/sched_ext")
 STOP_TIMEOUT_S = 60
 

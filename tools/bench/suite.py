@@ -51,13 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loader import paths
 from tools.bench import workloads as wl
 from tools.bench.sched import SchedProcess, scx_ops, scx_state
 from tools.bench.wakelat import calibrate
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = paths.CHECKOUT
 SCX_BIN = REPO_ROOT / "build" / "scx"
-DUMMY = REPO_ROOT / "tests" / "models" / "dummy"
+DUMMY = paths.DUMMY_MODEL
 ATTACH_TIMEOUT_S = 150
 MODEL_TIMEOUT_S = 300
 SMOKE_STRESS = ["stress-ng", "--temp-path", "/tmp", "-t", "60", "--aggressive", "-M",

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loader import paths
 from tools.bench.sched import STOP_TIMEOUT_S, SchedProcess, read_text, scx_ops, scx_state
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = paths.CHECKOUT
 WAKEPROBE = REPO_ROOT / "build" / "bench" / "wakeprobe"
-BUNDLED_MODEL = REPO_ROOT / "model_dir" / "model_path"
+BUNDLED_MODEL = paths.BUNDLED_MODEL
 SCHED_NAME = "mlsched"
 ATTACH_TIMEOUT_S = 120
 HOG_METHOD = "int64"  # one fixed stress-ng method: a bogo op is the same work in every run

@@ -21,15 +21,15 @@ import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from loader import paths
 from tools.bench import wakelat
 from tools.bench.host import LoadSampler, Sampler, arg_parser, git_commit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = paths.CHECKOUT
 VM_OUT = REPO_ROOT / "build" / "vm-out" / "wakeup"
-SCHED_OBJ = REPO_ROOT / "bpf" / "mlsched.bpf.o"
+SCHED_OBJ = paths.BPF_OBJ
 
 EXAMPLES = """examples:
   make bench-wakeup                                       # 5 rounds, about 5 min

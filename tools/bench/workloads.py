@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loader import paths
 from tools.bench import kbuild
 from tools.bench.wakelat import Hogs
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = paths.CHECKOUT
 WAKEPROBE = REPO_ROOT / "build" / "bench" / "wakeprobe"
 RUN_TIMEOUT_S = 600
 # wakeprobe's shape: 2 message threads of 2 workers each, 50 µs requests.
