@@ -3,16 +3,16 @@
 usage: mlsched-evaluate --data FILE [--model DIR ...] [--history FILE] [--plot FILE.png]
                         [--json FILE] [--markdown FILE]
 
-FILE is a v2 dataset from mlsched-collect (model_dir/README.md): every candidate with the
-action the logging policy took, the probability with which it took it, and the outcome. For
-always-keep, always-migrate, the kernel's heuristic, the dummy (the bundled model) and each
---model, it prints the estimated mean cost per candidate had that policy decided every row
-(model_dir/offpolicy.py): inverse-propensity (IPS) and doubly robust (DR) estimates with 95 %
-block-bootstrap intervals, and each policy minus the heuristic with its paired interval. The
-models run as the loader runs them (check_model_dir, then the verified numpy fast path, else
-TensorFlow). Held-out data must come from a separate collection run (another boot), not from
-the run a model was trained on. --plot draws the policy comparison, and the learning curve of
-a model_export.py --history file.
+FILE is a v2 dataset from mlsched-collect (model_dir/README.md): every candidate with the action
+the logging policy took, the probability with which it took it, and the outcome. For
+always-keep, always-migrate, the kernel's heuristic, the dummy (random weights, in a checkout)
+and each --model (default: the bundled model), it prints the estimated mean cost per candidate
+had that policy decided every row (model_dir/offpolicy.py): inverse-propensity (IPS) and doubly
+robust (DR) estimates with 95 % block-bootstrap intervals, and each policy minus the heuristic
+with its paired interval. The models run as the loader runs them (check_model_dir, then the
+verified numpy fast path, else TensorFlow). Held-out data must come from a separate collection
+run (another boot), not from the run a model was trained on. --plot draws the policy comparison,
+and the learning curve of a model_export.py --history file.
 
 Exit status: 0 evaluated; 2 a bad argument, dataset or model (one line on stderr).
 """
@@ -55,10 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                "difference with the kernel's heuristic.", EXAMPLES)
     p.add_argument("--data", required=True, type=Path, metavar="FILE",
                    help="dataset from mlsched-collect, format v2 (.csv or .csv.gz)")
-    p.add_argument("--model", nargs="+", default=[], type=Path, metavar="DIR",
-                   help="SavedModel directories to evaluate")
-    p.add_argument("--dummy", type=Path, default=paths.BUNDLED_MODEL, metavar="DIR",
-                   help="the dummy model (default: the bundled %(default)s)")
+    p.add_argument("--model", nargs="+", default=[paths.BUNDLED_MODEL], type=Path,
+                   metavar="DIR", help="SavedModel directories to evaluate (default: the "
+                   f"bundled model, {paths.BUNDLED_MODEL})")
+    # The dummy (random weights) lives with the tests: a checkout has it, a package does not.
+    dummy = paths.DUMMY_MODEL if paths.IN_CHECKOUT else None
+    p.add_argument("--dummy", type=Path, default=dummy, metavar="DIR",
+                   help=f"a random-weights baseline (default: {dummy or 'none when installed'})")
     p.add_argument("--no-dummy", action="store_true", help="leave the dummy model out")
     p.add_argument("--cost", choices=offpolicy.COST_KINDS, default=offpolicy.DEFAULT_COST,
                    help="a row's cost from its outcome (default: delay-per-run)")
@@ -305,7 +308,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         BASELINE: ds.heuristic(),
     }
     backends: dict[str, str] = {}
-    models = [] if args.no_dummy else [(f"dummy ({paths.shown(args.dummy)})", args.dummy)]
+    models = [] if args.no_dummy or args.dummy is None else [
+        (f"dummy ({paths.shown(args.dummy)})", args.dummy)]
     models += [(paths.shown(m), m) for m in args.model]
     seen: set[Path] = set()
     for name, path in models:

@@ -98,14 +98,15 @@ def vm_data(installed: Path) -> Path:
 
 
 def test_evaluate_from_root_finds_the_bundled_model(installed: Path, vm_data: Path) -> None:
-    """With its defaults the dummy is the bundled model in the package, run by the numpy
-    fast path (no TensorFlow installed)."""
+    """With its defaults it evaluates the bundled model in the package, run by the numpy
+    fast path (no TensorFlow installed); the package has no dummy."""
     res = run(installed, "mlsched-evaluate", "--data", str(vm_data), "--bootstrap", "50")
     assert res.returncode == 0, res.stderr
-    assert "model dummy (bundled): numpy: verified fast-path weights" in res.stdout, res.stdout
+    assert "model bundled: numpy: verified fast-path weights" in res.stdout, res.stdout
+    assert "dummy" not in res.stdout
     model = site_packages(installed).resolve() / "loader" / "model"
     help_text = "".join(run(installed, "mlsched-evaluate", "--help").stdout.split())
-    assert f"thebundled{model}" in help_text  # the --dummy default: the package's model
+    assert f"bundledmodel,{model})" in help_text  # the --model default: the package's model
 
 
 def test_plot_without_matplotlib_is_one_line_before_the_work(installed: Path, vm_data: Path,
