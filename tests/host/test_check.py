@@ -97,6 +97,7 @@ def test_check_and_run_agree(args: tuple[str, ...]) -> None:
 @pytest.mark.parametrize("release,verdict", [
     ("6.18.44-fc-v1300", "fail"), ("6.12.48+deb13-cloud-amd64", "fail"), ("not-a-version", "fail"),
     ("6.19.14+deb13-cloud-amd64", "ok"), ("7.3.4+deb13-cloud-amd64", "ok"), ("7.10.1", "ok"),
+    ("7.2.12+deb13-cloud-amd64", "fail"),
 ])
 def test_kernel_version_against_the_supported_range(release: str, verdict: str) -> None:
     found = kernel_version(release)
