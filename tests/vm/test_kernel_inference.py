@@ -17,6 +17,13 @@ STRESS_S = 20
 FALLBACK = ("fallback_migrate", "fallback_keep")
 
 
+def in_flight_skew() -> int:
+    """How far `misses` may lead `kinfer` between two reads of the per-CPU counters: with real
+    parallelism (multi-threaded TCG) each other CPU may be inside one decision at either read,
+    its miss counted and its inference not yet."""
+    return os.cpu_count() or 1
+
+
 def delta_under(ld: Loader, load) -> dict[str, int]:
     before = ld.stats()
     assert load.wait(timeout=STRESS_S * 6) == 0
@@ -30,7 +37,7 @@ def test_kernel_decides_every_miss_even_with_the_loader_stopped() -> None:
         print("attached, loader running:", {k: first[k] for k in (
             "candidates", "hits", "misses", "kinfer", "kinfer_ns", *FALLBACK)})
         assert first["candidates"] > 0 and first["kinfer"] > 0
-        assert first["kinfer"] == first["misses"]
+        assert abs(first["kinfer"] - first["misses"]) <= in_flight_skew(), first
         assert all(first[k] == 0 for k in FALLBACK), "a fallback decision after attach"
 
         os.kill(ld.proc.pid, signal.SIGSTOP)
@@ -42,7 +49,7 @@ def test_kernel_decides_every_miss_even_with_the_loader_stopped() -> None:
         print("loader stopped:", {k: stopped[k] for k in (
             "candidates", "hits", "misses", "kinfer", *FALLBACK)})
         assert stopped["candidates"] > 0
-        assert stopped["kinfer"] == stopped["misses"]
+        assert abs(stopped["kinfer"] - stopped["misses"]) <= in_flight_skew(), stopped
         assert all(stopped[k] == 0 for k in FALLBACK), "a fallback decision while stopped"
         if first["kinfer_ns"]:
             print(f"in-kernel inference: {first['kinfer_ns'] / first['kinfer'] / 1000:.1f} us")
