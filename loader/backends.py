@@ -111,13 +111,20 @@ class TFBackend:
         return self._sig(**{self._input_key: x})[self._output_key].numpy().reshape(-1)
 
 
-def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
-    """The backend for a checked model and why, in one line: want "auto" (numpy while the fast
-    path is verified for this model, else tf), "tf" or "numpy" (ModelError if not verified)."""
+def choose_backend(info: ModelInfo, want: str = "auto") -> tuple[str, str]:
+    """Which backend serves a checked model, "numpy" or "tf", and why: want "auto" (numpy while
+    the fast path is verified for this model, else tf), "tf" or "numpy"."""
     if want not in ("auto", "tf", "numpy"):
         raise ValueError(f"backend must be auto, tf or numpy, not {want!r}")
     if want == "numpy" or want == "auto" and info.fastpath_ok:
-        why = f"verified fast-path weights (digest {info.digest[:8]})"
+        return "numpy", f"verified fast-path weights (digest {info.digest[:8]})"
+    return "tf", "requested" if want == "tf" else info.fastpath_reason
+
+
+def open_backend(info: ModelInfo, want: str = "auto") -> tuple[Predictor, str]:
+    """The backend choose_backend() picks, loaded, and why in one line (numpy: ModelError if
+    the fast path is not verified)."""
+    kind, why = choose_backend(info, want)
+    if kind == "numpy":
         return NumpyModel.load(info.path, verified=True), f"numpy: {why}"
-    why = "requested" if want == "tf" else info.fastpath_reason
     return TFBackend(info.path, info.input_key, info.output_key), f"tf: {why}"

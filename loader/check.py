@@ -117,11 +117,14 @@ def sched_ext() -> list[Finding]:
 
 def backend(args: argparse.Namespace, info: Any) -> str:
     """What serves the checked model in a run: --inference kernel, or open_backend's pick."""
+    from loader.backends import choose_backend
+
     if args.kernel_mlp is not None:
         return "in-kernel fixed point"
-    if args.backend == "numpy" or args.backend == "auto" and info.fastpath_ok:
+    kind, why = choose_backend(info, args.backend)
+    if kind == "numpy":
         return "numpy fast path"
-    return "tf" if args.backend == "tf" else f"tf: {info.fastpath_reason}"
+    return "tf" if args.backend == "tf" else f"tf: {why}"
 
 
 def tensorflow() -> Finding:

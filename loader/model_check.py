@@ -116,14 +116,20 @@ def file_digests(path: Path) -> dict[str, str]:
             for f in sorted(path.rglob("*")) if f.is_file() and f != path / MANIFEST_FILE}
 
 
-def provenance(path: Path) -> str:
-    """The manifest's provenance as one line: what made the model, when, from what, and how it
-    was judged; a warning when the weights are untrained or nothing says where they came from."""
+def read_provenance(path: Path) -> dict[str, Any] | None:
+    """The manifest's "provenance" object (export_verified.made_by()), or None."""
     try:
         p = json.loads((path / MANIFEST_FILE).read_bytes()).get("provenance")
     except (OSError, ValueError, AttributeError):
-        p = None
-    if not isinstance(p, dict):
+        return None
+    return p if isinstance(p, dict) else None
+
+
+def provenance(path: Path) -> str:
+    """The manifest's provenance as one line: what made the model, when, from what, and how it
+    was judged; a warning when the weights are untrained or nothing says where they came from."""
+    p = read_provenance(path)
+    if p is None:
         return "no provenance in its manifest: made by hand or by an older tool"
     made = ", ".join(str(p[k]) for k in ("tool", "date") if p.get(k))
     line = f"{p.get('summary', 'no summary')} ({made})" if made else str(p.get("summary", ""))

@@ -34,6 +34,7 @@ from loader.model_check import (
     ModelInfo,
     check_model_dir,
     file_digests,
+    read_provenance,
 )
 from model_dir.fastpath_verify import FastpathResult, write_fastpath
 
@@ -71,10 +72,7 @@ def write_manifest(path: Path, provenance: dict[str, Any] | None = None) -> Path
     path = Path(path)
     file = path / MANIFEST_FILE
     if provenance is None:
-        try:
-            provenance = json.loads(file.read_bytes()).get("provenance")
-        except (OSError, ValueError, AttributeError):
-            provenance = None
+        provenance = read_provenance(path)
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
